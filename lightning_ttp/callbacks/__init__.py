@@ -1,0 +1,1 @@
+"""Lightning callbacks (the only layer that imports Lightning)."""

@@ -1,0 +1,1 @@
+"""Function-space simulation of training on an empirical NTK (no Lightning, no models)."""

@@ -1,0 +1,1 @@
+"""DAI compression scores over hidden-layer singular values (no Lightning)."""
