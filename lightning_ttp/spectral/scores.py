@@ -1,0 +1,335 @@
+r"""The DAI compression scores, eq. (2)–(8) of Jain & Ramaswamy, "Predicting the success of
+Gradient Descent for a particular Dataset-Architecture-Initialization (DAI)".
+
+Notation: σ_{k l i} is the i-th normalised singular value (σ_{k l 1} = 1) of hidden layer l
+at validation round k (see :mod:`lightning_ttp.spectral.spectra`); t is the current round;
+the window is the last t0 rounds.
+
+Choices where the paper is ambiguous (also in ``docs/give_up.md``)
+-----------------------------------------------------------------
+* **Window bounds.** Eq. (2) sums k = t−t0 … t (t0 + 1 spectra) but divides by t0; eq. (4)
+  sums the t0 differences k = t−t0+1 … t but divides by t0 − 1. We use one window of the
+  t0 + 1 spectra σ_{t−t0}, …, σ_t for both: eq. (2) becomes their *mean* (divide by
+  (t0 + 1)·n_l) and eq. (4) the α-weighted *mean* of the t0 differences (divide by
+  Σ_k α_k · n_l). α_k rises linearly: α_k = j / t0 for the j-th difference (j = 1 … t0),
+  so it lies in (0, 1], the newest difference has weight 1 and none has weight 0.
+* **Window longer than the history.** With fewer rounds than t0 + 1 the window is what
+  there is. Eq. (4) needs two finite spectra; with fewer it is NaN and the decision rule
+  says "insufficient history" instead of deciding.
+* **n_l, the number of units averaged over** (``normalize``):
+
+  - ``"paper"``: n_l = d_l as printed; with m < d_l the missing singular values count as
+    zeros (a layer seen on few samples then looks compressed).
+  - ``"rank"`` (our default): n_l = r_l = min(m, d_l), and both scores are put in units of
+    the largest compression a layer of that rank can show, log r_l. With
+    c = log(1 / mean σ) / log r_l ∈ [0, 1] (0: flat spectrum, 1: rank one),
+    eq. (2) becomes s_olt = β · exp(c_window) so |log s_ot| ∈ [0, log β + 1]; and eq. (4)
+    uses the per-round increase of c instead of the absolute decrease of σ:
+    s_slt = Σ_k α_k (c_k − c_{k−1}) / Σ_k α_k, i.e. (σ̄_{k−1} − σ̄_k) / (σ̄ · log r_l) to first
+    order. A 512-wide MLP layer and a 256-wide CNN dense layer then give scores in the same
+    range (the paper's appendix A.1 reports they do not under ``"paper"``), and η reads as
+    "how many rounds of the current trend to add". The defaults η, t1, t2, δ differ by mode;
+    :meth:`SpectralConfig.paper` gives the paper's constants.
+* **t2 and δ** (eq. 7) are not given in the paper. Calibrated on the benchmark's held-out
+  seeds (``benchmarks/give_up.py``), see :class:`SpectralConfig`.
+* Dead layers (σ_1 = 0) and non-finite spectra are left out of the layer averages (eq. 3,
+  5); their counts are reported so the decision rule can act on them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "SpectralConfig",
+    "Scores",
+    "alpha_weights",
+    "layer_compression",
+    "layer_shift",
+    "compression_score",
+    "shift_score",
+    "combined_score",
+    "is_saturated",
+    "final_score",
+    "final_score_with_accuracy",
+    "compute_scores",
+]
+
+Normalize = Literal["paper", "rank"]
+
+
+@dataclass(frozen=True)
+class SpectralConfig:
+    """Hyper-parameters of eq. (2)–(8).
+
+    Attributes:
+        t0: window length in rounds (t0 differences over t0 + 1 spectra). Paper: not given.
+        beta: β of eq. (2). Paper: 1.
+        eta: η of eq. (6). Paper: 3.5e3 (with ``normalize="paper"``).
+        t2: saturation threshold on s_ot in eq. (7)/(8). Paper: not given.
+        delta: saturation threshold on s_st in eq. (7)/(8). Paper: not given.
+        gamma_scale: γ = gamma_scale · v_t · t in eq. (8). Paper: 2e-4.
+        normalize: ``"rank"`` (default) or ``"paper"``, see the module docstring.
+        t1: give-up threshold on s_F at the checkpoint. Paper: 0.25.
+
+    Defaults (``normalize="rank"``) were calibrated on the held-out seeds of
+    ``benchmarks/give_up.py`` (see ``docs/give_up.md`` for the numbers).
+    """
+
+    t0: int = 5
+    beta: float = 1.0
+    eta: float = 20.0
+    t2: float = 1.35
+    delta: float = 1e-3
+    gamma_scale: float = 2e-4
+    normalize: Normalize = "rank"
+    t1: float = 0.25
+
+    def __post_init__(self) -> None:
+        if int(self.t0) != self.t0 or self.t0 < 1:
+            raise ValueError(
+                f"SpectralConfig.t0 must be an integer >= 1 (rounds in the window), got {self.t0!r}"
+            )
+        if not self.beta > 0:
+            raise ValueError(f"SpectralConfig.beta must be > 0 (it scales s_o, eq. 2), got {self.beta!r}")
+        if self.normalize not in ("paper", "rank"):
+            raise ValueError(f"SpectralConfig.normalize must be 'paper' or 'rank', got {self.normalize!r}")
+        for name in ("eta", "t2", "delta", "gamma_scale", "t1"):
+            if not math.isfinite(getattr(self, name)):
+                value = getattr(self, name)
+                raise ValueError(f"SpectralConfig.{name} must be a finite number, got {value!r}")
+
+    @classmethod
+    def paper(cls, **overrides: float | int | str) -> SpectralConfig:
+        """The paper's constants: β = 1, η = 3.5e3, γ = 2e-4·v_t·t, t1 = 0.25, d_l-normalised.
+
+        t0, t2 and δ are not in the paper; the values here are our calibration for this mode.
+        """
+        base = cls(
+            t0=5, beta=1.0, eta=3.5e3, t2=4.0, delta=1e-5, gamma_scale=2e-4, normalize="paper", t1=0.25
+        )
+        return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+@dataclass
+class Scores:
+    """All scores of one round. NaN where a score is undefined (see the fields' notes)."""
+
+    epoch: int
+    s_o: float  # eq. (3)
+    s_s: float  # eq. (5); NaN with fewer than two finite rounds
+    s_t: float  # eq. (6)
+    s_F: float  # eq. (7)
+    s_Fv: float  # eq. (8); NaN without v_t
+    v_t: float  # validation accuracy used in eq. (8), NaN if none
+    saturated: bool
+    rounds: int  # spectra in the window actually used
+    layers: int
+    dead_layers: int = 0
+    nonfinite_layers: int = 0
+    per_layer_o: list[float] = field(default_factory=list)
+    per_layer_s: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, float | int | bool | list[float]]:
+        return dict(self.__dict__)
+
+
+def alpha_weights(n: int) -> torch.Tensor:
+    """α_k of eq. (4) for n differences, oldest first: j / n for j = 1 … n (in (0, 1])."""
+    if n < 1:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.arange(1, n + 1, dtype=torch.float64) / n
+
+
+def _stack(spectra: Sequence[torch.Tensor], units: int | None, normalize: Normalize) -> torch.Tensor:
+    """Rounds x n_l float64 matrix: zero-padded (or cut) to d_l (paper) or to the rank (rank)."""
+    lengths = [int(s.numel()) for s in spectra]
+    if normalize == "paper":
+        n = units if units is not None else max(lengths)
+    else:
+        n = min(max(lengths), units) if units is not None else max(lengths)
+    out = torch.zeros(len(spectra), n, dtype=torch.float64)
+    for i, s in enumerate(spectra):
+        k = min(n, int(s.numel()))
+        out[i, :k] = s.reshape(-1)[:k].to(torch.float64)
+    return out
+
+
+def _usable(spectra: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Finite, non-dead spectra (dead: largest value 0)."""
+    return [s for s in spectra if s.numel() and bool(torch.isfinite(s).all()) and float(s.max()) > 0]
+
+
+def _window(spectra: Sequence[torch.Tensor], t0: int) -> list[torch.Tensor]:
+    return list(spectra)[-(t0 + 1) :]
+
+
+def _log_rank(n: int) -> float:
+    return math.log(n) if n > 1 else float("nan")
+
+
+def layer_compression(
+    spectra: Sequence[torch.Tensor], config: SpectralConfig = SpectralConfig(), units: int | None = None
+) -> float:
+    r"""s_olt, eq. (2), for one layer; ``spectra`` is its history of normalised singular values.
+
+    ``"paper"``: s_olt = β · n_l (t0 + 1) / Σ_{k=t−t0}^{t} Σ_i σ_{kli} = β / mean σ, n_l = d_l.
+    ``"rank"``:  s_olt = β · exp(log(1 / mean σ) / log r_l).
+    The mean runs over the finite, non-dead spectra among the last t0 + 1 (fewer if the history
+    is shorter). NaN if there is none, or (``"rank"``) if r_l = 1.
+    """
+    win = _usable(_window(spectra, config.t0))
+    if not win:
+        return float("nan")
+    mat = _stack(win, units, config.normalize)
+    mean = float(mat.mean())
+    if config.normalize == "paper":
+        return config.beta / mean
+    return config.beta * math.exp(math.log(1.0 / mean) / _log_rank(mat.shape[1]))
+
+
+def layer_shift(
+    spectra: Sequence[torch.Tensor], config: SpectralConfig = SpectralConfig(), units: int | None = None
+) -> float:
+    r"""s_slt, eq. (4), for one layer.
+
+    ``"paper"``: s_slt = Σ_j α_j Σ_i (σ_{(k_j−1) l i} − σ_{k_j l i}) / (n_l Σ_j α_j), the
+    α-weighted mean per-unit decrease over the t0 most recent differences, α_j = j / t0.
+    ``"rank"``:  the same weighted mean of c_k − c_{k−1}, c_k = log(1 / mean_i σ_{kli}) / log r_l.
+    Positive = the spectrum decays faster (compression). Differences are taken between
+    consecutive usable (finite, non-dead) spectra. NaN with fewer than two.
+    """
+    win = _usable(_window(spectra, config.t0))
+    if len(win) < 2:
+        return float("nan")
+    mat = _stack(win, units, config.normalize)
+    means = mat.mean(dim=1)
+    if config.normalize == "paper":
+        diffs = means[:-1] - means[1:]
+    else:
+        c = torch.log(1.0 / means) / _log_rank(mat.shape[1])
+        diffs = c[1:] - c[:-1]
+    alpha = alpha_weights(int(diffs.numel()))
+    return float((alpha * diffs).sum() / alpha.sum())
+
+
+def _layer_histories(history: Sequence[Sequence[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    if not history:
+        return []
+    n_layers = len(history[-1])
+    return [[rnd[l] for rnd in history if len(rnd) == n_layers] for l in range(n_layers)]
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def compression_score(
+    history: Sequence[Sequence[torch.Tensor]],
+    config: SpectralConfig = SpectralConfig(),
+    units: Sequence[int] | None = None,
+) -> float:
+    """s_ot, eq. (3): mean of s_olt over the layers with a defined value.
+
+    ``history[k][l]`` is the spectrum of layer l at round k; ``units[l]`` = d_l (defaults to the
+    spectrum length).
+    """
+    per = _layer_histories(history)
+    u = [None if units is None else units[l] for l in range(len(per))]
+    return _nanmean([layer_compression(h, config, u[l]) for l, h in enumerate(per)])
+
+
+def shift_score(
+    history: Sequence[Sequence[torch.Tensor]],
+    config: SpectralConfig = SpectralConfig(),
+    units: Sequence[int] | None = None,
+) -> float:
+    """s_st, eq. (5): mean of s_slt over the layers with a defined value."""
+    per = _layer_histories(history)
+    return _nanmean([layer_shift(h, config, None if units is None else units[l]) for l, h in enumerate(per)])
+
+
+def combined_score(s_o: float, s_s: float, eta: float) -> float:
+    """s_t = |log s_ot| + η · s_st, eq. (6)."""
+    if not (math.isfinite(s_o) and s_o > 0 and math.isfinite(s_s)):
+        return float("nan")
+    return abs(math.log(s_o)) + eta * s_s
+
+
+def is_saturated(s_o: float, s_s: float, t2: float, delta: float) -> bool:
+    """The saturation case of eq. (7)/(8): s_ot >= t2 and s_st <= δ (compressed, no longer moving)."""
+    return bool(math.isfinite(s_o) and math.isfinite(s_s) and s_o >= t2 and s_s <= delta)
+
+
+def final_score(s_o: float, s_s: float, config: SpectralConfig = SpectralConfig()) -> float:
+    """s_F, eq. (7): 0 if saturated (s_ot >= t2 and s_st <= δ), else s_t."""
+    if is_saturated(s_o, s_s, config.t2, config.delta):
+        return 0.0
+    return combined_score(s_o, s_s, config.eta)
+
+
+def final_score_with_accuracy(
+    s_o: float, s_s: float, v_t: float, epoch: int, config: SpectralConfig = SpectralConfig()
+) -> float:
+    r"""s_Fv, eq. (8): the predicted final validation accuracy.
+
+    v_t if saturated, else v_t · (1 + min((1 − v_t) / v_t, γ s_t)) with γ = gamma_scale · v_t · t
+    (t = ``epoch``, the number of completed training epochs). In [0, 1] for v_t in [0, 1]
+    when s_t >= 0; a negative s_t (expanding spectrum) predicts a drop below v_t. NaN if v_t
+    or s_t is undefined.
+    """
+    if not math.isfinite(v_t):
+        return float("nan")
+    if not 0.0 <= v_t <= 1.0:
+        raise ValueError(f"v_t must be an accuracy in [0, 1], got {v_t!r}; pass a fraction, not a percentage")
+    if is_saturated(s_o, s_s, config.t2, config.delta):
+        return v_t
+    s_t = combined_score(s_o, s_s, config.eta)
+    if not math.isfinite(s_t):
+        return float("nan")
+    if v_t == 0.0:
+        return 0.0
+    gamma = config.gamma_scale * v_t * epoch
+    return v_t * (1.0 + min((1.0 - v_t) / v_t, gamma * s_t))
+
+
+def compute_scores(
+    history: Sequence[Sequence[torch.Tensor]],
+    epoch: int,
+    v_t: float | None = None,
+    config: SpectralConfig = SpectralConfig(),
+    units: Sequence[int] | None = None,
+) -> Scores:
+    """All of eq. (2)–(8) for the latest round of ``history`` (rounds x layers spectra)."""
+    per = _layer_histories(history)
+    u = [None if units is None else units[l] for l in range(len(per))]
+    o = [layer_compression(h, config, u[l]) for l, h in enumerate(per)]
+    s = [layer_shift(h, config, u[l]) for l, h in enumerate(per)]
+    latest = history[-1] if history else []
+    dead = sum(1 for x in latest if x.numel() and bool(torch.isfinite(x).all()) and float(x.max()) <= 0)
+    nonfinite = sum(1 for x in latest if x.numel() == 0 or not bool(torch.isfinite(x).all()))
+    s_o, s_s = _nanmean(o), _nanmean(s)
+    v = float("nan") if v_t is None else float(v_t)
+    rounds = max((len(_usable(_window(h, config.t0))) for h in per), default=0)
+    return Scores(
+        epoch=epoch,
+        s_o=s_o,
+        s_s=s_s,
+        s_t=combined_score(s_o, s_s, config.eta),
+        s_F=final_score(s_o, s_s, config),
+        s_Fv=final_score_with_accuracy(s_o, s_s, v, epoch, config),
+        v_t=v,
+        saturated=is_saturated(s_o, s_s, config.t2, config.delta),
+        rounds=rounds,
+        layers=len(per),
+        dead_layers=dead,
+        nonfinite_layers=nonfinite,
+        per_layer_o=o,
+        per_layer_s=s,
+    )
