@@ -1,0 +1,188 @@
+"""Discrete linearised dynamics in function space (the default simulator).
+
+For the linearised model f(w) = f0 + J (w − w0) (J = ∂f/∂w at w0, N·C × D), every
+optimiser whose update is a linear combination of past gradients and weights stays inside
+function space: with J_g the Jacobian block of parameter group g and Θ_g = J_g J_gᵀ,
+
+    J_g ∇_{w_g} L_B(f_t) = Θ_g ∇_f L_B(f_t)                      (eq. 2: Θ = ∇_w f ∇_w fᵀ)
+    J_g w_{t,g}         = J_g w_{0,g} + u_{t,g},   u_{t,g} := J_g (w_{t,g} − w_{0,g})
+
+so we track f_t = f0 + Σ_g u_{t,g}, the per-group displacements u_g and the images
+B_g = J_g b_g of the momentum buffers, and apply PyTorch's SGD update *exactly*:
+
+    d_g   = Θ_g ∇_f L_B(f_t) + λ_g (J_g w_0 + u_g)               (coupled weight decay)
+    B_g   = d_g (first step),  m B_g + (1 − d) d_g  afterwards
+    upd_g = d_g + m B_g (Nesterov) or B_g (heavy ball) or d_g (m = 0)
+    u_g  ← u_g − η_{t,g} upd_g  [− η_{t,g} λ_g (J_g w_0 + u_g) for decoupled weight decay]
+
+This is the discrete counterpart of the deterministic part of eq. (1) with Θ_η = Σ_g η_g Θ_g;
+for a model that is linear in its parameters it reproduces ``torch.optim.SGD`` step for
+step. The weight-decay term needs ``jvp_w0[g] = J_g · w_{0,g}`` (one ``torch.func.jvp`` with
+tangent w0 restricted to group g, computed by the caller). Without it we set it to zero,
+i.e. weight decay pulls towards w0 instead of towards 0 (a warning says so).
+
+Adam(W) (kind ``"adam"``/``"adamw"``): the caller passes the *preconditioned* Grams
+Θ_g = J_g P_g J_gᵀ (P = diag(1/(√v̂0 + ε)) estimated at w0) and the first moment is the
+bias-corrected EMA  B ← β1 B + (1 − β1) d,  upd = B / (1 − β1^{t+1}). This is an
+approximation (Adam's second moment evolves; the update is not linear in the gradient).
+
+The batch gradient is ∇_f L_B = w_t ⊙ G(f_t) with per-sample gradients G (see ``losses``)
+and batch weights w_t (1/N for gradient descent; see ``montecarlo`` for mini-batches).
+A leading "path" dimension P lets Monte Carlo simulate many batch sequences at once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .losses import Loss
+from .optim_spec import OptimizerSpec
+
+__all__ = ["SimulationResult", "simulate_discrete", "apply_kernel", "kernel_kind"]
+
+
+@dataclass
+class SimulationResult:
+    """Curves of every simulated path: ``loss`` (P, T+1) and ``error`` (P, T+1) or None."""
+
+    loss: np.ndarray
+    error: np.ndarray | None
+    final_outputs: torch.Tensor
+    diverged_at: int | None = None
+
+
+def kernel_kind(gram: torch.Tensor, n: int, c: int) -> str:
+    """``"full"`` for an (N·C, N·C) Gram (sample-major), ``"trace"`` for (N, N) (Θ ⊗ I_C)."""
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"a Gram matrix must be square, got shape {tuple(gram.shape)}")
+    if gram.shape[0] == n * c:
+        return "full"
+    if gram.shape[0] == n:
+        return "trace"
+    raise ValueError(f"Gram of size {gram.shape[0]} matches neither N·C = {n * c} nor N = {n}")
+
+
+def apply_kernel(gram: torch.Tensor, r: torch.Tensor, kind: str) -> torch.Tensor:
+    """Θ r for r of shape (P, N, C): full Gram = (r·Θ) on the flattened sample-major vector."""
+    p, n, c = r.shape
+    if kind == "full":
+        return (r.reshape(p, n * c) @ gram).reshape(p, n, c)
+    return torch.einsum("nm,pmc->pnc", gram, r)
+
+
+def _check_schedule(lr_schedule: np.ndarray | Sequence, spec: OptimizerSpec) -> np.ndarray:
+    lrs = np.asarray(lr_schedule, dtype=float)
+    if lrs.ndim == 1:
+        lrs = lrs[:, None] * (spec.lrs / spec.lrs[0] if spec.lrs[0] else np.ones(spec.num_groups))[None, :]
+    if lrs.ndim != 2 or lrs.shape[1] != spec.num_groups:
+        raise ValueError(f"lr_schedule must have shape (steps, {spec.num_groups}), got {lrs.shape}")
+    if lrs.shape[0] < 1:
+        raise ValueError("lr_schedule is empty: steps must be >= 1")
+    if not np.all(np.isfinite(lrs)) or np.any(lrs < 0):
+        raise ValueError("learning rates must be finite and >= 0")
+    return lrs
+
+
+def simulate_discrete(
+    f0: torch.Tensor,
+    targets: torch.Tensor,
+    grams: Sequence[torch.Tensor],
+    loss: Loss,
+    spec: OptimizerSpec,
+    lr_schedule: np.ndarray,
+    *,
+    jvp_w0: Sequence[torch.Tensor] | None = None,
+    weights: Callable[[int], torch.Tensor] | None = None,
+    num_paths: int = 1,
+    dtype: torch.dtype = torch.float64,
+) -> SimulationResult:
+    """Iterate the linearised model in function space for ``len(lr_schedule)`` steps.
+
+    Args:
+        f0: outputs at w0 on the N kernel samples, (N, C).
+        targets: targets of those samples (class indices, probabilities or values).
+        grams: one Gram per parameter group (same order as ``spec.groups``), each (N·C, N·C)
+            sample-major or (N, N) trace kernel.
+        loss: a :class:`~lightning_ttp.dynamics.losses.Loss`.
+        spec: the optimiser.
+        lr_schedule: (T, G) learning rate of every group at every step (or (T,) for one group
+            / proportional groups).
+        jvp_w0: per group J_g · w_{0,g} as (N, C); needed only with weight decay.
+        weights: ``weights(t) -> (P, N)`` batch weights at step t; default 1/N (full batch).
+        num_paths: P, the number of paths simulated together.
+    Returns:
+        :class:`SimulationResult` with the loss L_0..L_T on all N samples.
+    """
+    lrs = _check_schedule(lr_schedule, spec)
+    steps, ngroups = lrs.shape
+    if len(grams) != ngroups:
+        raise ValueError(f"got {len(grams)} Grams for {ngroups} parameter groups")
+    f0 = torch.as_tensor(f0).to(dtype)
+    if f0.dim() == 1:
+        f0 = f0[:, None]
+    n, c = f0.shape
+    y = loss.prepare_targets(torch.as_tensor(targets), c)
+    grams = [torch.as_tensor(g).to(dtype) for g in grams]
+    kinds = [kernel_kind(g, n, c) for g in grams]
+    need_u = spec.has_weight_decay
+    if need_u:
+        if jvp_w0 is None:
+            warnings.warn(
+                "weight decay without jvp_w0 (J·w0): simulated as decay towards w0 instead of 0",
+                stacklevel=2,
+            )
+            jw = [torch.zeros(n, c, dtype=dtype) for _ in grams]
+        else:
+            jw = [torch.as_tensor(j).to(dtype).reshape(n, c) for j in jvp_w0]
+        u = [torch.zeros(num_paths, n, c, dtype=dtype) for _ in grams]
+    f = f0.expand(num_paths, n, c).clone()
+    bufs: list[torch.Tensor | None] = [None] * ngroups
+    adam = spec.kind in ("adam", "adamw")
+    losses = np.empty((num_paths, steps + 1))
+    errs = None
+    diverged = None
+    for t in range(steps + 1):
+        losses[:, t] = loss.value(f, y).cpu().numpy()
+        e = loss.error(f, y)
+        if e is not None:
+            if errs is None:
+                errs = np.empty((num_paths, steps + 1))
+            errs[:, t] = e.cpu().numpy()
+        if t == steps:
+            break
+        if diverged is None and not np.all(np.isfinite(losses[:, t])):
+            diverged = t
+        gsample = loss.per_sample_grad(f, y)
+        w = torch.full((num_paths, n), 1.0 / n, dtype=dtype) if weights is None else weights(t).to(dtype)
+        r = w[..., None] * gsample
+        delta = torch.zeros_like(f)
+        for gi, gs in enumerate(spec.groups):
+            lr = lrs[t, gi]
+            d = apply_kernel(grams[gi], r, kinds[gi])
+            if need_u and gs.weight_decay and not gs.decoupled_weight_decay:
+                d = d + gs.weight_decay * (jw[gi] + u[gi])
+            if adam:
+                b1 = gs.betas[0]
+                bufs[gi] = (1 - b1) * d if bufs[gi] is None else b1 * bufs[gi] + (1 - b1) * d
+                upd = bufs[gi] / (1 - b1 ** (t + 1))
+            elif gs.momentum:
+                if bufs[gi] is None:
+                    bufs[gi] = d.clone()
+                else:
+                    bufs[gi] = gs.momentum * bufs[gi] + (1 - gs.dampening) * d
+                upd = d + gs.momentum * bufs[gi] if gs.nesterov else bufs[gi]
+            else:
+                upd = d
+            step = -lr * upd
+            if need_u and gs.weight_decay and gs.decoupled_weight_decay:
+                step = step - lr * gs.weight_decay * (jw[gi] + u[gi])
+            if need_u:
+                u[gi] = u[gi] + step
+            delta = delta + step
+        f = f + delta
+    return SimulationResult(losses, errs, f, diverged)

@@ -1,0 +1,271 @@
+"""Losses in function space: value, per-sample gradient, curvature and error.
+
+Every simulator works with the network outputs ``f`` of shape ``(..., N, C)`` (an optional
+leading "path" dimension for Monte Carlo) and needs, at every step, the gradient of the
+*batch-mean* loss with respect to the outputs. We write it as
+
+    ∇_f L_B(f) = w ⊙ G(f),      G_i = ∂ℓ_i / ∂f_i,   w_i = 1/|B| for i ∈ B, 0 otherwise,
+
+where ℓ_i is the per-sample loss exactly as PyTorch's default ``reduction="mean"`` averages
+it, so that ``L_B = Σ_i w_i ℓ_i`` is the number the user's training step reports:
+
+* cross-entropy: ℓ_i = −Σ_c q_ic log softmax(f_i)_c (``q`` = one-hot or probability targets,
+  with label smoothing q ← (1−s) q + s/C, as :func:`torch.nn.functional.cross_entropy`);
+* MSE: ``mse_loss`` averages over all N·C elements, so ℓ_i = (1/C) Σ_c (f_ic − y_ic)²;
+* BCE-with-logits: likewise ℓ_i = (1/C) Σ_c [softplus(f_ic) − y_ic f_ic];
+* any callable ``loss(outputs, targets)``: gradients by autograd, assuming the callable is a
+  mean over samples (PyTorch's default reduction), i.e. G = N · ∇_f loss(f, y).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Loss", "CrossEntropy", "MSE", "BCEWithLogits", "CallableLoss", "get_loss"]
+
+
+class Loss:
+    """Base class. Subclasses implement :meth:`per_sample` and :meth:`per_sample_grad`."""
+
+    name: str = "loss"
+    classification: bool = False
+
+    def prepare_targets(self, targets: torch.Tensor, num_outputs: int) -> torch.Tensor:
+        """Targets in the dtype/shape the loss needs (called once before simulating)."""
+        return targets
+
+    def per_sample(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """ℓ_i for every sample, shape ``f.shape[:-1]``."""
+        raise NotImplementedError
+
+    def value(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the N samples (last-but-one axis), shape ``f.shape[:-2]``."""
+        return self.per_sample(f, y).mean(dim=-1)
+
+    def per_sample_grad(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """G_i = ∂ℓ_i/∂f_i, same shape as ``f``."""
+        raise NotImplementedError
+
+    def sample_curvature(self, f: torch.Tensor, y: torch.Tensor) -> float:
+        """max_i λ_max(∂²ℓ_i/∂f_i²): the loss curvature used by the stability diagnostic."""
+        raise NotImplementedError
+
+    def error(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """Training error (1 − accuracy), shape ``f.shape[:-2]``; ``None`` for regression."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+def _smoothed_distribution(y: torch.Tensor, num_classes: int, smoothing: float, dtype) -> torch.Tensor:
+    if y.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool):
+        q = F.one_hot(y.long(), num_classes).to(dtype)
+    else:
+        q = y.to(dtype)
+    if smoothing:
+        q = (1.0 - smoothing) * q + smoothing / num_classes
+    return q
+
+
+class CrossEntropy(Loss):
+    """Softmax cross-entropy (``F.cross_entropy``), class-index or probability targets."""
+
+    name = "cross_entropy"
+    classification = True
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = float(label_smoothing)
+        self._labels: torch.Tensor | None = None
+
+    def prepare_targets(self, targets: torch.Tensor, num_outputs: int) -> torch.Tensor:
+        if targets.dim() == 1:
+            if targets.is_floating_point():
+                targets = targets.long()
+            if targets.numel() and (targets.min() < 0 or targets.max() >= num_outputs):
+                raise ValueError(
+                    f"cross-entropy targets must be class indices in [0, {num_outputs}); "
+                    f"got range [{int(targets.min())}, {int(targets.max())}]"
+                )
+            return targets
+        if targets.shape[-1] != num_outputs:
+            raise ValueError(f"probability targets need {num_outputs} columns, got {tuple(targets.shape)}")
+        return targets
+
+    def _q(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _smoothed_distribution(y, f.shape[-1], self.label_smoothing, f.dtype)
+
+    def per_sample(self, f, y):
+        return -(self._q(f, y) * torch.log_softmax(f, dim=-1)).sum(-1)
+
+    def per_sample_grad(self, f, y):
+        q = self._q(f, y)
+        return torch.softmax(f, dim=-1) * q.sum(-1, keepdim=True) - q
+
+    def sample_curvature(self, f, y):
+        p = torch.softmax(f.reshape(-1, f.shape[-1]).double(), dim=-1)
+        h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        return float(torch.linalg.eigvalsh(h)[:, -1].max()) if h.numel() else 0.0
+
+    def error(self, f, y):
+        labels = y if y.dim() == 1 else y.argmax(-1)
+        return (f.argmax(-1) != labels).to(f.dtype).mean(-1)
+
+    def describe(self):
+        return {"name": self.name, "label_smoothing": self.label_smoothing}
+
+
+class MSE(Loss):
+    """Mean squared error averaged over all N·C elements (``F.mse_loss``)."""
+
+    name = "mse"
+
+    def prepare_targets(self, targets: torch.Tensor, num_outputs: int) -> torch.Tensor:
+        if targets.dim() == 1:
+            targets = targets[:, None]
+        if targets.shape[-1] != num_outputs:
+            raise ValueError(f"MSE targets need {num_outputs} columns, got {tuple(targets.shape)}")
+        return targets
+
+    def per_sample(self, f, y):
+        return ((f - y.to(f.dtype)) ** 2).mean(-1)
+
+    def per_sample_grad(self, f, y):
+        return 2.0 * (f - y.to(f.dtype)) / f.shape[-1]
+
+    def sample_curvature(self, f, y):
+        return 2.0 / f.shape[-1]
+
+    def error(self, f, y):
+        # One-hot regression targets (a common "MSE for classification" set-up): argmax error.
+        if f.shape[-1] > 1 and bool(((y == 0) | (y == 1)).all()) and bool((y.sum(-1) == 1).all()):
+            return (f.argmax(-1) != y.argmax(-1)).to(f.dtype).mean(-1)
+        return None
+
+
+class BCEWithLogits(Loss):
+    """Binary cross-entropy on logits averaged over all elements (``F.binary_cross_entropy_with_logits``)."""
+
+    name = "bce_with_logits"
+    classification = True
+
+    def prepare_targets(self, targets: torch.Tensor, num_outputs: int) -> torch.Tensor:
+        if targets.dim() == 1:
+            targets = targets[:, None]
+        if targets.shape[-1] != num_outputs:
+            raise ValueError(f"BCE targets need {num_outputs} columns, got {tuple(targets.shape)}")
+        return targets
+
+    def per_sample(self, f, y):
+        y = y.to(f.dtype)
+        return (F.softplus(f) - y * f).mean(-1)
+
+    def per_sample_grad(self, f, y):
+        return (torch.sigmoid(f) - y.to(f.dtype)) / f.shape[-1]
+
+    def sample_curvature(self, f, y):
+        s = torch.sigmoid(f)
+        return float((s * (1 - s)).max()) / f.shape[-1] if f.numel() else 0.0
+
+    def error(self, f, y):
+        return ((f > 0) != (y > 0.5)).to(f.dtype).mean(dim=(-1, -2))
+
+
+class CallableLoss(Loss):
+    """Any ``loss(outputs, targets) -> scalar`` with PyTorch's mean-over-samples reduction.
+
+    Gradients come from autograd on the outputs: G = N · ∇_f loss(f, y). With C == 1 and 1-D
+    targets the outputs are passed as shape ``(N,)``, as a model with a scalar head would give.
+    """
+
+    name = "callable"
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+        self.name = getattr(fn, "__name__", type(fn).__name__)
+
+    def _call(self, f2d: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if f2d.shape[-1] == 1 and y.dim() == 1:
+            return self.fn(f2d[:, 0], y)
+        return self.fn(f2d, y)
+
+    def value(self, f, y):
+        flat = f.reshape(-1, f.shape[-2], f.shape[-1])
+        vals = torch.stack([self._call(fp, y).detach().to(f.dtype) for fp in flat])
+        return vals.reshape(f.shape[:-2])
+
+    def per_sample(self, f, y):
+        raise NotImplementedError("a callable loss only gives the batch mean")
+
+    def per_sample_grad(self, f, y):
+        flat = f.reshape(-1, f.shape[-2], f.shape[-1])
+        out = []
+        for fp in flat:
+            fp = fp.detach().clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(self._call(fp, y), fp)
+            out.append(g * fp.shape[0])
+        return torch.stack(out).reshape(f.shape)
+
+    def sample_curvature(self, f, y):
+        f2 = f.reshape(-1, f.shape[-1])[:32].detach()
+        ys = y[:32]
+        worst = 0.0
+        for i in range(f2.shape[0]):
+            h = torch.autograd.functional.hessian(lambda z, i=i: self._call(z[None], ys[i : i + 1]), f2[i])
+            worst = max(worst, float(torch.linalg.eigvalsh(h.double().reshape(f2.shape[1], -1))[-1]))
+        return worst
+
+    def error(self, f, y):
+        if f.shape[-1] > 1 and y.dim() == 1 and not y.is_floating_point():
+            return (f.argmax(-1) != y).to(f.dtype).mean(-1)
+        return None
+
+
+_ALIASES = {
+    "cross_entropy": CrossEntropy,
+    "ce": CrossEntropy,
+    "mse": MSE,
+    "mse_loss": MSE,
+    "bce": BCEWithLogits,
+    "bce_with_logits": BCEWithLogits,
+    "binary_cross_entropy_with_logits": BCEWithLogits,
+}
+
+
+def get_loss(loss: str | Loss | Callable | torch.nn.Module, **kwargs: Any) -> Loss:
+    """Resolve a loss name, a :class:`Loss`, a ``torch.nn`` loss module or a callable.
+
+    ``torch.nn.CrossEntropyLoss`` / ``MSELoss`` / ``BCEWithLogitsLoss`` with default
+    reduction map to the closed-form losses (label smoothing is read from the module).
+    """
+    if isinstance(loss, Loss):
+        return loss
+    if isinstance(loss, str):
+        key = loss.lower()
+        if key not in _ALIASES:
+            raise ValueError(f"unknown loss {loss!r}; use one of {sorted(_ALIASES)} or pass a callable")
+        return _ALIASES[key](**kwargs)
+    if isinstance(loss, torch.nn.CrossEntropyLoss) and loss.reduction == "mean" and loss.weight is None:
+        if loss.ignore_index >= 0:
+            return CallableLoss(loss)
+        return CrossEntropy(label_smoothing=loss.label_smoothing)
+    if isinstance(loss, torch.nn.MSELoss) and loss.reduction == "mean":
+        return MSE()
+    if isinstance(loss, torch.nn.BCEWithLogitsLoss) and loss.reduction == "mean" and loss.weight is None:
+        if loss.pos_weight is None:
+            return BCEWithLogits()
+    if loss is F.cross_entropy:
+        return CrossEntropy(**kwargs)
+    if loss is F.mse_loss:
+        return MSE()
+    if loss is F.binary_cross_entropy_with_logits:
+        return BCEWithLogits()
+    if callable(loss):
+        return CallableLoss(loss)
+    raise TypeError(f"loss must be a name, a Loss or a callable, got {type(loss).__name__}")
