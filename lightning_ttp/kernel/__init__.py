@@ -1,0 +1,9 @@
+"""The empirical NTK of a PyTorch model: exact (fast paths + torch.func fallback) or randomly projected.
+
+Pure torch: knows nothing of Lightning or of optimisers.
+"""
+
+from lightning_ttp.kernel.memory import NTKMemoryError
+from lightning_ttp.kernel.ntk import NTK, empirical_ntk
+
+__all__ = ["NTK", "NTKMemoryError", "empirical_ntk"]

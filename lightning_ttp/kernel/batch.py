@@ -1,0 +1,30 @@
+"""Batches as pytrees: count samples, slice them, add a batch dimension of one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+
+def batch_size(inputs: Any) -> int:
+    """The shared leading dimension of every tensor in ``inputs`` (a tensor, tuple, list or dict)."""
+    leaves = [leaf for leaf in tree_flatten(inputs)[0] if isinstance(leaf, torch.Tensor)]
+    if not leaves:
+        raise ValueError("`inputs` contains no tensor: pass a tensor, or a tuple/list/dict of tensors.")
+    sizes = {leaf.shape[0] if leaf.dim() > 0 else None for leaf in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            f"every tensor in `inputs` must have the same leading (sample) dimension; found {sorted(map(str, sizes))}."
+        )
+    return int(sizes.pop())
+
+
+def slice_batch(inputs: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of every tensor leaf; other leaves are passed through."""
+    return tree_map(lambda t: t[start:stop] if isinstance(t, torch.Tensor) else t, inputs)
+
+
+def to_device(inputs: Any, device: torch.device) -> Any:
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, inputs)

@@ -1,0 +1,290 @@
+"""Fast paths: per-sample gradients of common layers from their inputs and output cotangents.
+
+For a layer y = layer(x; w) the per-sample gradient of output c of sample i is
+g_ic = Σ_p (∂y_ip/∂w)ᵀ δ_icp with δ_icp = ∂f_c(x_i)/∂y_ip. A forward hook keeps what the
+layer saw (its input, the unfolded patches, the token ids or the normalised input) and
+the output tensor; one batched backward per output c then gives δ for every layer at
+once. Each adapter turns (input factor, δ) into :mod:`~lightning_ttp.kernel.terms`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_ttp.kernel.terms import DenseTerm, IndexTerm, OuterTerm, Term
+
+
+class LayerAdapter:
+    """A module whose ``weight``/``bias`` gradients we compute from hooks."""
+
+    roles: tuple[str, ...] = ("weight", "bias")
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.factor: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+        self.calls = 0
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return True
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        out = {}
+        for role in self.roles:
+            p = getattr(self.module, role, None)
+            if isinstance(p, nn.Parameter):
+                out[role] = p
+        return out
+
+    def record(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.factor = self.input_factor(x.detach())
+        self.output = y
+        self.calls += 1
+
+    def input_factor(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_view(self, grad: torch.Tensor) -> torch.Tensor:
+        """The output cotangent of one output c as (n, P, d_out)."""
+        raise NotImplementedError
+
+    def term(self, deltas: torch.Tensor, roles: list[str]) -> Term:
+        """The term of the parameters named in ``roles`` (one group), deltas (n, C, P, d_out)."""
+        raise NotImplementedError
+
+    def summed_gradients(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Σ_i g_i for one output, delta (n, P, d_out); checks the fast path against autograd."""
+        raise NotImplementedError
+
+
+class _AffineAdapter(LayerAdapter):
+    """y_p = W a_p + b at every position p (Linear on any leading shape; Conv as unfolded patches)."""
+
+    def term(self, deltas: torch.Tensor, roles: list[str]) -> Term:
+        a = self.factor
+        assert a is not None
+        if roles == ["weight", "bias"]:
+            ones = a.new_ones(a.shape[:-1] + (1,))
+            return OuterTerm(torch.cat([a, ones], dim=-1), deltas)
+        if roles == ["weight"]:
+            return OuterTerm(a, deltas)
+        return DenseTerm(deltas.sum(dim=2))
+
+    def summed_gradients(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        a = self.factor
+        assert a is not None
+        params = self.parameters()
+        out = {"weight": torch.einsum("npd,npa->da", delta, a).reshape(params["weight"].shape)}
+        if "bias" in params:
+            out["bias"] = delta.sum(dim=(0, 1))
+        return out
+
+
+class LinearAdapter(_AffineAdapter):
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear)
+
+    def input_factor(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2:
+            raise _Unsupported("unbatched input")
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def delta_view(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad.reshape(grad.shape[0], -1, grad.shape[-1])
+
+
+class ConvAdapter(_AffineAdapter):
+    """Conv1d/Conv2d with groups=1 and zero padding: y = W · unfold(x) + b."""
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return (
+            isinstance(module, (nn.Conv1d, nn.Conv2d))
+            and module.groups == 1
+            and module.padding_mode == "zeros"
+            and not (isinstance(module.padding, str) and module.padding != "valid")
+        )
+
+    def _geometry(self) -> tuple[tuple[int, ...], ...]:
+        m = self.module
+        padding = (0,) * len(m.kernel_size) if isinstance(m.padding, str) else tuple(m.padding)
+        kernel, dilation, stride = tuple(m.kernel_size), tuple(m.dilation), tuple(m.stride)
+        if isinstance(m, nn.Conv1d):  # as a Conv2d over an image of height 1
+            return (1, *kernel), (1, *dilation), (0, *padding), (1, *stride)
+        return kernel, dilation, padding, stride
+
+    def input_factor(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.module, nn.Conv1d):
+            if x.dim() != 3:
+                raise _Unsupported("unbatched input")
+            x = x.unsqueeze(2)
+        elif x.dim() != 4:
+            raise _Unsupported("unbatched input")
+        kernel, dilation, padding, stride = self._geometry()
+        patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+        return patches.transpose(1, 2)  # (n, positions, C_in·k)
+
+    def delta_view(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad.reshape(grad.shape[0], grad.shape[1], -1).transpose(1, 2)
+
+
+class EmbeddingAdapter(LayerAdapter):
+    roles = ("weight",)
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.Embedding) and module.max_norm is None
+
+    def input_factor(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1)
+
+    def delta_view(self, grad: torch.Tensor) -> torch.Tensor:
+        delta = grad.reshape(grad.shape[0], -1, grad.shape[-1])
+        pad = self.module.padding_idx
+        if pad is not None:
+            assert self.factor is not None
+            delta = delta * (self.factor != pad).unsqueeze(-1).to(delta.dtype)
+        return delta
+
+    def term(self, deltas: torch.Tensor, roles: list[str]) -> Term:
+        assert self.factor is not None
+        return IndexTerm(self.factor, deltas, self.module.num_embeddings)
+
+    def summed_gradients(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        assert self.factor is not None
+        weight = self.module.weight
+        grad = torch.zeros_like(weight).index_add_(0, self.factor.reshape(-1), delta.reshape(-1, weight.shape[1]))
+        return {"weight": grad}
+
+
+class _NormAdapter(LayerAdapter):
+    """y = x̂ ⊙ w + b with x̂ the normalised input; g_w = Σ_p δ_p ⊙ x̂_p, g_b = Σ_p δ_p."""
+
+    channel_last = False
+
+    def delta_view(self, grad: torch.Tensor) -> torch.Tensor:
+        return self._to_positions(grad)
+
+    def _to_positions(self, t: torch.Tensor) -> torch.Tensor:
+        """(n, P, channels) with channels the affine parameter's entries."""
+        if self.channel_last:
+            k = self.module.weight.numel() if self.module.weight is not None else self.module.bias.numel()
+            return t.reshape(t.shape[0], -1, k)
+        return t.reshape(t.shape[0], t.shape[1], -1).transpose(1, 2)
+
+    def _features(self, deltas: torch.Tensor, role: str) -> torch.Tensor:
+        if role == "bias":
+            return deltas.sum(dim=2)
+        assert self.factor is not None
+        return torch.einsum("ncpk,npk->nck", deltas, self.factor)
+
+    def term(self, deltas: torch.Tensor, roles: list[str]) -> Term:
+        return DenseTerm(torch.cat([self._features(deltas, role) for role in roles], dim=-1))
+
+    def summed_gradients(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        params = self.parameters()
+        out = {}
+        for role, p in params.items():
+            out[role] = self._features(delta.unsqueeze(1), role).sum(dim=(0, 1)).reshape(p.shape)
+        return out
+
+
+class LayerNormAdapter(_NormAdapter):
+    channel_last = True
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.LayerNorm) and module.elementwise_affine
+
+    def input_factor(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        return self._to_positions(F.layer_norm(x, m.normalized_shape, None, None, m.eps))
+
+
+class GroupNormAdapter(_NormAdapter):
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.GroupNorm) and module.affine
+
+    def input_factor(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        return self._to_positions(F.group_norm(x, m.num_groups, None, None, m.eps))
+
+
+class BatchNormAdapter(_NormAdapter):
+    """Eval-mode BatchNorm: x̂ = (x − running_mean) / sqrt(running_var + eps)."""
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine
+
+    def input_factor(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if m.running_mean is None or m.running_var is None:
+            raise _Unsupported("no running statistics")
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        x_hat = (x - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+        return self._to_positions(x_hat)
+
+
+ADAPTERS: tuple[type[LayerAdapter], ...] = (
+    LinearAdapter,
+    ConvAdapter,
+    EmbeddingAdapter,
+    LayerNormAdapter,
+    GroupNormAdapter,
+    BatchNormAdapter,
+)
+
+
+class _Unsupported(Exception):
+    """This call of a layer is outside what its fast path handles; its parameters use the fallback."""
+
+
+def adapter_for(module: nn.Module) -> LayerAdapter | None:
+    for cls in ADAPTERS:
+        if cls.supports(module):
+            return cls(module)
+    return None
+
+
+class Capture:
+    """Forward hooks on the adapters' modules for the duration of a ``with`` block.
+
+    The hook returns a clone of the output so that an in-place operation after the layer
+    (``ReLU(inplace=True)``) cannot overwrite the tensor whose cotangent we ask for.
+    """
+
+    def __init__(self, adapters: list[LayerAdapter]):
+        self.adapters = adapters
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.failed: set[int] = set()
+
+    def __enter__(self) -> Capture:
+        for index, adapter in enumerate(self.adapters):
+            adapter.calls = 0
+            self.handles.append(adapter.module.register_forward_hook(self._hook(index, adapter)))
+        return self
+
+    def _hook(self, index: int, adapter: LayerAdapter):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor):
+            if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+                self.failed.add(index)
+                return None
+            try:
+                adapter.record(args[0], output)
+            except _Unsupported:
+                self.failed.add(index)
+                return None
+            return output.clone()
+
+        return hook
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()

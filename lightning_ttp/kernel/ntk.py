@@ -1,0 +1,414 @@
+"""The empirical neural tangent kernel Θ = J Jᵀ of a model at its current weights.
+
+Θ[(i,c),(j,c')] = ⟨∂f_c(x_i)/∂w, ∂f_c'(x_j)/∂w⟩ (eq. 2 of Zancato et al., "Predicting
+Training Time Without Training", NeurIPS 2020), over the trainable parameters w.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_ttp.kernel.batch import batch_size, slice_batch
+from lightning_ttp.kernel.fallback import ForwardFn, per_sample_jacobian
+from lightning_ttp.kernel.layers import Capture, LayerAdapter, adapter_for
+from lightning_ttp.kernel.memory import check_budget, default_budget
+from lightning_ttp.kernel.projection import PROJECTIONS
+from lightning_ttp.kernel.terms import TEMP_ELEMENTS, DenseTerm, Term, _gram_of_features
+
+KERNELS = ("full", "trace")
+ParameterGroups = Sequence[Iterable[nn.Parameter] | dict[str, Any]]
+
+
+@dataclasses.dataclass
+class NTK:
+    """An empirical NTK and the outputs it was taken at.
+
+    Attributes:
+        outputs: f0, the model's outputs (N, C) at the current weights (eval mode).
+        gram: ``kernel="full"``: (N·C, N·C), sample-major (row i·C + c);
+            ``kernel="trace"``: (N, N) = Σ_c Θ[(i,c),(j,c)].
+        grams: one Gram per parameter group, in the order given; they sum to ``gram``.
+        kernel: ``"full"`` or ``"trace"``.
+        projection: ``None`` (exact) or the projection used; ``projection_dim`` its D'.
+        num_parameters: trainable parameters counted, per group.
+        methods: how each parameter's gradients were computed
+            (``ghost``, ``materialised``, ``fallback:vmap``, ``fallback:loop``, or the projection).
+        seconds: wall-clock time of the computation.
+    """
+
+    outputs: torch.Tensor
+    gram: torch.Tensor
+    grams: list[torch.Tensor]
+    kernel: str
+    projection: str | None
+    projection_dim: int | None
+    num_parameters: list[int]
+    methods: dict[str, str]
+    seconds: float
+
+    @property
+    def num_samples(self) -> int:
+        return self.outputs.shape[0]
+
+    @property
+    def num_outputs(self) -> int:
+        return self.outputs.shape[1]
+
+
+def empirical_ntk(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    output_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    kernel: str = "full",
+    projection_dim: int | None = None,
+    projection: str = "sparse",
+    parameter_groups: ParameterGroups | None = None,
+    chunk_size: int | None = None,
+    seed: int = 0,
+    memory_budget: int | None = None,
+) -> NTK:
+    """Compute the empirical NTK Gram matrix of ``model`` on ``inputs``.
+
+    Θ[(i,c),(j,c')] = Σ_w ∂f_c(x_i)/∂w · ∂f_c'(x_j)/∂w (eq. 2 of Zancato et al., 2020) over
+    parameters with ``requires_grad=True`` (frozen layers are excluded).
+
+    The model is evaluated in **eval mode** (BatchNorm uses its running statistics, dropout
+    is off), because per-sample gradients are otherwise ill-defined; every module's
+    train/eval flag, the weights, ``requires_grad`` flags, ``.grad`` fields and the global RNG
+    are left exactly as they were.
+
+    How it is computed: one forward pass per chunk of samples with hooks on ``nn.Linear``,
+    ``nn.Conv1d/2d``, ``nn.Embedding`` and the affine parameters of LayerNorm, GroupNorm and
+    BatchNorm, then one batched backward per output for the cotangents δ. For each layer the
+    cheaper of the "ghost" contraction Θ_l = Σ_{p,q} ⟨δ_icp, δ_jc'q⟩⟨a_ip, a_jq⟩ and the
+    materialised per-sample gradient is used. Every other trainable parameter (custom modules,
+    parameters used outside their module's forward, tied weights, modules called twice) goes
+    through ``torch.func.vmap(jacrev)`` per sample, or an autograd loop where vmap cannot run.
+    Each fast path is checked once against autograd on two samples; a mismatch moves the layer
+    to the fallback.
+
+    Args:
+        model: any ``nn.Module``.
+        inputs: a tensor, or a tuple/list/dict of tensors sharing the sample dimension.
+        output_fn: ``output_fn(model, inputs) -> (N, C)`` for models that take dict batches or
+            return tuples/dicts; default ``model(inputs)``.
+        kernel: ``"full"`` (N·C × N·C) or ``"trace"`` (N × N, Σ_c of the diagonal blocks — C² times
+            smaller; the approximation Θ ≈ Θ_trace/C ⊗ I_C, see ``docs/kernel.md`` for its error).
+        projection_dim: D' for a random projection of the per-sample gradients (Section 4 of the
+            paper): E[Z Zᵀ] = Θ. ``None`` computes Θ exactly.
+        projection: ``"sparse"`` (Achlioptas {−1, 0, +1}), ``"gaussian"``, or ``"kronecker"``
+            (per layer, input and output sides projected separately to ≈ √D' each; cheap for wide
+            layers; layers with at most D' parameters stay exact). Generated from ``seed`` on the fly.
+        parameter_groups: lists of parameters (or an optimiser's ``param_groups``) → one Gram each in
+            ``grams``, so a caller can weight each by its learning rate. Default: one group of all
+            trainable parameters. Parameters in no group are not counted.
+        chunk_size: samples per forward/backward pass; default from the memory budget.
+        seed: seed of the projection (the same seed gives the same result).
+        memory_budget: bytes the computation may use; default half of the free memory.
+
+    Raises:
+        ValueError: no trainable parameters, N = 0, outputs not (N, C) or not finite, bad options.
+        NTKMemoryError: the request does not fit ``memory_budget`` (the message lists the options).
+    """
+    started = time.perf_counter()
+    _check_options(kernel, projection, projection_dim, chunk_size)
+    n = batch_size(inputs)
+    if n == 0:
+        raise ValueError("`inputs` has no samples (N = 0): pass at least one sample.")
+    groups, group_of = _resolve_groups(model, parameter_groups)
+    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=True)}
+    forward = ForwardFn(model, output_fn)
+    projected = projection_dim is not None
+
+    with _eval_mode(model), torch.enable_grad():
+        adapters, num_outputs, per_sample = _verified_adapters(model, forward, inputs, group_of)
+        covered = {id(p) for a in adapters for p in a.parameters().values() if id(p) in group_of}
+        fallback = [[p for p in group if id(p) not in covered] for group in groups]
+        dtype = next(iter(group_of.values()))[1].dtype
+        budget = memory_budget if memory_budget is not None else default_budget(_device(model))
+        chunk = chunk_size or _default_chunk(per_sample, budget, n)
+        estimate = _estimate_bytes(
+            n, num_outputs, len(groups), kernel, projection_dim, per_sample, chunk, fallback, dtype
+        )
+        check_budget(estimate, budget, num_samples=n, num_outputs=num_outputs, kernel=kernel, projected=projected)
+
+        methods: dict[str, str] = {}
+        outputs, per_group = [], defaultdict(list)
+        for start in range(0, n, chunk):
+            batch = slice_batch(inputs, start, min(start + chunk, n))
+            out, terms = _chunk_terms(forward, batch, adapters, group_of, fallback, names, methods)
+            outputs.append(out.detach())
+            for key, term in terms.items():
+                per_group[key].append(_features(term, projection, projection_dim, seed, key) if projected else term)
+
+    grams = []
+    for g in range(len(groups)):
+        keys = [key for key in per_group if key[0] == g]
+        gram = None
+        for key in keys:
+            if projected:
+                part = _gram_of_features(torch.cat(per_group[key]), kernel)
+            else:
+                part, how = _concat(per_group[key]).gram(kernel)
+                for name in _term_names(key, adapters, fallback, names):
+                    methods.setdefault(name, how)
+            gram = part if gram is None else gram + part
+        size = n * num_outputs if kernel == "full" else n
+        grams.append(gram if gram is not None else torch.zeros(size, size, dtype=dtype, device=_device(model)))
+    if projected:
+        for name in list(methods):
+            methods[name] = f"{projection} projection ({methods[name]})"
+    total = grams[0] if len(grams) == 1 else torch.stack(grams).sum(0)
+    return NTK(
+        outputs=torch.cat(outputs),
+        gram=total,
+        grams=grams,
+        kernel=kernel,
+        projection=projection if projected else None,
+        projection_dim=projection_dim,
+        num_parameters=[sum(p.numel() for p in group) for group in groups],
+        methods=methods,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _check_options(kernel: str, projection: str, projection_dim: int | None, chunk_size: int | None) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f'kernel must be "full" or "trace", got {kernel!r}.')
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}.")
+    if projection_dim is not None and (not isinstance(projection_dim, int) or projection_dim < 1):
+        raise ValueError(f"projection_dim must be a positive int or None (exact), got {projection_dim!r}.")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}.")
+
+
+def _resolve_groups(
+    model: nn.Module, parameter_groups: ParameterGroups | None
+) -> tuple[list[list[nn.Parameter]], dict[int, tuple[int, nn.Parameter]]]:
+    in_model = {id(p) for p in model.parameters()}
+    if parameter_groups is None:
+        parameter_groups = [[p for p in model.parameters()]]
+    groups: list[list[nn.Parameter]] = []
+    group_of: dict[int, tuple[int, nn.Parameter]] = {}
+    for g, group in enumerate(parameter_groups):
+        params = group["params"] if isinstance(group, dict) else group
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        kept = []
+        for p in params:
+            if id(p) not in in_model:
+                raise ValueError(
+                    f"parameter group {g} holds a parameter of shape {tuple(p.shape)} that is not a parameter "
+                    "of `model`: build the optimiser (or the groups) from this model's parameters."
+                )
+            if id(p) in group_of:
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} appears in more than one parameter group.")
+            if p.requires_grad:
+                group_of[id(p)] = (g, p)
+                kept.append(p)
+        groups.append(kept)
+    if not group_of:
+        raise ValueError(
+            "the model has no trainable parameters (none with requires_grad=True in the given groups): "
+            "unfreeze the layers you fine-tune."
+        )
+    return groups, group_of
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _check_outputs(out: Any, n: int) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != n:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"the model's outputs must be a (N, C) tensor with N={n}, got {shape}. Pass "
+            "output_fn=lambda model, inputs: ... returning the (N, C) logits (e.g. add .unsqueeze(-1) for one output)."
+        )
+    if not torch.isfinite(out).all():
+        raise ValueError("the model's outputs contain NaN or inf at the current weights: the kernel is undefined.")
+    return out
+
+
+def _shared_parameters(model: nn.Module) -> set[int]:
+    owners: dict[int, int] = defaultdict(int)
+    for _, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None:
+                owners[id(p)] += 1
+    return {pid for pid, count in owners.items() if count > 1}
+
+
+def _verified_adapters(
+    model: nn.Module, forward: ForwardFn, inputs: Any, group_of: dict[int, tuple[int, nn.Parameter]]
+) -> tuple[list[LayerAdapter], int, dict[str, float]]:
+    """Fast-path adapters that are called once per forward and agree with autograd on a probe.
+
+    Also returns C and per-sample element counts (for the memory estimate).
+    """
+    shared = _shared_parameters(model)
+    candidates = []
+    for module in model.modules():
+        adapter = adapter_for(module)
+        if adapter is None:
+            continue
+        params = adapter.parameters()
+        if any(id(p) in group_of for p in params.values()) and not any(id(p) in shared for p in params.values()):
+            candidates.append(adapter)
+    probe_n = min(2, batch_size(inputs))
+    probe = slice_batch(inputs, 0, probe_n)
+    with Capture(candidates) as capture:
+        out = _check_outputs(forward(probe), probe_n)
+    good = [a for i, a in enumerate(candidates) if a.calls == 1 and i not in capture.failed]
+    good = [a for a in good if a.output is not None and a.output.requires_grad]
+    params = [p for a in good for p in a.parameters().values() if id(p) in group_of]
+    grads = torch.autograd.grad(out[:, 0].sum(), [a.output for a in good] + params, allow_unused=True) if good else ()
+    out_grads, param_grads = grads[: len(good)], dict(zip(map(id, params), grads[len(good) :]))
+    verified = []
+    for adapter, grad in zip(good, out_grads):
+        if grad is None:
+            grad = torch.zeros_like(adapter.output)
+        summed = adapter.summed_gradients(adapter.delta_view(grad))
+        trained = [(role, p) for role, p in adapter.parameters().items() if id(p) in group_of]
+        if all(_close(summed[role], param_grads[id(p)], p) for role, p in trained):
+            verified.append(adapter)
+    c = out.shape[1]
+    per_sample = {
+        "stored": sum(a.factor.numel() + c * a.output.numel() for a in verified) / probe_n,
+        "activations": sum(a.output.numel() + a.factor.numel() for a in candidates if a.factor is not None) / probe_n,
+    }
+    for adapter in candidates:
+        adapter.factor, adapter.output = None, None
+    return verified, c, per_sample
+
+
+def _close(ours: torch.Tensor, reference: torch.Tensor | None, p: nn.Parameter) -> bool:
+    if reference is None:
+        reference = torch.zeros_like(p)
+    scale = reference.abs().max().item() + ours.abs().max().item()
+    tol = 1e-4 if p.dtype == torch.float64 else 2e-3
+    return bool((ours - reference).abs().max().item() <= tol * scale + 1e-12)
+
+
+def _default_chunk(per_sample: dict[str, float], budget: int, n: int) -> int:
+    # forward + backward graphs hold a few copies of every layer's activations
+    per_sample_bytes = 4 * 8 * max(per_sample["activations"], 1.0)
+    return int(max(1, min(n, budget // 8 // per_sample_bytes)))
+
+
+def _estimate_bytes(
+    n: int,
+    c: int,
+    num_groups: int,
+    kernel: str,
+    projection_dim: int | None,
+    per_sample: dict[str, float],
+    chunk: int,
+    fallback: list[list[nn.Parameter]],
+    dtype: torch.dtype,
+) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    rows = n * c if kernel == "full" else n
+    grams = (num_groups + (num_groups > 1)) * rows * rows
+    fallback_params = sum(p.numel() for group in fallback for p in group)
+    if projection_dim is None:
+        stored = n * (per_sample["stored"] + c * fallback_params)
+        temporaries = 2 * TEMP_ELEMENTS + (n * c) ** 2
+    else:
+        stored = num_groups * n * c * projection_dim * 2
+        temporaries = chunk * (per_sample["stored"] + c * fallback_params)
+    activations = 4 * chunk * per_sample["activations"]
+    return int(size * (grams + stored + temporaries + activations))
+
+
+def _chunk_terms(
+    forward: ForwardFn,
+    batch: Any,
+    adapters: list[LayerAdapter],
+    group_of: dict[int, tuple[int, nn.Parameter]],
+    fallback: list[list[nn.Parameter]],
+    names: dict[int, str],
+    methods: dict[str, str],
+) -> tuple[torch.Tensor, dict[tuple[int, int], Term]]:
+    """f0 on one chunk and its terms, keyed by (group, index): index i ≥ 0 is adapter i, −(g+1) the
+    fallback of group g. The index seeds the term's random projection."""
+    n = batch_size(batch)
+    with Capture(adapters) as capture:
+        out = _check_outputs(forward(batch), n)
+    if capture.failed or any(a.calls != 1 for a in adapters):
+        raise RuntimeError("a layer behaved differently on this chunk than on the probe; pass a fixed batch.")
+    c = out.shape[1]
+    deltas: list[list[torch.Tensor]] = [[] for _ in adapters]
+    if adapters:
+        outs = [a.output for a in adapters]
+        for k in range(c):
+            grads = torch.autograd.grad(out[:, k].sum(), outs, retain_graph=k < c - 1, allow_unused=True)
+            for i, (adapter, grad) in enumerate(zip(adapters, grads)):
+                deltas[i].append(adapter.delta_view(torch.zeros_like(outs[i]) if grad is None else grad))
+    terms: dict[tuple[int, int], Term] = {}
+    for i, adapter in enumerate(adapters):
+        stacked = torch.stack(deltas[i], dim=1)  # (n, C, P, d)
+        by_group: dict[int, list[str]] = defaultdict(list)
+        for role, p in adapter.parameters().items():
+            if id(p) in group_of:
+                by_group[group_of[id(p)][0]].append(role)
+        for g, roles in by_group.items():
+            terms[(g, i)] = adapter.term(stacked, roles)
+        adapter.factor, adapter.output = None, None
+    for g, params in enumerate(fallback):
+        if params:
+            jac, how = per_sample_jacobian(forward, ["model." + names[id(p)] for p in params], params, batch)
+            terms[(g, -(g + 1))] = DenseTerm(jac.detach())
+            for p in params:
+                methods[names[id(p)]] = f"fallback:{how}"
+    return out, terms
+
+
+def _features(term: Term, projection: str, dim: int, seed: int, key: tuple[int, int]) -> torch.Tensor:
+    index = key[1]
+    if projection == "kronecker":
+        return term.kronecker_features(dim, seed=seed, term=index)
+    return term.project(dim, seed=seed, term=index, kind=projection)
+
+
+def _concat(chunks: list[Term]) -> Term:
+    if len(chunks) == 1:
+        return chunks[0]
+    first = chunks[0]
+    values = {}
+    for field in dataclasses.fields(first):
+        parts = [getattr(t, field.name) for t in chunks]
+        values[field.name] = torch.cat(parts) if isinstance(parts[0], torch.Tensor) else parts[0]
+    return type(first)(**values)
+
+
+def _term_names(
+    key: tuple[int, int], adapters: list[LayerAdapter], fallback: list[list[nn.Parameter]], names: dict[int, str]
+) -> list[str]:
+    group, index = key
+    if index < 0:
+        return [names[id(p)] for p in fallback[group]]
+    return [names[id(p)] for p in adapters[index].parameters().values() if p.requires_grad]
+
+

@@ -1,0 +1,262 @@
+"""Per-sample gradients in factored form, and their Gram matrices.
+
+A *term* holds the per-sample gradients g_ic = ∂f_c(x_i)/∂w of some parameters w for N
+samples and C outputs, in whichever form is cheapest to keep:
+
+- :class:`OuterTerm`: g_ic = Σ_p δ_icp ⊗ a_ip (a linear or convolutional layer: a_ip the
+  input, or input patch, at position p; δ_icp the cotangent of the output at p);
+- :class:`IndexTerm`: g_ic[v] = Σ_p [id_ip = v] δ_icp (an embedding table);
+- :class:`DenseTerm`: g_ic materialised (norm affine parameters, biases, the fallback).
+
+Each term adds its block Θ_w[(i,c),(j,c')] = ⟨g_ic, g_jc'⟩ to the Gram (eq. 2 of Zancato
+et al., 2020), exactly ("ghost" contraction of the factors, or materialised slices of g,
+whichever needs fewer flops), or returns random features Z with E[Z Zᵀ] = Θ_w.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from lightning_ttp.kernel.projection import random_block
+
+# Elements of a temporary tensor that one block of a contraction may allocate.
+TEMP_ELEMENTS = 2**24
+# Rows of a random projection generated at once (fixed, so results do not depend on chunking).
+PROJECTION_ROWS = 2**14
+
+
+def _gram_of_features(features: torch.Tensor, kernel: str) -> torch.Tensor:
+    """Θ from materialised features (N, C, k): full (NC, NC) or trace (N, N)."""
+    n, c, k = features.shape
+    if kernel == "full":
+        flat = features.reshape(n * c, k)
+        return flat @ flat.T
+    return torch.einsum("ick,jck->ij", features, features)
+
+
+def _blocks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _ghost_gram(a_fn, deltas: torch.Tensor, kernel: str) -> torch.Tensor:
+    """Σ_{p,q} k(a_ip, a_jq) ⟨δ_icp, δ_jc'q⟩ without materialising g.
+
+    ``a_fn(rows, cols)`` gives k(a_ip, a_jq) for sample blocks, shape (bi, bj, P, P).
+    """
+    n, c, p, d = deltas.shape
+    out = deltas.new_zeros((n * c, n * c) if kernel == "full" else (n, n))
+    per_pair = max(1, p * p + c * p * d)
+    block = max(1, int(math.sqrt(TEMP_ELEMENTS / per_pair)))
+    for rows in _blocks(n, block):
+        for cols in _blocks(n, block):
+            ka = a_fn(rows, cols)  # (bi, bj, P, Q)
+            if p == 1:
+                kd = torch.einsum("icd,jed->icje", deltas[rows, :, 0], deltas[cols, :, 0])
+                blk = kd * ka[:, None, :, None, 0, 0]
+                if kernel == "trace":
+                    blk = torch.diagonal(blk, dim1=1, dim2=3).sum(-1)
+            else:
+                m = torch.einsum("ijpq,icpd->icjqd", ka, deltas[rows])
+                if kernel == "full":
+                    blk = torch.einsum("icjqd,jeqd->icje", m, deltas[cols])
+                else:
+                    blk = torch.einsum("icjqd,jcqd->ij", m, deltas[cols])
+            if kernel == "full":
+                bi, bj = blk.shape[0], blk.shape[2]
+                out[rows.start * c : rows.stop * c, cols.start * c : cols.stop * c] = blk.reshape(bi * c, bj * c)
+            else:
+                out[rows, cols] = blk
+    return out
+
+
+class Term:
+    """Per-sample gradients of some parameters; subclasses fix the storage form."""
+
+    num_parameters: int
+    deltas: torch.Tensor  # (N, C, P, d) or for DenseTerm the features
+
+    def gram(self, kernel: str) -> tuple[torch.Tensor, str]:
+        raise NotImplementedError
+
+    def slices(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(block index, g restricted to rows of that block, shape (N, C, k)) over all D rows.
+
+        Blocks hold ``PROJECTION_ROWS``-aligned row ranges so that random projections are
+        generated identically however the work is split; blocks that are zero may be skipped.
+        """
+        raise NotImplementedError
+
+    def kronecker_features(self, dim: int, *, seed: int, term: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def project(self, dim: int, *, seed: int, term: int, kind: str) -> torch.Tensor:
+        """Z (N, C, dim) = g R with R a seeded D × dim random matrix, E[Z Zᵀ] = Θ."""
+        out = None
+        for block, g in self.slices():
+            rows = g.shape[-1]
+            r = random_block(rows, dim, seed=seed, term=term, block=block, kind=kind, dtype=g.dtype, device=g.device)
+            z = g @ r
+            out = z if out is None else out + z
+        assert out is not None
+        return out
+
+
+@dataclass
+class DenseTerm(Term):
+    """Materialised per-sample gradients: ``features`` (N, C, k)."""
+
+    features: torch.Tensor
+
+    @property
+    def num_parameters(self) -> int:  # type: ignore[override]
+        return self.features.shape[-1]
+
+    def gram(self, kernel: str) -> tuple[torch.Tensor, str]:
+        return _gram_of_features(self.features, kernel), "materialised"
+
+    def slices(self) -> Iterator[tuple[int, torch.Tensor]]:
+        k = self.features.shape[-1]
+        for block, cols in enumerate(_blocks(k, PROJECTION_ROWS)):
+            yield block, self.features[..., cols]
+
+    def kronecker_features(self, dim: int, *, seed: int, term: int) -> torch.Tensor:
+        if self.num_parameters <= dim:
+            return self.features
+        return self.project(dim, seed=seed, term=term, kind="gaussian")
+
+
+@dataclass
+class OuterTerm(Term):
+    """g_ic = Σ_p δ_icp ⊗ a_ip with ``inputs`` a (N, P, d_in) and ``deltas`` δ (N, C, P, d_out).
+
+    Row order of g (for projections) is (output unit, input unit), like ``weight.flatten()``.
+    """
+
+    inputs: torch.Tensor
+    deltas: torch.Tensor
+
+    @property
+    def num_parameters(self) -> int:  # type: ignore[override]
+        return self.inputs.shape[-1] * self.deltas.shape[-1]
+
+    def flops(self, kernel: str) -> tuple[float, float]:
+        """(ghost, materialised) multiply-adds of the Gram contraction."""
+        n, c, p, d_out = self.deltas.shape
+        d_in = self.inputs.shape[-1]
+        cc = c * c if kernel == "full" else c
+        if p == 1:
+            ghost = n * n * (d_in + cc * d_out)
+        else:
+            ghost = n * n * p * p * (d_in + c * d_out) + n * n * cc * p * d_out
+        materialised = n * c * p * d_in * d_out + n * n * cc * d_in * d_out
+        return float(ghost), float(materialised)
+
+    def _input_kernel(self, rows: slice, cols: slice) -> torch.Tensor:
+        return torch.einsum("ipa,jqa->ijpq", self.inputs[rows], self.inputs[cols])
+
+    def gram(self, kernel: str) -> tuple[torch.Tensor, str]:
+        ghost, materialised = self.flops(kernel)
+        if ghost <= materialised:
+            return _ghost_gram(self._input_kernel, self.deltas, kernel), "ghost"
+        out = None
+        for _, g in self.slices():
+            part = _gram_of_features(g, kernel)
+            out = part if out is None else out + part
+        assert out is not None
+        return out, "materialised"
+
+    def _units_per_block(self) -> int:
+        return max(1, PROJECTION_ROWS // self.inputs.shape[-1])
+
+    def slices(self) -> Iterator[tuple[int, torch.Tensor]]:
+        n, c, _, d_out = self.deltas.shape
+        for block, units in enumerate(_blocks(d_out, self._units_per_block())):
+            g = torch.einsum("icpd,ipa->icda", self.deltas[..., units], self.inputs)
+            yield block, g.reshape(n, c, -1)
+
+    def kronecker_features(self, dim: int, *, seed: int, term: int) -> torch.Tensor:
+        """Z = Σ_p (R_outᵀ δ_icp) ⊗ (R_inᵀ a_ip), E[Z Zᵀ] = Θ because E[(R_out ⊗ R_in)(R_out ⊗ R_in)ᵀ] = I.
+
+        Each side is projected only where it is wider than its share (k_in ≈ √dim);
+        a layer with at most ``dim`` parameters is kept exact.
+        """
+        n, c, p, d_out = self.deltas.shape
+        d_in = self.inputs.shape[-1]
+        if d_in * d_out <= dim:
+            return torch.einsum("icpd,ipa->icda", self.deltas, self.inputs).reshape(n, c, -1)
+        k_in = min(d_in, math.ceil(math.sqrt(dim)))
+        k_out = min(d_out, max(1, dim // k_in))
+        a, delta = self.inputs, self.deltas
+        kw = {"seed": seed, "term": term, "kind": "gaussian", "dtype": a.dtype, "device": a.device}
+        if k_in < d_in:
+            a = a @ random_block(d_in, k_in, block=0, **kw)
+        if k_out < d_out:
+            delta = delta @ random_block(d_out, k_out, block=1, **kw)
+        return torch.einsum("icpo,ipk->icok", delta, a).reshape(n, c, -1)
+
+
+@dataclass
+class IndexTerm(Term):
+    """An embedding table: g_ic[v] = Σ_p [id_ip = v] δ_icp, ``ids`` (N, P), ``deltas`` (N, C, P, d).
+
+    Positions that must not receive gradient (``padding_idx``) have δ = 0.
+    """
+
+    ids: torch.Tensor
+    deltas: torch.Tensor
+    vocab: int
+
+    @property
+    def num_parameters(self) -> int:  # type: ignore[override]
+        return self.vocab * self.deltas.shape[-1]
+
+    def _input_kernel(self, rows: slice, cols: slice) -> torch.Tensor:
+        same = self.ids[rows][:, None, :, None] == self.ids[cols][None, :, None, :]
+        return same.to(self.deltas.dtype)
+
+    def _scatter(self, vocab_ids: torch.Tensor) -> torch.Tensor:
+        """g restricted to the table rows ``vocab_ids``: (N, C, len(vocab_ids) · d)."""
+        n, c, p, d = self.deltas.shape
+        lookup = torch.full((self.vocab,), -1, dtype=torch.long, device=self.ids.device)
+        lookup[vocab_ids] = torch.arange(len(vocab_ids), device=self.ids.device)
+        local = lookup[self.ids]  # (N, P), -1 outside
+        keep = local >= 0
+        g = self.deltas.new_zeros(n, c, len(vocab_ids) + 1, d)
+        index = torch.where(keep, local, len(vocab_ids))  # dump row for the rest
+        g.scatter_add_(2, index[:, None, :, None].expand(n, c, p, d), self.deltas)
+        return g[:, :, :-1].reshape(n, c, -1)
+
+    def gram(self, kernel: str) -> tuple[torch.Tensor, str]:
+        n, c, p, d = self.deltas.shape
+        used = torch.unique(self.ids)
+        cc = c * c if kernel == "full" else c
+        ghost = n * n * p * p * (1 + c * d) + n * n * cc * p * d
+        materialised = n * c * p * d + n * n * cc * len(used) * d
+        if ghost <= materialised:
+            return _ghost_gram(self._input_kernel, self.deltas, kernel), "ghost"
+        return _gram_of_features(self._scatter(used), kernel), "materialised"
+
+    def _rows_per_block(self) -> int:
+        return max(1, PROJECTION_ROWS // self.deltas.shape[-1])
+
+    def slices(self) -> Iterator[tuple[int, torch.Tensor]]:
+        per_block = self._rows_per_block()
+        for block in torch.unique(torch.div(self.ids, per_block, rounding_mode="floor")).tolist():
+            start = block * per_block
+            vocab_ids = torch.arange(start, min(start + per_block, self.vocab), device=self.ids.device)
+            yield block, self._scatter(vocab_ids)
+
+    def kronecker_features(self, dim: int, *, seed: int, term: int) -> torch.Tensor:
+        n, c, p, d = self.deltas.shape
+        k_in = min(self.vocab, math.ceil(math.sqrt(dim)))
+        k_out = min(d, max(1, dim // k_in))
+        kw = {"seed": seed, "term": term, "kind": "gaussian", "dtype": self.deltas.dtype, "device": self.deltas.device}
+        table = random_block(self.vocab, k_in, block=0, **kw)
+        a = table[self.ids]  # (N, P, k_in): R_inᵀ one_hot(id)
+        delta = self.deltas if k_out >= d else self.deltas @ random_block(d, k_out, block=1, **kw)
+        return torch.einsum("icpo,ipk->icok", delta, a).reshape(n, c, -1)
