@@ -10,7 +10,7 @@ Order of the checks (first match wins):
 4. ``saturated``: s_ot >= t2 and s_st <= δ (eq. 7 sets s_F = 0): the spectrum is
    compressed and no longer moving, further training will not change it -> stop.
    With v_t known and ``saturated_keep_above`` set, a saturated run whose accuracy is
-   already at least that value is kept (it has converged to a good solution).
+   already at least that value is kept (kind ``converged``: it has reached a good solution).
 5. ``fail``: s_F < t1 (paper: t1 = 0.25) -> give up.
 6. ``below_target``: a target on s_Fv (the predicted final accuracy, eq. 8) is set and
    s_Fv < target -> give up.
@@ -30,7 +30,7 @@ __all__ = ["GiveUpDecision", "decide"]
 @dataclass(frozen=True)
 class GiveUpDecision:
     give_up: bool
-    kind: str  # dead | nonfinite | insufficient | saturated | fail | below_target | continue
+    kind: str  # dead|nonfinite|insufficient|saturated|converged|fail|below_target|continue
     reason: str
 
 
@@ -64,7 +64,13 @@ def decide(
             and math.isfinite(scores.v_t)
             and scores.v_t >= saturated_keep_above
         )
-        if not keep:
+        if keep:
+            return GiveUpDecision(
+                False,
+                "converged",
+                f"epoch {ep}: saturated but v_t={scores.v_t:.4g} >= {saturated_keep_above:g}; kept (converged)",
+            )
+        else:
             return GiveUpDecision(
                 True,
                 "saturated",
