@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from .dynamics.training_time import epsilon_training_time, first_step_at_or_below, smooth_curve
+
 __all__ = [
     "Refinement",
     "epsilon_training_time",
@@ -43,64 +45,24 @@ __all__ = [
 ]
 
 
-def epsilon_training_time(curve: Sequence[float] | np.ndarray, eps: float) -> int:
-    """ε-training-time of a loss curve ``L_0..L_T`` (the paper's Section 5 definition).
-
-    The first step ``t`` after which the curve stays within ``eps * |L_0 - L_T|`` of its
-    final value ``L_T``. Always ``<= T`` (the last step is within any band of itself).
-
-    Args:
-        curve: the loss at steps ``0..T`` (at least one value, all finite).
-        eps: relative tolerance in ``(0, 1)``.
-    """
-    if not 0.0 < eps < 1.0:
-        raise ValueError(f"eps must be in (0, 1) (a relative tolerance, e.g. 0.1), got {eps!r}.")
-    values = np.asarray(curve, dtype=np.float64)
-    if values.ndim != 1 or values.size == 0:
-        raise ValueError(f"curve must be a non-empty 1-D sequence of losses, got shape {values.shape}.")
-    if not np.all(np.isfinite(values)):
-        raise ValueError("curve contains non-finite values (nan/inf); the loss diverged.")
-    final = values[-1]
-    tolerance = eps * abs(values[0] - final)
-    outside = np.nonzero(np.abs(values - final) > tolerance)[0]
-    return 0 if outside.size == 0 else int(outside[-1] + 1)
-
-
 def steps_to_value(curve: Sequence[float] | np.ndarray, value: float) -> int | None:
     """First step at which ``curve`` is at or below ``value`` (None if never)."""
-    values = np.asarray(curve, dtype=np.float64)
-    hits = np.nonzero(values <= value)[0]
-    return None if hits.size == 0 else int(hits[0])
+    return first_step_at_or_below(curve, value)
 
 
 def smooth_losses(losses: Sequence[float] | np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average of width ``window`` (odd; shrinks symmetrically at the ends).
-
-    This is the one smoothing we apply to *real* (mini-batch, noisy) loss curves before
-    measuring their ε-training-time, everywhere in the package and its benchmarks. At the
-    ends the window shrinks so that the first and last values stay unbiased estimates of
-    the loss there (``window=1`` returns the curve unchanged).
-    """
-    values = np.asarray(losses, dtype=np.float64)
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}.")
-    half = int(window) // 2
-    if half == 0 or values.size < 3:
-        return values.copy()
-    n = values.size
-    idx = np.arange(n)
-    half_at = np.minimum(np.minimum(idx, n - 1 - idx), half)
-    cumsum = np.concatenate([[0.0], np.cumsum(values)])
-    lo, hi = idx - half_at, idx + half_at + 1
-    return (cumsum[hi] - cumsum[lo]) / (hi - lo)
+    """The package's one smoothing of real (noisy) loss curves before measuring their
+    ε-training-time: :func:`lightning_ttp.dynamics.training_time.smooth_curve` (centred
+    moving average of odd width, nearest-value padding at the ends)."""
+    return smooth_curve(losses, window)
 
 
-def default_smoothing_window(num_steps: int, full_batch: bool) -> int:
-    """The smoothing width used for real curves: 1 for full-batch GD (no noise), else
-    about 5 % of the run (odd)."""
-    if full_batch:
+def default_smoothing_window(steps_per_epoch: int | None, full_batch: bool) -> int:
+    """The smoothing width used for real curves: 1 for full-batch GD (no noise), else the
+    number of optimiser steps per epoch, made odd (the engine's recommendation)."""
+    if full_batch or not steps_per_epoch:
         return 1
-    return max(1, (num_steps // 20) | 1)
+    return max(1, int(steps_per_epoch) | 1)
 
 
 @dataclass
@@ -128,8 +90,9 @@ class Refinement:
     noise: float
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def training_time(self, eps: float) -> int:
-        """ε-training-time (steps) of the refined curve; see :func:`epsilon_training_time`."""
+    def training_time(self, eps: float) -> int | None:
+        """ε-training-time (steps) of the refined curve (:func:`epsilon_training_time`, the
+        engine's definition; None if the refined curve does not decrease)."""
         return epsilon_training_time(self.loss, eps)
 
     def steps_to_loss(self, value: float) -> int | None:

@@ -37,6 +37,16 @@ OutputFn = Callable[[Any, Any], torch.Tensor]
 TargetFn = Callable[[Any], torch.Tensor]
 
 
+def _training_time(curve_owner: Any, eps: float) -> int | None:
+    """``curve_owner.training_time(eps)`` as an int (None: the curve never converges)."""
+    value = curve_owner.training_time(eps)
+    return None if value is None else int(value)
+
+
+def _fmt_steps(value: int | None) -> str:
+    return "never" if value is None else str(value)
+
+
 def format_duration(seconds: float | None) -> str:
     """``h:mm:ss`` / ``m:ss`` (``"?"`` when unknown)."""
     if seconds is None or not math.isfinite(seconds):
@@ -247,10 +257,10 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         """Predicted ε-training-time (refined when available) in optimiser steps."""
         eps = self.epsilons[0] if eps is None else eps
         if self._refinement is not None:
-            return self._refinement.training_time(eps)
+            return _training_time(self._refinement, eps)
         if self._prediction is None:
             return None
-        return int(self._prediction.training_time(eps))
+        return _training_time(self._prediction, eps)
 
     def seconds_per_step(self) -> float | None:
         """Median seconds per optimiser step after the warm-up steps (None before)."""
@@ -592,12 +602,12 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             parts[-1] += f" (band {float(pred.loss_band[0][-1]):.4g}–{float(pred.loss_band[1][-1]):.4g})"
         if pred.error is not None:
             parts.append(f"training error {float(pred.error[0]):.1%} → {float(pred.error[-1]):.1%}")
-        conv = ", ".join(f"ε={e:g} at step {int(pred.training_time(e))}" for e in self.epsilons)
+        conv = ", ".join(f"ε={e:g} at step {_fmt_steps(_training_time(pred, e))}" for e in self.epsilons)
         parts.append(f"converges {conv}")
         if self._cost_seconds is not None:
             parts.append(f"prediction took {self._cost_seconds:.2f} s")
         parts.append("ETA appears in the progress bar / logs after the first steps")
-        text = "; ".join(parts) + "."
+        text = parts[0] + " " + "; ".join(parts[1:]) + "."
         diag = getattr(pred, "diagnostics", None) or {}
         notes = list((self._plan or {}).get("notes", [])) + [str(w) for w in diag.get("warnings", [])]
         if notes:
@@ -621,19 +631,20 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
     def real_training_time(self, eps: float) -> int | None:
         """ε-training-time of the observed (smoothed) loss curve; None when the run did not
         reach its planned number of steps (the final value L_T is then unknown)."""
+        if not self._run_complete():
+            return None
+        return epsilon_training_time(self._real_curve(), eps)
+
+    def _run_complete(self) -> bool:
         self._flush()
         steps = self.planned_steps
-        if not self.observed_losses or steps is None or len(self.observed_losses) < steps:
-            return None
-        curve = self._real_curve()
-        return epsilon_training_time(curve, eps)
+        return bool(self.observed_losses) and steps is not None and len(self.observed_losses) >= steps
 
     def _real_curve(self) -> np.ndarray:
         plan = self._plan or {}
-        full_batch = plan.get("dataset_size") is not None and plan.get("effective_batch_size", 0) >= plan.get(
-            "dataset_size", math.inf
-        )
-        window = default_smoothing_window(len(self.observed_losses), full_batch)
+        size = plan.get("dataset_size")
+        full_batch = size is not None and plan.get("effective_batch_size", 0) >= size
+        window = default_smoothing_window(plan.get("steps_per_epoch"), full_batch)
         return smooth_losses(self.observed_losses, window)
 
     def final_summary(self) -> str:
@@ -643,17 +654,17 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             return "lightning_ttp: no prediction."
         lines = ["lightning_ttp: predicted vs. real training time (optimiser steps):"]
         for eps in self.epsilons:
-            predicted = int(pred.training_time(eps))
-            refined = None if self._refinement is None else self._refinement.training_time(eps)
-            real = self.real_training_time(eps)
-            row = f"  ε={eps:g}: predicted {predicted}"
-            if refined is not None:
-                row += f", refined {refined}"
-            if real is None:
-                row += ", real n/a (run stopped before its planned steps)"
+            predicted = _training_time(pred, eps)
+            row = f"  ε={eps:g}: predicted {_fmt_steps(predicted)}"
+            if self._refinement is not None:
+                row += f", refined {_fmt_steps(_training_time(self._refinement, eps))}"
+            if not self._run_complete():
+                row += ", real n/a (the run stopped before its planned steps)"
             else:
-                rel = abs(predicted - real) / max(real, 1)
-                row += f", real {real} (open-loop error {rel:.0%})"
+                real = self.real_training_time(eps)
+                row += f", real {_fmt_steps(real)}"
+                if real is not None and predicted is not None:
+                    row += f" (open-loop error {abs(predicted - real) / max(real, 1):.0%})"
             lines.append(row)
         sps = self.seconds_per_step()
         if sps is not None and self._fit_start_time is not None:
@@ -672,7 +683,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         real = np.asarray(self.observed_losses) if self.observed_losses else None
         times: dict[str, float | int | None] = {}
         eps = self.epsilons[0]
-        times[f"predicted T(ε={eps:g})"] = int(pred.training_time(eps))
+        times[f"predicted T(ε={eps:g})"] = _training_time(pred, eps)
         real_t = self.real_training_time(eps) if real is not None else None
         if real_t is not None:
             times[f"real T(ε={eps:g})"] = real_t
