@@ -1,0 +1,101 @@
+"""Stability diagnostic of the linearised dynamics.
+
+Around f0 the discrete dynamics are those of a quadratic with Hessian (in function space)
+H/N, H = block-diag of the per-sample loss Hessians ∂²ℓ_i/∂f_i². For a quadratic, GD is
+stable iff η λmax(Θ H)/N < 2; heavy ball with momentum m and dampening d iff
+η (1 − d) λ < 2 (1 + m); Nesterov iff η λ < 2 (1 + m)/(1 + 2m); Adam's EMA (m = d = β1) like
+heavy ball. We bound λmax(Θ H) ≤ λmax(Θ) · h with h = max_i λmax(∂²ℓ_i/∂f_i²) at f0
+(≤ 1/2 for cross-entropy, 2/C for MSE, 1/(4C) for BCE) and define per step
+
+    ρ_t = λmax( Σ_g η_{g,t} Θ_g / a_g ) · h / N,    a_g the group's bound above (2 for GD),
+
+ρ_t > 1 ⇒ the linearised model diverges (and the real network is far from linear). The
+"max stable lr" is the lr of the first group at which the most aggressive step reaches
+ρ = 1 (all groups scaled together). This is a conservative bound for cross-entropy, whose
+curvature shrinks as the softmax saturates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator, eigsh
+
+from .discrete import _check_schedule
+from .losses import Loss
+from .optim_spec import GroupSpec, OptimizerSpec
+
+__all__ = ["stability_bound", "lambda_max", "stability_report"]
+
+
+def stability_bound(g: GroupSpec, kind: str = "sgd") -> float:
+    """a_g: the largest stable η·λ for the group's update rule on a quadratic."""
+    m = g.momentum
+    if kind in ("adam", "adamw"):
+        b = g.betas[0]
+        return 2.0 * (1 + b) / (1 - b)
+    if m == 0:
+        return 2.0
+    if g.nesterov:
+        return 2.0 * (1 + m) / (1 + 2 * m)
+    return 2.0 * (1 + m) / max(1e-12, 1 - g.dampening)
+
+
+def lambda_max(grams, weights, n: int, c: int) -> float:
+    """λmax of Σ_g weights_g Θ_g (exact eigvalsh up to 1500 rows, else ARPACK)."""
+    grams = [torch.as_tensor(g, dtype=torch.float64) for g in grams]
+    size = grams[0].shape[0]
+    if size <= 1500:
+        m = sum(w * g for w, g in zip(weights, grams, strict=True))
+        return float(torch.linalg.eigvalsh(m)[-1])
+    def mv(x):
+        xt = torch.from_numpy(np.asarray(x, dtype=float).reshape(-1))
+        return sum(w * (g @ xt) for w, g in zip(weights, grams, strict=True)).numpy()
+
+    op = LinearOperator((size, size), matvec=mv, dtype=float)
+    return float(eigsh(op, k=1, which="LA", return_eigenvectors=False, tol=1e-4)[0])
+
+
+def stability_report(f0, targets, grams, loss: Loss, spec: OptimizerSpec, lr_schedule) -> dict:
+    """ρ_t per step, max stable lr, the unstable steps and a human-readable message."""
+    lrs = _check_schedule(lr_schedule, spec)
+    f0 = torch.as_tensor(f0, dtype=torch.float64)
+    f0 = f0[:, None] if f0.dim() == 1 else f0
+    n, c = f0.shape
+    y = loss.prepare_targets(torch.as_tensor(targets), c)
+    h = float(loss.sample_curvature(f0, y))
+    a = np.array([stability_bound(g, spec.kind) for g in spec.groups])
+    lam_plain = lambda_max(grams, [1.0] * len(grams), n, c) / n
+    scaled = lrs / a[None, :]
+    # Unique lr rows (schedules repeat values); ρ is homogeneous in the lrs.
+    norms = scaled.max(1)
+    rho = np.zeros(lrs.shape[0])
+    cache: dict[tuple, float] = {}
+    for t in range(lrs.shape[0]):
+        if norms[t] == 0:
+            continue
+        direction = tuple(np.round(scaled[t] / norms[t], 10))
+        if direction not in cache:
+            if len(cache) >= 32:  # many different lr ratios: reuse the nearest computed direction
+                key = min(cache, key=lambda d: np.abs(np.array(d) - np.array(direction)).sum())
+                cache[direction] = cache[key]
+            else:
+                cache[direction] = lambda_max(grams, list(direction), n, c)
+        rho[t] = norms[t] * cache[direction] * h / n
+    peak = int(np.argmax(rho)) if rho.size else 0
+    max_lr = float(lrs[peak, 0] / rho[peak]) if rho[peak] > 0 else float("inf")
+    unstable = np.nonzero(rho > 1.0)[0]
+    msg = None
+    if unstable.size:
+        msg = (f"linearisation unreliable above lr ≈ {max_lr:.3g} (first param group): "
+               f"{unstable.size} of {lrs.shape[0]} steps exceed the stability limit of the linearised "
+               f"dynamics (peak ρ = {rho[peak]:.2f} at step {peak}); the predicted curve diverges there")
+    return {
+        "lambda_max": lam_plain,
+        "loss_curvature": h,
+        "rho_max": float(rho.max()) if rho.size else 0.0,
+        "max_stable_lr": max_lr,
+        "unstable_steps": int(unstable.size),
+        "first_unstable_step": int(unstable[0]) if unstable.size else None,
+        "message": msg,
+    }

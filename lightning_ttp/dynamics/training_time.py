@@ -1,0 +1,73 @@
+"""ε-training-time and threshold times on loss / error curves.
+
+Definition (DESIGN.md, the paper's Section 5 / Algorithm 1): for a curve L_0..L_T,
+
+    T_ε = min { t : |L_s − L_T| ≤ ε (L_0 − L_T)  for every s ≥ t }
+
+i.e. the first step after which the curve *stays* within ε of its total decrease from its
+final value. Conventions: a constant curve has T_ε = 0; a curve that did not decrease
+(L_T ≥ L_0 while not constant) or contains non-finite values never converged → ``None``.
+
+Real curves are smoothed the same way every time before measuring: a centred moving
+average of odd width ``window`` (``scipy.ndimage.uniform_filter1d``, ``mode="nearest"``),
+``window=1`` meaning no smoothing. The benchmark measures the real training loss on the
+whole training set at every step (no smoothing needed); for mini-batch losses we
+recommend ``window`` ≈ steps per epoch (odd).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.ndimage import uniform_filter1d
+
+__all__ = ["smooth_curve", "epsilon_training_time", "first_step_at_or_below", "first_step_at_or_above"]
+
+
+def smooth_curve(values, window: int = 1) -> np.ndarray:
+    """Centred moving average of odd width ``window`` (edges: nearest value padding)."""
+    v = np.asarray(values, dtype=float)
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if window == 1 or v.size < 2:
+        return v.copy()
+    window = window if window % 2 == 1 else window + 1
+    return uniform_filter1d(v, size=window, mode="nearest")
+
+
+def _check_eps(eps: float) -> float:
+    eps = float(eps)
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"eps must be a relative tolerance in (0, 1) (e.g. 0.1 for 10 %), got {eps}")
+    return eps
+
+
+def epsilon_training_time(curve, eps: float, *, window: int = 1) -> int | None:
+    """T_ε of ``curve`` (after optional smoothing); ``None`` if the curve never converged."""
+    eps = _check_eps(eps)
+    c = smooth_curve(curve, window)
+    if c.size == 0:
+        raise ValueError("empty curve")
+    if not np.all(np.isfinite(c)):
+        return None
+    final = c[-1]
+    dev = np.abs(c - final)
+    drop = c[0] - final
+    scale = max(1.0, abs(final), abs(c[0]))
+    if drop <= 1e-12 * scale:
+        return 0 if dev.max() <= 1e-12 * scale else None
+    bad = np.nonzero(dev > eps * drop)[0]
+    return 0 if bad.size == 0 else int(bad[-1] + 1)
+
+
+def first_step_at_or_below(curve, value: float) -> int | None:
+    """First t with curve[t] ≤ value, ``None`` if never within the curve."""
+    c = np.asarray(curve, dtype=float)
+    hit = np.nonzero(c <= value)[0]
+    return int(hit[0]) if hit.size else None
+
+
+def first_step_at_or_above(curve, value: float) -> int | None:
+    """First t with curve[t] ≥ value, ``None`` if never within the curve."""
+    c = np.asarray(curve, dtype=float)
+    hit = np.nonzero(c >= value)[0]
+    return int(hit[0]) if hit.size else None
