@@ -11,7 +11,9 @@
    for k ≥ k0, fixed by p̂_{k0} = p'_{k0} and Σ_k p̂_k = ‖δy‖² (normalised: the initial loss
    L_0 on the N samples, known from labels and initial predictions, or estimated by the
    subset's L_0). b is found with ``scipy.optimize.brentq``. Since p'_k is noisy, the
-   anchor p'_{k0} is the geometric-window mean of p'_k over [k0/√2, k0·√2] (a choice of ours).
+   anchor p'_{k0} is the geometric-window mean of p'_k over [k0/√2, k0·√2] (a choice of ours);
+   b is restricted to b ≥ 0 — when even a flat tail at the anchor cannot carry the missing
+   mass, the tail is flat at the level that meets the sum.
 
 3. The loss curve is then eq. (5) on (λ̂, p̂): :func:`closed_form.mse_curve_from_spectrum`.
 """
@@ -88,11 +90,13 @@ def extrapolate_spectrum(eigvals0, proj0, n0: int, n: int, *, alpha: float = 0.1
         def excess(b):
             return anchor * np.sum((kt / k0) ** (-b)) - rem
 
-        lo_b, hi_b = -5.0, 60.0
-        if excess(lo_b) < 0:  # even a growing tail is not enough: take the flattest allowed
-            b = lo_b
+        if excess(0.0) < 0:
+            # Even a flat tail at the anchor is too small: keep it flat (b = 0) at the level that
+            # meets the sum (a growing tail would be unphysical).
+            b = 0.0
+            tail = np.full_like(kt, rem / kt.size)
         else:
-            b = brentq(excess, lo_b, hi_b)
-        tail = anchor * (kt / k0) ** (-b)
+            b = brentq(excess, 0.0, 60.0)
+            tail = anchor * (kt / k0) ** (-b)
     proj = np.concatenate([head, tail])
     return lam, proj, law

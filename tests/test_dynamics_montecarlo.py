@@ -1,0 +1,98 @@
+"""Monte Carlo mini-batch SGD in function space vs real torch SGD runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, jacrev
+
+from lightning_ttp.dynamics import BatchSampler, OptimizerSpec, get_loss, simulate_minibatch, summarize_paths
+
+N, D, C, B = 48, 8, 3, 8
+
+
+def setup(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=g)
+    torch.manual_seed(3)
+    model = torch.nn.Linear(D, C).double()
+    base = {k: v.detach() for k, v in model.named_parameters()}
+    jac = jacrev(lambda p: functional_call(model, p, (x,)))(base)
+    J = torch.cat([j.reshape(N * C, -1) for j in jac.values()], 1)
+    return model, x, y, model(x).detach(), J @ J.T
+
+
+def real_sgd(model, x, y, steps, *, lr, momentum, seed, shuffle=True, drop_last=False):
+    """Real mini-batch SGD as a DataLoader would feed it; loss on the whole training set per step."""
+    m = torch.nn.Linear(D, C).double()
+    m.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=B, shuffle=shuffle,
+                                         drop_last=drop_last, generator=torch.Generator().manual_seed(seed))
+    out = []
+    while len(out) < steps:
+        for xb, yb in loader:
+            with torch.no_grad():
+                out.append(F.cross_entropy(m(x), y).item())
+            if len(out) > steps:
+                break
+            opt.zero_grad()
+            F.cross_entropy(m(xb), yb).backward()
+            opt.step()
+        if len(out) > steps:
+            break
+    while len(out) <= steps:
+        with torch.no_grad():
+            out.append(F.cross_entropy(m(x), y).item())
+    return np.array(out[: steps + 1])
+
+
+def test_sequential_batches_are_exact():
+    # shuffle=False: every path sees the loader's fixed batches -> exact step-by-step agreement,
+    # momentum included.
+    model, x, y, f0, gram = setup()
+    spec = OptimizerSpec.sgd(0.5, momentum=0.9)
+    T = 20
+    sim = simulate_minibatch(f0, y, [gram], get_loss("cross_entropy"), spec, spec.constant_schedule(T),
+                             batch_size=B, shuffle=False, num_paths=1)
+    real = real_sgd(model, x, y, T, lr=0.5, momentum=0.9, seed=0, shuffle=False)
+    np.testing.assert_allclose(sim.loss[0], real, rtol=1e-6)
+
+
+def test_short_last_batch_and_drop_last():
+    s = BatchSampler(10, 4, 2, drop_last=False, seed=0)
+    assert s.sizes == [4, 4, 2] and s.steps_per_epoch == 3
+    w = torch.stack([s.weights(t) for t in range(3)])  # one epoch: a partition of the 10 samples
+    np.testing.assert_allclose((w > 0).sum(0).numpy(), 1)
+    np.testing.assert_allclose(w[2][w[2] > 0].numpy(), 0.5)
+    assert BatchSampler(10, 4, 1, drop_last=True).sizes == [4, 4]
+
+
+def test_subset_mapping_matches_gradient_noise_of_full_dataset():
+    # N0 = 20 kernel samples standing for N = 200: weights unbiased, noise variance = fpc * var / |B|.
+    n0, n, b = 20, 200, 16
+    s = BatchSampler(n0, b, 4000, n_total=n, seed=0)
+    w = s.weights(0).numpy()  # (paths, n0)
+    a = np.random.default_rng(1).normal(size=n0)
+    est = w @ a
+    np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-12)
+    assert abs(est.mean() - a.mean()) < 4 * est.std() / np.sqrt(len(est))
+    expected_var = a.var() / b * (n - b) / (n - 1)
+    assert abs(est.var() / expected_var - 1) < 0.1
+
+
+def test_mean_of_real_sgd_runs_lies_in_predicted_band():
+    model, x, y, f0, gram = setup()
+    T, lr, mom = 60, 0.5, 0.5
+    spec = OptimizerSpec.sgd(lr, momentum=mom)
+    sim = simulate_minibatch(f0, y, [gram], get_loss("cross_entropy"), spec, spec.constant_schedule(T),
+                             batch_size=B, num_paths=24, seed=0)
+    mean, (lo, hi) = summarize_paths(sim.loss)
+    runs = np.stack([real_sgd(model, x, y, T, lr=lr, momentum=mom, seed=100 + s) for s in range(6)])
+    real_mean = runs.mean(0)
+    inside = (real_mean >= lo - 1e-12) & (real_mean <= hi + 1e-12)
+    assert inside.mean() >= 0.9, inside.mean()
+    assert np.mean(hi - lo) > 1e-4  # a real band, not a line
+    assert real_mean[-1] < 0.9 * real_mean[0]
