@@ -47,6 +47,21 @@ def _fmt_steps(value: int | None) -> str:
     return "never" if value is None else str(value)
 
 
+def _builtin(obj: Any) -> Any:
+    """Plain python containers/scalars only, so a checkpoint loads with ``weights_only=True``."""
+    if isinstance(obj, Mapping):
+        return {str(k) if not isinstance(k, (int, float, str)) else k: _builtin(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_builtin(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().tolist()
+    return obj
+
+
 def format_duration(seconds: float | None) -> str:
     """``h:mm:ss`` / ``m:ss`` (``"?"`` when unknown)."""
     if seconds is None or not math.isfinite(seconds):
@@ -177,6 +192,8 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         self.strict = strict
 
         self._prediction: Any = None
+        #: (steps, param groups) learning rates the prediction assumed (set at fit start)
+        self.lr_schedule: np.ndarray | None = None
         self._refinement: Refinement | None = None
         self._plan: dict[str, Any] | None = None
         self._what_if_table: list[dict[str, Any]] = []
@@ -352,6 +369,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             # every rank loads its DataLoader (Lightning may synchronise there) and reads the plan
             loader = train_dataloader(trainer)
             plan = collect_plan(trainer, loader, self.steps)
+            self.lr_schedule = plan.lr_schedule
         except Exception as exc:  # noqa: BLE001 - failure policy: warn and continue
             loader, plan, error = None, None, exc
         if trainer.is_global_zero and error is None:
@@ -427,7 +445,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         self._flush()
-        return {
+        return _builtin({
             "prediction": None if self._prediction is None else self._prediction.to_dict(),
             "refinement": None if self._refinement is None else self._refinement.to_dict(),
             "plan": self._plan,
@@ -435,7 +453,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             "cost_seconds": self._cost_seconds,
             "observed_losses": list(self.observed_losses),
             "epsilons": list(self.epsilons),
-        }
+        })
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         from ._engine import prediction_from_dict

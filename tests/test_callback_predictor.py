@@ -1,0 +1,403 @@
+"""TrainingTimePredictor with a real Trainer on CPU (both Lightning namespaces)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import glob
+import json
+import os
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+import lightning_ttp
+from lightning_ttp.callbacks import TrainingTimePredictor, _engine
+from lightning_ttp.callbacks._trainer_state import unsupported_strategy
+
+NAMESPACES = ["pytorch_lightning", "lightning.pytorch"]
+
+
+def _ns(name: str):
+    import importlib
+
+    return importlib.import_module(name)
+
+
+def _data(n: int = 64, d: int = 6, c: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(d, c, generator=g)
+    y = (x @ w + 0.3 * torch.randn(n, c, generator=g)).argmax(1)
+    return x, y
+
+
+def _module(ns: str, *, lr: float = 0.3, momentum: float = 0.0, dropout: float = 0.0, scheduler=None,
+            dict_batch: bool = False):
+    pl = _ns(ns)
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 3))
+            self.seen_lrs: list[float] = []
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = (batch["features"], batch["label"]) if dict_batch else batch
+            self.seen_lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+            return nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=lr, momentum=momentum)
+            if scheduler is None:
+                return opt
+            sched, interval = scheduler
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched(opt), "interval": interval}}
+
+    return Net()
+
+
+def _trainer(ns: str, tmp_path, **kwargs):
+    pl = _ns(ns)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def _quiet_predictor(**kwargs) -> TrainingTimePredictor:
+    kwargs.setdefault("verbose", False)
+    kwargs.setdefault("plot", False)
+    return TrainingTimePredictor(**kwargs)
+
+
+# ----------------------------------------------------------------------------- constructor
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"epsilons": (0.0,)}, "epsilons"),
+        ({"epsilons": ()}, "epsilons"),
+        ({"num_samples": 1}, "num_samples"),
+        ({"steps": 0}, "steps"),
+        ({"projection_dim": 0}, "projection_dim"),
+        ({"num_paths": 0}, "num_paths"),
+        ({"what_if": {"learning_rate": [0.1]}}, "what_if key"),
+        ({"what_if": {"lr": []}}, "empty"),
+        ({"what_if": {"momentum": [1.5]}}, "momentum"),
+        ({"refine_every": 0}, "refine_every"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+    ],
+)
+def test_constructor_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainingTimePredictor(**kwargs)
+    with pytest.raises(TypeError, match="output_fn"):
+        TrainingTimePredictor(output_fn=3)
+
+
+def test_isinstance_of_both_namespaces_and_unique_state_key():
+    cb = TrainingTimePredictor()
+    for ns in NAMESPACES:
+        assert isinstance(cb, _ns(ns).Callback)
+    assert cb.prediction is None
+    assert cb.state_key != TrainingTimePredictor(seed=1).state_key
+    assert "TrainingTimePredictor" in cb.state_key
+
+
+def test_fsdp_and_deepspeed_are_refused_with_a_reason():
+    class FSDPStrategy:
+        pass
+
+    class DeepSpeedStrategy:
+        pass
+
+    class DDPStrategy:
+        pass
+
+    class FakeTrainer:
+        def __init__(self, strategy):
+            self.strategy = strategy
+
+    assert "shards" in unsupported_strategy(FakeTrainer(FSDPStrategy()))
+    assert "shards" in unsupported_strategy(FakeTrainer(DeepSpeedStrategy()))
+    assert unsupported_strategy(FakeTrainer(DDPStrategy())) is None
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _read_csv(log_dir: str) -> list[dict[str, str]]:
+    (path,) = glob.glob(os.path.join(log_dir, "**", "metrics.csv"), recursive=True)
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_end_to_end_matches_predict_training_time_and_logs_the_curve(ns, tmp_path):
+    pl = _ns(ns)
+    x, y = _data()
+    module = _module(ns)
+    initial = copy.deepcopy(module.net)
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)  # full batch: the GD prediction
+    cb = _quiet_predictor(num_samples=64, plot=True)
+    trainer = _trainer(ns, tmp_path, max_steps=30, callbacks=[cb], logger=pl.loggers.CSVLogger(str(tmp_path)))
+    trainer.fit(module, loader)
+
+    pred = cb.prediction
+    assert pred is not None
+    assert len(pred.loss) == 31 and cb.planned_steps == 30
+    # the callback's prediction is the engine's prediction for the same model, data, optimiser
+    reference = lightning_ttp.predict_training_time(
+        initial, (x, y), torch.optim.SGD(initial.parameters(), lr=0.3), 30, loss="cross_entropy"
+    )
+    np.testing.assert_allclose(pred.loss, reference.loss, rtol=1e-4)
+    # the prediction is a prediction of *this* run: starts at the real initial loss
+    assert pred.loss[0] == pytest.approx(cb.observed_losses[0], rel=1e-4)
+
+    rows = _read_csv(str(tmp_path))
+    curve = {int(r["step"]): float(r["ttp/predicted_loss"]) for r in rows if r.get("ttp/predicted_loss")}
+    assert sorted(curve) == list(range(31))
+    np.testing.assert_allclose([curve[s] for s in range(31)], pred.loss, rtol=1e-6)
+    assert any(r.get("ttp/predicted_error") for r in rows)
+    assert any(r.get("ttp/steps_to_converge_eps0.1") for r in rows) or trainer.log_every_n_steps > 30
+    assert os.path.exists(cb.plot_path)
+    assert cb.real_training_time(0.1) is not None
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_prediction_leaves_training_bit_identical(ns, tmp_path):
+    """Model weights/mode, RNG streams (dropout, shuffling) and optimiser: unchanged."""
+    x, y = _data()
+
+    def run(with_predictor: bool):
+        pl = _ns(ns)
+        pl.seed_everything(3, verbose=False)
+        module = _module(ns, dropout=0.2, momentum=0.9)
+        module.net[2].eval()  # a submodule in eval mode must stay so
+        loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+        cbs = [_quiet_predictor(num_samples=32)] if with_predictor else []
+        trainer = _trainer(ns, tmp_path, max_steps=8, callbacks=cbs)
+        trainer.fit(module, loader)
+        return module, (torch.rand(1).item(), np.random.rand(), random.random()), cbs  # noqa: NPY002
+
+    plain, rng_plain, _ = run(False)
+    with_cb, rng_cb, cbs = run(True)
+    assert cbs[0].prediction is not None
+    for a, b in zip(plain.parameters(), with_cb.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert rng_plain == rng_cb
+    assert not with_cb.net[2].training
+
+
+def test_resume_restores_without_recompute(tmp_path, monkeypatch):
+    ns = "pytorch_lightning"
+    pl = _ns(ns)
+    x, y = _data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+    cb = _quiet_predictor(num_samples=32)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path), save_last=True)
+    trainer = _trainer(ns, tmp_path, max_steps=8, callbacks=[cb, ckpt], enable_checkpointing=True)
+    trainer.fit(_module(ns), loader)
+    first = cb.prediction.to_dict()
+
+    calls = []
+    real_predict = _engine.predict
+    monkeypatch.setattr(_engine, "predict", lambda *a, **k: calls.append(1) or real_predict(*a, **k))
+    resumed = _quiet_predictor(num_samples=32)
+    trainer = _trainer(ns, tmp_path, max_steps=16, callbacks=[resumed], enable_checkpointing=True)
+    trainer.fit(_module(ns), loader, ckpt_path=os.path.join(str(tmp_path), "last.ckpt"))
+    assert calls == []
+    assert json.dumps(resumed.prediction.to_dict(), sort_keys=True) == json.dumps(first, sort_keys=True)
+    assert len(resumed.observed_losses) == 16  # 8 restored + 8 observed after the resume
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_gradient_accumulation_means_a_larger_batch(ns, tmp_path):
+    x, y = _data(n=64)
+
+    def predict(batch_size: int, accumulate: int):
+        cb = _quiet_predictor(num_samples=64, refine=False)
+        loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
+        trainer = _trainer(ns, tmp_path, max_steps=6, accumulate_grad_batches=accumulate, callbacks=[cb])
+        trainer.fit(_module(ns), loader)
+        return cb
+
+    accumulated = predict(8, 2)
+    large = predict(16, 1)
+    small = predict(8, 1)
+    assert accumulated.plan["effective_batch_size"] == 16 == large.plan["effective_batch_size"]
+    np.testing.assert_allclose(accumulated.prediction.loss, large.prediction.loss, rtol=1e-10)
+    assert not np.allclose(accumulated.prediction.loss, small.prediction.loss)
+    # the observed loss of an accumulated step is the mean over its micro-batches, not 1/k of it
+    assert accumulated.observed_losses[0] == pytest.approx(accumulated.prediction.loss[0], rel=0.5)
+
+
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+def test_lr_scheduler_is_followed_exactly(interval, tmp_path):
+    ns = "lightning.pytorch"
+    x, y = _data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)  # 4 steps per epoch
+    step_size = 3 if interval == "step" else 1
+
+    def sched(opt):
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=0.1)
+
+    module = _module(ns, scheduler=(sched, interval))
+    cb = _quiet_predictor(num_samples=64, refine=False)
+    trainer = _trainer(ns, tmp_path, max_steps=10, callbacks=[cb])
+    trainer.fit(module, loader)
+    # the per-step learning rates the prediction used are the ones Lightning really applied
+    assert len(module.seen_lrs) == 10
+    np.testing.assert_allclose(cb.lr_schedule[:, 0], module.seen_lrs, rtol=1e-12)
+    assert len(set(module.seen_lrs)) > 1
+    # the user's scheduler and optimiser were not stepped by the prediction
+    assert module.trainer.lr_scheduler_configs[0].scheduler.last_epoch == (10 if interval == "step" else 2)
+    # a decaying schedule slows the predicted decrease compared with a constant lr
+    constant = _quiet_predictor(num_samples=64, refine=False)
+    _trainer(ns, tmp_path, max_steps=10, callbacks=[constant]).fit(_module(ns), loader)
+    assert cb.prediction.loss[-1] > constant.prediction.loss[-1]
+
+
+# ----------------------------------------------------------------------------- data shapes
+
+
+class _Stream(IterableDataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        yield from zip(self.x, self.y)
+
+
+def test_iterable_dataset_without_validation(tmp_path):
+    ns = "pytorch_lightning"
+    x, y = _data()
+    loader = DataLoader(_Stream(x, y), batch_size=16)
+    cb = _quiet_predictor(num_samples=40)
+    trainer = _trainer(ns, tmp_path, max_steps=12, callbacks=[cb], limit_val_batches=0)
+    trainer.fit(_module(ns), loader)
+    assert cb.prediction is not None and cb.plan["iterable"] and cb.plan["num_samples"] == 40
+    assert cb.planned_steps == 12
+
+
+def test_dict_batch_with_output_fn(tmp_path):
+    ns = "lightning.pytorch"
+    x, y = _data()
+    dicts = [{"features": a, "label": b} for a, b in zip(x, y)]
+    loader = DataLoader(dicts, batch_size=16)
+    cb = _quiet_predictor(
+        num_samples=32,
+        output_fn=lambda module, batch: module(batch["features"]),
+        target_fn=lambda batch: batch["label"],
+    )
+    trainer = _trainer(ns, tmp_path, max_steps=6, callbacks=[cb])
+    trainer.fit(_module(ns, dict_batch=True), loader)
+    assert cb.prediction is not None and cb.plan["num_samples"] == 32
+
+
+def test_dict_batch_without_output_fn_names_the_options(tmp_path):
+    ns = "lightning.pytorch"
+    x, y = _data()
+    loader = DataLoader([{"features": a, "label": b} for a, b in zip(x, y)], batch_size=16)
+    trainer = _trainer(ns, tmp_path, max_steps=2, callbacks=[_quiet_predictor(strict=True)])
+    with pytest.raises(TypeError, match="output_fn=.*target_fn"):
+        trainer.fit(_module(ns, dict_batch=True), loader)
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_failing_output_fn_warns_once_and_training_completes(ns, tmp_path):
+    x, y = _data()
+
+    def broken(module, batch):
+        raise RuntimeError("deliberately broken output_fn")
+
+    cb = _quiet_predictor(output_fn=broken)
+    trainer = _trainer(ns, tmp_path, max_steps=5, callbacks=[cb])
+    with pytest.warns(UserWarning, match="deliberately broken output_fn") as record:
+        trainer.fit(_module(ns), DataLoader(TensorDataset(x, y), batch_size=16))
+    assert trainer.global_step == 5
+    assert cb.prediction is None and cb.status_text(3) is None
+    assert sum("lightning_ttp" in str(w.message) for w in record) == 1
+
+
+def test_strict_raises(tmp_path):
+    x, y = _data()
+    cb = _quiet_predictor(output_fn=lambda m, b: (_ for _ in ()).throw(ValueError("nope")), strict=True)
+    trainer = _trainer("pytorch_lightning", tmp_path, max_steps=2, callbacks=[cb])
+    with pytest.raises(ValueError, match="nope"):
+        trainer.fit(_module("pytorch_lightning"), DataLoader(TensorDataset(x, y), batch_size=16))
+
+
+def test_what_if_reuses_the_kernel(tmp_path):
+    x, y = _data()
+    cb = _quiet_predictor(num_samples=64, what_if={"lr": [0.03, 3.0], "momentum": [0.9], "batch_size": [64]})
+    trainer = _trainer("pytorch_lightning", tmp_path, max_steps=20, callbacks=[cb])
+    trainer.fit(_module("pytorch_lightning"), DataLoader(TensorDataset(x, y), batch_size=16))
+    rows = {r["setting"]: r for r in cb.what_if_table}
+    assert set(rows) == {"lr=0.03", "lr=3", "momentum=0.9", "batch_size=64"}
+    # a 10x smaller learning rate converges later (or never within the run)
+    slow = rows["lr=0.03"]["final_loss"]
+    assert slow > cb.prediction.loss[-1]
+    assert "what-if" in cb.what_if_text()
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+class _RecordingPredictor(TrainingTimePredictor):
+    """Writes each rank's prediction to a file (ddp_spawn runs the fit in child processes)."""
+
+    def __init__(self, out_dir: str, **kwargs):
+        super().__init__(**kwargs)
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.json")
+        with open(path, "w") as fh:
+            json.dump(None if self.prediction is None else self.prediction.to_dict(), fh)
+
+
+def test_ddp_spawn_two_processes_identical_predictions(tmp_path):
+    ns = "pytorch_lightning"
+    pl = _ns(ns)
+    x, y = _data()
+    cb = _RecordingPredictor(str(tmp_path), num_samples=32, verbose=False, plot=False)
+    trainer = _trainer(
+        ns,
+        tmp_path,
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=4,
+        callbacks=[cb],
+        logger=pl.loggers.CSVLogger(str(tmp_path)),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(_module(ns), DataLoader(TensorDataset(x, y), batch_size=8))
+    with open(tmp_path / "rank0.json") as fh:
+        rank0 = json.load(fh)
+    with open(tmp_path / "rank1.json") as fh:
+        rank1 = json.load(fh)
+    assert rank0 is not None and rank0 == rank1
+    rows = _read_csv(str(tmp_path))
+    logged = [r for r in rows if r.get("ttp/predicted_loss")]
+    assert len(logged) == 5  # steps 0..4, written once (rank zero), not once per rank
