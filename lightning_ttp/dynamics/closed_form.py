@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .discrete import SimulationResult, _check_schedule, kernel_kind
+from .discrete import SimulationResult, _check_schedule, _single_threaded, kernel_kind
 from .losses import MSE
 from .optim_spec import OptimizerSpec
 
@@ -84,6 +84,7 @@ def mse_curve_from_spectrum(eigvals, proj, lr_steps, num_outputs: int, *, discre
     return decay @ np.asarray(proj, dtype=float)
 
 
+@_single_threaded
 def simulate_mse_closed_form(f0, targets, grams, spec: OptimizerSpec, lr_schedule, *, discrete: bool = False,
                              use_elr: bool = True) -> SimulationResult:
     """Eq. (4)–(5) on Θ_eff = Σ_g (η̃_g/η̃_ref) Θ_g; returns loss and (one-hot targets) error."""

@@ -33,6 +33,8 @@ A leading "path" dimension P lets Monte Carlo simulate many batch sequences at o
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,7 +45,31 @@ import torch
 from .losses import Loss
 from .optim_spec import OptimizerSpec
 
-__all__ = ["SimulationResult", "simulate_discrete", "apply_kernel", "kernel_kind"]
+__all__ = ["SimulationResult", "simulate_discrete", "apply_kernel", "kernel_kind", "single_thread"]
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run torch on one intra-op thread (restored afterwards).
+
+    The simulators do thousands of tiny tensor ops; with several intra-op threads on a busy
+    machine each op can cost milliseconds of thread synchronisation instead of microseconds.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _single_threaded(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with single_thread():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -88,6 +114,7 @@ def _check_schedule(lr_schedule: np.ndarray | Sequence, spec: OptimizerSpec) -> 
     return lrs
 
 
+@_single_threaded
 def simulate_discrete(
     f0: torch.Tensor,
     targets: torch.Tensor,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
-from .discrete import SimulationResult, _check_schedule, apply_kernel, kernel_kind
+from .discrete import SimulationResult, _check_schedule, _single_threaded, apply_kernel, kernel_kind
 from .losses import Loss
 from .optim_spec import OptimizerSpec
 
@@ -89,6 +89,7 @@ def _segments(lrs: np.ndarray):
             start = t
 
 
+@_single_threaded
 def simulate_ode(f0, targets, grams: Sequence[torch.Tensor], loss: Loss, spec: OptimizerSpec,
                  lr_schedule, *, jvp_w0=None, use_elr: bool = True, rtol: float = 1e-7,
                  atol: float = 1e-10) -> SimulationResult:

@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from .discrete import SimulationResult, _check_schedule
+from .discrete import SimulationResult, _check_schedule, _single_threaded
 from .losses import Loss
 from .ode import FunctionSpaceDrift
 from .optim_spec import OptimizerSpec
@@ -48,6 +48,7 @@ def _noise_images(drift: FunctionSpaceDrift, f: torch.Tensor) -> list[torch.Tens
     return out
 
 
+@_single_threaded
 def simulate_sde(f0, targets, grams, loss: Loss, spec: OptimizerSpec, lr_schedule, *, batch_size: int,
                  n_total: int | None = None, num_paths: int = 8, seed: int = 0, noise: str = "rescaled",
                  substeps: int = 1, jvp_w0=None) -> SimulationResult:

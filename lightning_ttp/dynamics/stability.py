@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from .discrete import _check_schedule
+from .discrete import _check_schedule, _single_threaded
 from .losses import Loss
 from .optim_spec import GroupSpec, OptimizerSpec
 
@@ -56,6 +56,7 @@ def lambda_max(grams, weights, n: int, c: int) -> float:
     return float(eigsh(op, k=1, which="LA", return_eigenvectors=False, tol=1e-4)[0])
 
 
+@_single_threaded
 def stability_report(f0, targets, grams, loss: Loss, spec: OptimizerSpec, lr_schedule) -> dict:
     """ρ_t per step, max stable lr, the unstable steps and a human-readable message."""
     lrs = _check_schedule(lr_schedule, spec)
