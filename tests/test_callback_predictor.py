@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 import pytest
+import pytorch_lightning
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
@@ -363,6 +364,25 @@ def test_what_if_reuses_the_kernel(tmp_path):
 # ----------------------------------------------------------------------------- distributed
 
 
+class _DDPNet(pytorch_lightning.LightningModule):
+    """Module level: ddp_spawn pickles the module into the worker processes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.3)
+
+
 class _RecordingPredictor(TrainingTimePredictor):
     """Writes each rank's prediction to a file (ddp_spawn runs the fit in child processes)."""
 
@@ -392,7 +412,7 @@ def test_ddp_spawn_two_processes_identical_predictions(tmp_path):
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(_module(ns), DataLoader(TensorDataset(x, y), batch_size=8))
+        trainer.fit(_DDPNet(), DataLoader(TensorDataset(x, y), batch_size=8))
     with open(tmp_path / "rank0.json") as fh:
         rank0 = json.load(fh)
     with open(tmp_path / "rank1.json") as fh:

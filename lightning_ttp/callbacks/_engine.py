@@ -48,7 +48,8 @@ def predict(
     what_if: Mapping[str, Sequence[float]],
     epsilons: Sequence[float],
 ) -> EngineResult:
-    """Estimate the kernel once, simulate the planned run and the what-if variants."""
+    """Estimate the kernel once (:func:`lightning_ttp.api.estimate_kernel`), simulate the
+    planned run and every what-if variant on it (:func:`lightning_ttp.api.simulate`)."""
     from ..api import estimate_kernel, simulate
     from ..dynamics import OptimizerSpec
 
@@ -57,14 +58,15 @@ def predict(
         model,
         inputs,
         targets,
+        spec,
         loss=loss,
-        optimizer=optimizer,
         output_fn=output_fn,
         projection_dim=projection_dim,
         seed=seed,
+        batch_size=plan.effective_batch_size,
     )
     common = dict(method=method, num_paths=num_paths, seed=seed, dataset_size=plan.dataset_size,
-                  drop_last=plan.drop_last)
+                  drop_last=plan.drop_last, shuffle=plan.shuffle)
     prediction = simulate(kernel, spec, plan.steps, plan.effective_batch_size, lr_schedule=plan.lr_schedule,
                           **common)
     rows: list[dict[str, Any]] = []

@@ -323,6 +323,7 @@ class TrainingPlan:
         lr_schedule: ``(steps, num_groups)`` learning rates per step.
         drop_last: whether the loader drops the last incomplete batch.
         iterable: the data is an ``IterableDataset``.
+        shuffle: the loader reshuffles every epoch (random or distributed-shuffled sampler).
         notes: things the prediction had to assume.
     """
 
@@ -336,6 +337,7 @@ class TrainingPlan:
     lr_schedule: np.ndarray
     drop_last: bool
     iterable: bool
+    shuffle: bool = True
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
@@ -349,7 +351,17 @@ class TrainingPlan:
             "steps_per_epoch": self.steps_per_epoch,
             "drop_last": self.drop_last,
             "iterable": self.iterable,
+            "shuffle": self.shuffle,
         }
+
+
+def _shuffles(loader: DataLoader) -> bool:
+    if isinstance(loader.dataset, IterableDataset):
+        return False
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, torch.utils.data.SequentialSampler):
+        return False
+    return bool(getattr(sampler, "shuffle", True))
 
 
 def collect_plan(trainer: Any, loader: DataLoader, steps_override: int | None = None) -> TrainingPlan:
@@ -404,5 +416,6 @@ def collect_plan(trainer: Any, loader: DataLoader, steps_override: int | None = 
         lr_schedule=lr_schedule,
         drop_last=bool(getattr(loader, "drop_last", False)),
         iterable=iterable,
+        shuffle=_shuffles(loader),
         notes=notes,
     )
