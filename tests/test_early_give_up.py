@@ -1,0 +1,286 @@
+"""EarlyGiveUp in real Trainers of both Lightning namespaces (small digits MLPs, CPU)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_ttp.callbacks import EarlyGiveUp
+from lightning_ttp.spectral import SpectralConfig
+
+NAMESPACES = ["pytorch_lightning", "lightning.pytorch"]
+
+
+def _data(n_train: int = 480, n_val: int = 160):
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    y = torch.tensor(y, dtype=torch.long)
+    return (x[:n_train], y[:n_train]), (x[n_train : n_train + n_val], y[n_train : n_train + n_val])
+
+
+TRAIN, VAL = _data()
+
+
+def _module_class(ns: str) -> type:
+    pl = importlib.import_module(ns)
+
+    class MLP(pl.LightningModule):
+        def __init__(self, init: str = "healthy") -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10))
+            with torch.no_grad():
+                if init == "dead":  # every first-layer unit is negative on every input: no gradient flows
+                    self.net[0].weight.mul_(0.01)
+                    self.net[0].bias.fill_(-10.0)
+                elif init == "nan":
+                    self.net[0].weight.fill_(float("nan"))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            out = self(batch[0])
+            self.log("val_acc", (out.argmax(1) == batch[1]).float().mean())
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+    # module-level name so that ddp_spawn can pickle it
+    MLP.__name__ = MLP.__qualname__ = "MLP_" + ns.replace(".", "_")
+    return MLP
+
+
+MLP_pytorch_lightning = _module_class("pytorch_lightning")
+MLP_lightning_pytorch = _module_class("lightning.pytorch")
+
+
+def make_module(ns: str, init: str = "healthy"):
+    cls = MLP_pytorch_lightning if ns == "pytorch_lightning" else MLP_lightning_pytorch
+    return cls(init)
+
+
+def loaders(val: bool = True, val_x: torch.Tensor | None = None):
+    g = torch.Generator().manual_seed(0)
+    train = DataLoader(TensorDataset(*TRAIN), batch_size=32, shuffle=True, generator=g)
+    if not val:
+        return train, None
+    vx = VAL[0] if val_x is None else val_x
+    return train, DataLoader(TensorDataset(vx, VAL[1]), batch_size=64)
+
+
+def trainer(ns: str, callbacks, max_epochs: int, **kw):
+    pl = importlib.import_module(ns)
+    opts = dict(
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    opts.update(kw)
+    return pl.Trainer(**opts)
+
+
+def fit(ns: str, cb: EarlyGiveUp, init: str = "healthy", max_epochs: int = 7, val: bool = True, **kw):
+    torch.manual_seed(0)
+    model = make_module(ns, init)
+    t = trainer(ns, [cb], max_epochs, **kw)
+    train, vl = loaders(val)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*log_every_n_steps.*")
+        t.fit(model, train, vl)
+    return t, model
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_dead_init_is_stopped_at_the_checkpoint_and_healthy_is_not(ns, caplog):
+    cb = EarlyGiveUp(checkpoint_epoch=4)
+    with caplog.at_level(logging.INFO):
+        t, _ = fit(ns, cb, "dead", max_epochs=8)
+    assert cb.gave_up and cb.decision is not None and cb.decision.kind in ("dead", "saturated")
+    assert t.current_epoch == 4  # stopped after the 4th epoch, not at max_epochs=8
+    assert cb.reason and cb.reason in caplog.text
+    assert [h["epoch"] for h in cb.history] == [1, 2, 3, 4]
+    assert "give_up/s_F" in t.callback_metrics and "give_up/s_o" in t.callback_metrics
+
+    healthy = EarlyGiveUp(checkpoint_epoch=4)
+    t, _ = fit(ns, healthy, "healthy", max_epochs=6)
+    assert not healthy.gave_up and healthy.decision.kind == "continue"
+    assert t.current_epoch == 6 and len(healthy.history) == 6
+    # the healthy run's accuracy was computed by the callback and enters s_Fv
+    last = healthy.history[-1]
+    assert last["v_t"] > 0.7 and math.isfinite(last["s_Fv"])
+    assert float(t.callback_metrics["give_up/v_t"]) == pytest.approx(last["v_t"], abs=1e-6)
+
+
+def test_callback_is_an_instance_of_both_namespaces():
+    for ns in NAMESPACES:
+        assert isinstance(EarlyGiveUp(), importlib.import_module(ns).Callback)
+
+
+def test_warn_mode_only_logs_and_hook_fires(capsys):
+    seen = []
+    cb = EarlyGiveUp(checkpoint_epoch=3, mode="warn", on_give_up=lambda tr, m, d: seen.append(d.kind))
+    t, _ = fit("pytorch_lightning", cb, "dead", max_epochs=5)
+    assert cb.gave_up and seen == [cb.decision.kind]
+    assert t.current_epoch == 5  # not stopped
+
+
+def test_min_epochs_is_respected():
+    cb = EarlyGiveUp(checkpoint_epoch=2)
+    t, _ = fit("pytorch_lightning", cb, "dead", max_epochs=8, min_epochs=5)
+    assert cb.gave_up and t.current_epoch == 5
+
+
+def test_user_accuracy_metric_is_used():
+    cb = EarlyGiveUp(checkpoint_epoch=3, accuracy_metric="val_acc")
+    t, _ = fit("lightning.pytorch", cb, "healthy", max_epochs=3)
+    assert cb.history[-1]["v_t"] == pytest.approx(float(t.callback_metrics["val_acc"]), abs=1e-6)
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_resume_keeps_history(ns, tmp_path):
+    pl = importlib.import_module(ns)
+    cfg = SpectralConfig(t0=3)
+    cb = EarlyGiveUp(checkpoint_epoch=50, config=cfg)
+    torch.manual_seed(0)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    t = trainer(ns, [cb, ckpt], 3, enable_checkpointing=True)
+    train, vl = loaders()
+    t.fit(make_module(ns), train, vl)
+    first = [dict(h) for h in cb.history]
+    assert len(first) == 3
+
+    resumed = EarlyGiveUp(checkpoint_epoch=50, config=cfg)
+    ckpt2 = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    t2 = trainer(ns, [resumed, ckpt2], 5, enable_checkpointing=True)
+    t2.fit(make_module(ns), *loaders(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5]
+    assert repr(resumed.history[:3]) == repr(first)  # NaN-aware equality
+    # the window of eq. (2)/(4) spans the resume: round 4 already sees 4 spectra (t0 + 1 = 4)
+    assert resumed.history[3]["rounds"] == 4
+    assert resumed.state_key == cb.state_key
+    assert EarlyGiveUp(checkpoint_epoch=5).state_key != EarlyGiveUp(checkpoint_epoch=6).state_key
+
+
+def test_nan_activations_do_not_crash():
+    cb = EarlyGiveUp(checkpoint_epoch=2)
+    t, _ = fit("pytorch_lightning", cb, "nan", max_epochs=4)
+    assert cb.gave_up and cb.decision.kind == "nonfinite"
+    assert t.current_epoch == 2
+
+
+def test_some_nan_validation_rows_are_dropped():
+    vx = VAL[0].clone()
+    vx[::5, 0] = float("nan")
+    cb = EarlyGiveUp(checkpoint_epoch=3, mode="warn")
+    torch.manual_seed(0)
+    t = trainer("pytorch_lightning", [cb], 3)
+    train, vl = loaders(val_x=vx)
+    t.fit(make_module("pytorch_lightning"), train, vl)
+    assert all(math.isfinite(h["s_o"]) for h in cb.history)
+    assert math.isfinite(cb.history[-1]["s_F"])
+
+
+def test_without_validation_loop_uses_training_subset():
+    cb = EarlyGiveUp(checkpoint_epoch=3, num_samples=100)
+    with pytest.warns(UserWarning, match="no validation loop"):
+        t, _ = fit("lightning.pytorch", cb, "dead", max_epochs=6, val=False, limit_val_batches=0)
+    assert len(cb.history) == 3 and cb.gave_up and t.current_epoch == 3
+
+
+def test_bad_layer_name_and_bad_arguments():
+    cb = EarlyGiveUp(layers=["net.0", "encoder.fc"])
+    with pytest.raises(ValueError, match=r"no module named \['encoder.fc'\].*net.1"):
+        fit("pytorch_lightning", cb, "healthy", max_epochs=1)
+    with pytest.raises(ValueError, match="pass 0.65, not 65"):
+        EarlyGiveUp(target_accuracy=65)
+    with pytest.raises(ValueError, match="'stop'"):
+        EarlyGiveUp(mode="kill")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="list of module names"):
+        EarlyGiveUp(layers="net.0")  # type: ignore[arg-type]
+
+
+def test_explicit_layers_are_monitored_post_activation_default():
+    cb = EarlyGiveUp(checkpoint_epoch=10)
+    fit("pytorch_lightning", cb, "healthy", max_epochs=1)
+    assert [n for n, _ in cb._modules] == ["net.1", "net.3"]  # the ReLUs after the hidden Linears
+    cb = EarlyGiveUp(checkpoint_epoch=10, layers=["net.2"])
+    fit("pytorch_lightning", cb, "healthy", max_epochs=1)
+    assert cb.history[-1]["layers"] == 1
+
+
+def test_optuna_trial_is_reported_and_pruned():
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def objective(trial):
+        cb = EarlyGiveUp(checkpoint_epoch=3, trial=trial)
+        fit("lightning.pytorch", cb, "dead", max_epochs=6)
+        return 0.0
+
+    study = optuna.create_study(direction="maximize")
+    study.optimize(objective, n_trials=1)
+    tr = study.trials[0]
+    assert tr.state == optuna.trial.TrialState.PRUNED
+    assert sorted(tr.intermediate_values) == [2, 3]  # rounds with a defined score
+
+
+# ---------------------------------------------------------------- DDP
+class _RecordingGiveUp(EarlyGiveUp):
+    def __init__(self, out_dir: str, **kw) -> None:
+        super().__init__(**kw)
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        rec = {
+            "rank": trainer.global_rank,
+            "epoch": trainer.current_epoch,
+            "gave_up": self.gave_up,
+            "kind": None if self.decision is None else self.decision.kind,
+        }
+        with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(rec, f)
+
+
+def test_ddp_spawn_stops_both_ranks_together(tmp_path):
+    """Rank 1's validation shard is all NaN (it gives up, 'nonfinite'); rank 0's is clean
+    (it would continue). Both must stop at the checkpoint."""
+    vx = VAL[0].clone()
+    vx[1::2] = float("nan")  # DistributedSampler(shuffle=False): rank 1 gets the odd indices
+    # t2 above the largest possible s_o: rank 0 cannot be 'saturated' on its own
+    cb = _RecordingGiveUp(str(tmp_path), checkpoint_epoch=2, config=SpectralConfig(t2=10.0))
+    torch.manual_seed(0)
+    t = trainer("pytorch_lightning", [cb], 5, strategy="ddp_spawn", devices=2)
+    train, vl = loaders(val_x=vx)
+    # this sandbox cannot pass tensors to spawned processes by file descriptor
+    # ("unable to resize file ... Invalid argument"); the file_system strategy works
+    old = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    try:
+        t.fit(make_module("pytorch_lightning"), train, vl)
+    finally:
+        torch.multiprocessing.set_sharing_strategy(old)
+    recs = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)}
+    assert recs[1]["kind"] == "nonfinite"
+    assert recs[0]["kind"] == "other_rank"
+    assert recs[0]["epoch"] == recs[1]["epoch"] == 2
+    assert recs[0]["gave_up"] and recs[1]["gave_up"]
