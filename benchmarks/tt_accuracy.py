@@ -1,0 +1,285 @@
+"""Training-time prediction accuracy: the paper's protocol (Section 5, Table 1), offline.
+
+Protocol
+--------
+* Data: scikit-learn's ``load_digits`` (8×8 images, ships with the package). A backbone is
+  pre-trained (Adam, full batch) on digits 0–4; the fine-tuning task is digits 5–9 with 30
+  images per class (N = 150) and a freshly initialised 5-way head.
+* Two backbones: ``mlp`` (64→128→64, tanh/ReLU) and ``cnn`` (two 3×3 convolutions + pooling).
+* Grid, T = 150 optimiser steps, cross-entropy: full-batch GD and SGD (batch 10 and 30,
+  reshuffled every epoch); momentum 0 / 0.9; all layers vs head only; learning rates set
+  relative to the stability limit lr* of the linearised GD dynamics (``max_stable_lr`` of the
+  prediction diagnostics): the *effective* lr η/(1−m) is ``frac × lr*`` with frac ∈ {0.05, 0.2}
+  ("low": the paper's small-lr regime) and {0.8, 2.0} ("high").
+* Real: the fine-tuning itself; its loss on the whole training set is recorded at every
+  step (outside the timed part). Smoothing before measuring T_ε: none for GD, a centred
+  moving average of width 5 for SGD (``smooth_curve``).
+* Predicted: ``lightning_ttp.api`` — one kernel per (backbone, trainable set), then per run
+  ``simulate`` with method ``discrete`` (default for GD), ``mc`` (default for SGD, 8 paths),
+  ``ode`` (ELR) and ``sde`` (8 paths).
+* Score: for ε ∈ {1, 10, 40} % the ε-training-time T_ε of the real and predicted curves;
+  a case is "within x %" if |T̂_ε − T_ε| ≤ max(x · T_ε, 1 step) (one step is the resolution).
+  Cost ratio = (kernel + simulation seconds) / (seconds of the real fine-tuning steps).
+
+Run: ``python benchmarks/tt_accuracy.py [--quick]``; the last line is a JSON summary.
+Torch runs on one thread (the development machines are shared; both sides are timed alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_ttp.api import estimate_kernel, simulate  # noqa: E402
+from lightning_ttp.dynamics import OptimizerSpec, epsilon_training_time, smooth_curve  # noqa: E402
+
+EPS = (0.01, 0.10, 0.40)
+T = 150
+TOL = {"GD": 0.13, "SGD": 0.20}
+
+
+# ----------------------------------------------------------------------------- data / models
+def load_task(seed: int = 0):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32)[:, None]
+    y = torch.tensor(d.target)
+    rng = np.random.default_rng(seed)
+    pre = torch.as_tensor(np.nonzero(y.numpy() < 5)[0])
+    fine = np.concatenate([rng.choice(np.nonzero(y.numpy() == c)[0], 30, replace=False) for c in range(5, 10)])
+    fine = torch.as_tensor(rng.permutation(fine))
+    return (x[pre], y[pre]), (x[fine], y[fine] - 5)
+
+
+def backbone(name: str) -> torch.nn.Module:
+    if name == "mlp":
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 128), torch.nn.Tanh(),
+                                   torch.nn.Linear(128, 64), torch.nn.ReLU())
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.AvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32 * 16, 64),
+                               torch.nn.ReLU())
+
+
+def pretrained(name: str, pre, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    body = backbone(name)
+    model = torch.nn.Sequential(body, torch.nn.Linear(64, 5))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, y = pre
+    for _ in range(150):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    torch.manual_seed(seed + 1)
+    return torch.nn.Sequential(body, torch.nn.Linear(64, 5))  # fresh head for the new task
+
+
+# ----------------------------------------------------------------------------- real training
+def real_run(model, params, x, y, *, lr, momentum, batch, seed, opt_name="sgd"):
+    """Fine-tune; loss on all N at every step (untimed); returns (curve, seconds of the steps)."""
+    n = x.shape[0]
+    if opt_name == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    else:
+        opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    curve, spent, t = [], 0.0, 0
+    while t < T:
+        order = torch.randperm(n, generator=gen) if batch < n else torch.arange(n)
+        for s in range(0, n, batch):
+            if t == T:
+                break
+            with torch.no_grad():
+                curve.append(F.cross_entropy(model(x), y).item())
+            idx = order[s : s + batch]
+            tick = time.perf_counter()
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            spent += time.perf_counter() - tick
+            t += 1
+    with torch.no_grad():
+        curve.append(F.cross_entropy(model(x), y).item())
+    return np.array(curve), spent
+
+
+# ----------------------------------------------------------------------------- benchmark
+def tt(curve, eps, window=1):
+    v = epsilon_training_time(smooth_curve(curve, window), eps)
+    return v
+
+
+def within(pred, real, tol):
+    if pred is None or real is None:
+        return pred is None and real is None
+    return abs(pred - real) <= max(tol * real, 1.0)
+
+
+def run(args):
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    pre, (x, y) = load_task()
+    backbones = ["mlp", "cnn"]
+    trainables = ["all", "head"]
+    batches = [150, 30] if args.quick else [150, 30, 10]
+    momenta = [0.0, 0.9]
+    fracs = {"low": [0.05] if args.quick else [0.05, 0.2], "high": [0.8] if args.quick else [0.8, 2.0]}
+    if args.quick:
+        trainables = ["all"]
+    rows = []
+    for bb in backbones:
+        base = pretrained(bb, pre)
+        for tr in trainables:
+            model = copy.deepcopy(base)
+            if tr == "head":
+                for p in model[0].parameters():
+                    p.requires_grad_(False)
+            params = [p for p in model.parameters() if p.requires_grad]
+            spec0 = OptimizerSpec.from_optimizer(torch.optim.SGD(params, lr=0.1))
+            ke = estimate_kernel(model, x, y, spec0)
+            lr_star = simulate(ke, spec0, 2).diagnostics["max_stable_lr"]
+            for regime, fr in fracs.items():
+                for frac in fr:
+                    for m in momenta:
+                        lr = frac * lr_star * (1 - m)
+                        for b in batches:
+                            kind = "GD" if b >= x.shape[0] else "SGD"
+                            work = copy.deepcopy(model)
+                            wparams = [p for p in work.parameters() if p.requires_grad]
+                            real, train_s = real_run(work, wparams, x, y, lr=lr, momentum=m, batch=b, seed=7)
+                            spec = spec0.replace(lr=lr, momentum=m)
+                            methods = ["discrete", "ode"] if kind == "GD" else ["mc", "sde", "ode", "discrete"]
+                            window = 1 if kind == "GD" else 5
+                            for meth in methods:
+                                tick = time.perf_counter()
+                                pred = simulate(ke, spec, T, b, method=meth, num_paths=8, seed=0)
+                                sim_s = time.perf_counter() - tick
+                                row = dict(backbone=bb, trainable=tr, regime=regime, frac=frac, momentum=m,
+                                           batch=b, kind=kind, lr=lr, method=meth,
+                                           default=(meth == ("discrete" if kind == "GD" else "mc")),
+                                           rho=pred.diagnostics["rho_max"],
+                                           cost_ratio=(ke.seconds + sim_s) / train_s,
+                                           real_final=float(real[-1]), pred_final=float(pred.loss[-1]))
+                                for e in EPS:
+                                    tr_, tp_ = tt(real, e, window), pred.training_time(e)
+                                    row[f"real_{e}"], row[f"pred_{e}"] = tr_, tp_
+                                    row[f"ok_{e}"] = within(tp_, tr_, TOL[kind])
+                                    row[f"ok10_{e}"] = within(tp_, tr_, 0.10 if kind == "GD" else 0.15)
+                                rows.append(row)
+                                if args.verbose:
+                                    print(json.dumps(row))
+    if args.adam:
+        rows += adam_rows(pre, x, y, args)
+    return rows
+
+
+def adam_rows(pre, x, y, args):
+    """The Adam approximation on the mlp backbone, all layers (reported separately)."""
+    out = []
+    model = pretrained("mlp", pre)
+    params = list(model.parameters())
+    for lr in (1e-3, 3e-3):
+        for b in (150, 30):
+            kind = "GD" if b >= x.shape[0] else "SGD"
+            opt = torch.optim.Adam(params, lr=lr)
+            spec = OptimizerSpec.from_optimizer(opt)
+            ke = estimate_kernel(model, x, y, spec, batch_size=b)
+            work = copy.deepcopy(model)
+            real, train_s = real_run(work, list(work.parameters()), x, y, lr=lr, momentum=0, batch=b, seed=7,
+                                     opt_name="adam")
+            pred = simulate(ke, spec, T, b, num_paths=8)
+            row = dict(backbone="mlp", trainable="all", regime="adam", frac=None, momentum=0.9, batch=b, kind=kind,
+                       lr=lr, method="adam-" + pred.diagnostics["method"], default=False,
+                       rho=pred.diagnostics["rho_max"], cost_ratio=(ke.seconds) / train_s,
+                       real_final=float(real[-1]), pred_final=float(pred.loss[-1]))
+            for e in EPS:
+                tr_, tp_ = tt(real, e, 1 if kind == "GD" else 5), pred.training_time(e)
+                row[f"real_{e}"], row[f"pred_{e}"] = tr_, tp_
+                row[f"ok_{e}"] = within(tp_, tr_, TOL[kind])
+                row[f"ok10_{e}"] = within(tp_, tr_, 0.10 if kind == "GD" else 0.15)
+            out.append(row)
+            if args.verbose:
+                print(json.dumps(row))
+    return out
+
+
+def abs_err(r, e):
+    if r[f"real_{e}"] is None or r[f"pred_{e}"] is None:
+        return math.nan
+    return abs(r[f"real_{e}"] - r[f"pred_{e}"])
+
+
+def report(rows, seconds):
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["kind"], r["method"], r["regime"])].append(r)
+    head = (f"{'opt':4} {'method':12} {'lr':5} {'runs':>4} | " + " | ".join(f"ε={int(e * 100):>2}% err  ok" for e in EPS)
+            + " | within | cost")
+    print("\nTraining-time error in steps (mean |T̂_ε − T_ε|, T = 150) and fraction within 13 % (GD) / 20 % (SGD)")
+    print(head)
+    print("-" * len(head))
+    for key in sorted(groups):
+        rs = groups[key]
+        cells = []
+        for e in EPS:
+            err = np.nanmean([abs_err(r, e) for r in rs])
+            ok = np.mean([r[f"ok_{e}"] for r in rs])
+            cells.append(f"{err:9.1f} {ok:4.0%}")
+        allok = np.mean([r[f"ok_{e}"] for r in rs for e in EPS])
+        cost = np.median([r["cost_ratio"] for r in rs])
+        print(f"{key[0]:4} {key[1]:12} {key[2]:5} {len(rs):4d} | " + " | ".join(cells) + f" | {allok:5.0%} | {cost:.3f}")
+    summary = {}
+    for regime in ("low", "high"):
+        for kind in ("GD", "SGD"):
+            rs = [r for r in rows if r["default"] and r["regime"] == regime and r["kind"] == kind]
+            if rs:
+                summary[f"{regime}_{kind}_within"] = float(np.mean([r[f"ok_{e}"] for r in rs for e in EPS]))
+                summary[f"{regime}_{kind}_within_strict"] = float(np.mean([r[f"ok10_{e}"] for r in rs for e in EPS]))
+                summary[f"{regime}_{kind}_cases"] = len(rs) * len(EPS)
+    for meth in ("discrete", "mc", "ode", "sde"):
+        rs = [r for r in rows if r["method"] == meth and r["regime"] == "low"]
+        if rs:
+            summary[f"low_{meth}_within"] = float(np.mean([r[f"ok_{e}"] for r in rs for e in EPS]))
+    defaults = [r for r in rows if r["default"]]
+    summary["cost_ratio_median_GD"] = float(np.median([r["cost_ratio"] for r in defaults if r["kind"] == "GD"]))
+    if any(r["kind"] == "SGD" for r in defaults):
+        summary["cost_ratio_median_SGD"] = float(np.median([r["cost_ratio"] for r in defaults if r["kind"] == "SGD"]))
+    high = [r for r in defaults if r["regime"] == "high"]
+    summary["high_rho_max"] = float(max((r["rho"] for r in high), default=0.0))
+    adam = [r for r in rows if r["regime"] == "adam"]
+    if adam:
+        summary["adam_within"] = float(np.mean([r[f"ok_{e}"] for r in adam for e in EPS]))
+        summary["adam_mean_abs_err_steps"] = float(np.nanmean([abs_err(r, e) for r in adam for e in EPS]))
+    summary["seconds"] = seconds
+    print(json.dumps(summary))
+    return summary
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small grid (< 3 min)")
+    ap.add_argument("--verbose", action="store_true", help="print every run as JSON")
+    ap.add_argument("--no-adam", dest="adam", action="store_false", help="skip the Adam approximation runs")
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    rows = run(args)
+    report(rows, time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()
