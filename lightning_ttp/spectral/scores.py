@@ -73,7 +73,8 @@ class SpectralConfig:
         eta: η of eq. (6). Paper: 3.5e3 (with ``normalize="paper"``).
         t2: saturation threshold on s_ot in eq. (7)/(8). Paper: not given.
         delta: saturation threshold on s_st in eq. (7)/(8). Paper: not given.
-        gamma_scale: γ = gamma_scale · v_t · t in eq. (8). Paper: 2e-4.
+        gamma_scale: γ = gamma_scale · v_t · t in eq. (8). Paper: 2e-4 (for its s_t of order 10^2;
+            our ``"rank"`` s_t is of order 1, hence 0.05).
         normalize: ``"rank"`` (default) or ``"paper"``, see the module docstring.
         t1: give-up threshold on s_F at the checkpoint. Paper: 0.25.
 
@@ -86,7 +87,7 @@ class SpectralConfig:
     eta: float = 20.0
     t2: float = 1.35
     delta: float = 1e-3
-    gamma_scale: float = 2e-4
+    gamma_scale: float = 0.05
     normalize: Normalize = "rank"
     t1: float = 0.25
 
