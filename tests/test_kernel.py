@@ -233,6 +233,14 @@ def test_projection_is_unbiased_and_seeded(projection):
     assert not torch.equal(single, other)
 
 
+def test_kronecker_projection_of_convolutions_is_unbiased():
+    model, x = _case("cnn")
+    exact = empirical_ntk(model, x).gram
+    draws = [empirical_ntk(model, x, projection_dim=16, projection="kronecker", seed=s).gram for s in range(100)]
+    single_error = sum(relative_error(d, exact) for d in draws[:10]) / 10
+    assert relative_error(sum(draws) / len(draws), exact) < 0.25 * single_error
+
+
 @pytest.mark.parametrize("projection", ["gaussian", "sparse"])
 def test_projection_error_decreases_like_inverse_sqrt_dim(projection):
     torch.manual_seed(0)

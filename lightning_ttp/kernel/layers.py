@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_ttp.kernel.terms import DenseTerm, IndexTerm, OuterTerm, Term
+from lightning_ttp.kernel.terms import ConvTerm, DenseTerm, IndexTerm, OuterTerm, Term
 
 
 class LayerAdapter:
@@ -46,6 +46,11 @@ class LayerAdapter:
 
     def input_factor(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def stored_numel(self) -> int:
+        """Elements of the recorded input factor as the exact Gram will hold it."""
+        assert self.factor is not None
+        return self.factor.numel()
 
     def delta_view(self, grad: torch.Tensor) -> torch.Tensor:
         """The output cotangent of one output c as (n, P, d_out)."""
@@ -118,18 +123,37 @@ class ConvAdapter(_AffineAdapter):
         return kernel, dilation, padding, stride
 
     def input_factor(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as an image batch (n, C_in, H, W); patches are unfolded by :class:`ConvTerm`."""
         if isinstance(self.module, nn.Conv1d):
             if x.dim() != 3:
                 raise _Unsupported("unbatched input")
-            x = x.unsqueeze(2)
-        elif x.dim() != 4:
+            return x.unsqueeze(2)
+        if x.dim() != 4:
             raise _Unsupported("unbatched input")
-        kernel, dilation, padding, stride = self._geometry()
-        patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-        return patches.transpose(1, 2)  # (n, positions, C_in·k)
+        return x
 
     def delta_view(self, grad: torch.Tensor) -> torch.Tensor:
         return grad.reshape(grad.shape[0], grad.shape[1], -1).transpose(1, 2)
+
+    def stored_numel(self) -> int:
+        assert self.factor is not None and self.output is not None
+        positions = self.output[0, 0].numel()
+        return self.factor.shape[0] * positions * self.module.weight[0].numel()
+
+    def term(self, deltas: torch.Tensor, roles: list[str]) -> Term:
+        assert self.factor is not None
+        if "weight" not in roles:
+            return DenseTerm(deltas.sum(dim=2))
+        return ConvTerm(self.factor, deltas, self._geometry(), bias=roles == ["weight", "bias"])
+
+    def summed_gradients(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        assert self.factor is not None
+        patches = ConvTerm(self.factor, delta.unsqueeze(1), self._geometry(), bias=False)._outer().inputs
+        params = self.parameters()
+        out = {"weight": torch.einsum("npd,npa->da", delta, patches).reshape(params["weight"].shape)}
+        if "bias" in params:
+            out["bias"] = delta.sum(dim=(0, 1))
+        return out
 
 
 class EmbeddingAdapter(LayerAdapter):

@@ -42,6 +42,9 @@ class NTK:
         methods: how each parameter's gradients were computed
             (``ghost``, ``materialised``, ``fallback:vmap``, ``fallback:loop``, or the projection).
         seconds: wall-clock time of the computation.
+        timings: its parts in seconds: ``passes`` (forward + C backward per chunk, building the
+            factors or random features), ``fallback`` (torch.func per-sample Jacobians) and
+            ``contraction`` (the Gram products).
     """
 
     outputs: torch.Tensor
@@ -53,6 +56,7 @@ class NTK:
     num_parameters: list[int]
     methods: dict[str, str]
     seconds: float
+    timings: dict[str, float]
 
     @property
     def num_samples(self) -> int:
@@ -135,21 +139,25 @@ def empirical_ntk(
         fallback = [[p for p in group if id(p) not in covered] for group in groups]
         dtype = next(iter(group_of.values()))[1].dtype
         budget = memory_budget if memory_budget is not None else default_budget(_device(model))
-        chunk = chunk_size or _default_chunk(per_sample, budget, n)
+        chunk = chunk_size or _default_chunk(per_sample, budget, n, dtype)
         estimate = _estimate_bytes(
             n, num_outputs, len(groups), kernel, projection_dim, per_sample, chunk, fallback, dtype
         )
         check_budget(estimate, budget, num_samples=n, num_outputs=num_outputs, kernel=kernel, projected=projected)
 
         methods: dict[str, str] = {}
+        timings = {"passes": 0.0, "fallback": 0.0, "contraction": 0.0}
         outputs, per_group = [], defaultdict(list)
         for start in range(0, n, chunk):
             batch = slice_batch(inputs, start, min(start + chunk, n))
-            out, terms = _chunk_terms(forward, batch, adapters, group_of, fallback, names, methods)
+            out, terms = _chunk_terms(forward, batch, adapters, group_of, fallback, names, methods, timings)
             outputs.append(out.detach())
+            tick = time.perf_counter()
             for key, term in terms.items():
                 per_group[key].append(_features(term, projection, projection_dim, seed, key) if projected else term)
+            timings["passes"] += time.perf_counter() - tick
 
+    tick = time.perf_counter()
     grams = []
     for g in range(len(groups)):
         keys = [key for key in per_group if key[0] == g]
@@ -168,6 +176,7 @@ def empirical_ntk(
         for name in list(methods):
             methods[name] = f"{projection} projection ({methods[name]})"
     total = grams[0] if len(grams) == 1 else torch.stack(grams).sum(0)
+    timings["contraction"] = time.perf_counter() - tick
     return NTK(
         outputs=torch.cat(outputs),
         gram=total,
@@ -178,6 +187,7 @@ def empirical_ntk(
         num_parameters=[sum(p.numel() for p in group) for group in groups],
         methods=methods,
         seconds=time.perf_counter() - started,
+        timings=timings,
     )
 
 
@@ -295,7 +305,7 @@ def _verified_adapters(
             verified.append(adapter)
     c = out.shape[1]
     per_sample = {
-        "stored": sum(a.factor.numel() + c * a.output.numel() for a in verified) / probe_n,
+        "stored": sum(a.stored_numel() + c * a.output.numel() for a in verified) / probe_n,
         "activations": sum(a.output.numel() + a.factor.numel() for a in candidates if a.factor is not None) / probe_n,
     }
     for adapter in candidates:
@@ -311,10 +321,10 @@ def _close(ours: torch.Tensor, reference: torch.Tensor | None, p: nn.Parameter) 
     return bool((ours - reference).abs().max().item() <= tol * scale + 1e-12)
 
 
-def _default_chunk(per_sample: dict[str, float], budget: int, n: int) -> int:
-    # forward + backward graphs hold a few copies of every layer's activations
-    per_sample_bytes = 4 * 8 * max(per_sample["activations"], 1.0)
-    return int(max(1, min(n, budget // 8 // per_sample_bytes)))
+def _default_chunk(per_sample: dict[str, float], budget: int, n: int, dtype: torch.dtype) -> int:
+    # the forward graph, our output clones and the backward each hold about one copy of the activations
+    per_sample_bytes = 3 * torch.empty((), dtype=dtype).element_size() * max(per_sample["activations"], 1.0)
+    return int(max(1, min(n, budget // 4 // per_sample_bytes)))
 
 
 def _estimate_bytes(
@@ -338,7 +348,7 @@ def _estimate_bytes(
     else:
         stored = num_groups * n * c * projection_dim * 2
         temporaries = chunk * (per_sample["stored"] + c * fallback_params)
-    activations = 4 * chunk * per_sample["activations"]
+    activations = 3 * chunk * per_sample["activations"]
     return int(size * (grams + stored + temporaries + activations))
 
 
@@ -350,10 +360,12 @@ def _chunk_terms(
     fallback: list[list[nn.Parameter]],
     names: dict[int, str],
     methods: dict[str, str],
+    timings: dict[str, float],
 ) -> tuple[torch.Tensor, dict[tuple[int, int], Term]]:
     """f0 on one chunk and its terms, keyed by (group, index): index i ≥ 0 is adapter i, −(g+1) the
     fallback of group g. The index seeds the term's random projection."""
     n = batch_size(batch)
+    tick = time.perf_counter()
     with Capture(adapters) as capture:
         out = _check_outputs(forward(batch), n)
     if capture.failed or any(a.calls != 1 for a in adapters):
@@ -376,12 +388,15 @@ def _chunk_terms(
         for g, roles in by_group.items():
             terms[(g, i)] = adapter.term(stacked, roles)
         adapter.factor, adapter.output = None, None
+    timings["passes"] += time.perf_counter() - tick
+    tick = time.perf_counter()
     for g, params in enumerate(fallback):
         if params:
             jac, how = per_sample_jacobian(forward, ["model." + names[id(p)] for p in params], params, batch)
             terms[(g, -(g + 1))] = DenseTerm(jac.detach())
             for p in params:
                 methods[names[id(p)]] = f"fallback:{how}"
+    timings["fallback"] += time.perf_counter() - tick
     return out, terms
 
 

@@ -38,11 +38,11 @@ def random_block(
     """Rows ``block`` of the projection matrix of ``term``: a (rows, dim) tensor, E[R Rᵀ] = I."""
     gen = _generator(seed, term, block)
     if kind == "gaussian":
-        out = torch.randn(rows, dim, generator=gen, dtype=torch.float64) / math.sqrt(dim)
-    elif kind == "sparse":
-        draws = torch.randint(0, 6, (rows, dim), generator=gen)
-        signs = (draws == 0).to(torch.float64) - (draws == 1).to(torch.float64)
-        out = signs * math.sqrt(3.0 / dim)
-    else:
-        raise ValueError(f"unknown projection {kind!r}; choose one of 'gaussian', 'sparse'.")
-    return out.to(device=device, dtype=dtype)
+        out = torch.randn(rows, dim, generator=gen, dtype=dtype)
+        return out.mul_(1.0 / math.sqrt(dim)).to(device)
+    if kind == "sparse":
+        draws = torch.randint(0, 6, (rows, dim), generator=gen, dtype=torch.uint8)
+        scale = math.sqrt(3.0 / dim)
+        out = (draws == 0).to(dtype).mul_(scale) - (draws == 1).to(dtype).mul_(scale)
+        return out.to(device)
+    raise ValueError(f"unknown projection {kind!r}; choose one of 'gaussian', 'sparse'.")

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from lightning_ttp.kernel.projection import random_block
 
@@ -259,4 +260,57 @@ class IndexTerm(Term):
         table = random_block(self.vocab, k_in, block=0, **kw)
         a = table[self.ids]  # (N, P, k_in): R_inᵀ one_hot(id)
         delta = self.deltas if k_out >= d else self.deltas @ random_block(d, k_out, block=1, **kw)
+        return torch.einsum("icpo,ipk->icok", delta, a).reshape(n, c, -1)
+
+
+@dataclass
+class ConvTerm(Term):
+    """A convolution: an :class:`OuterTerm` whose inputs a_ip are the patches of ``images``.
+
+    ``images`` (N, C_in, H, W) (Conv1d as height 1), ``deltas`` (N, C, P, C_out); ``geometry`` =
+    (kernel, dilation, padding, stride); ``bias`` appends the constant input 1 of the bias.
+    The patches (N, P, C_in·k) are unfolded only when needed; the Kronecker projection never
+    unfolds: R_inᵀ a_ip is a convolution of the image with R_in as filters.
+    """
+
+    images: torch.Tensor
+    deltas: torch.Tensor
+    geometry: tuple[tuple[int, ...], ...]
+    bias: bool
+
+    def _outer(self) -> OuterTerm:
+        kernel, dilation, padding, stride = self.geometry
+        patches = F.unfold(self.images, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+        if self.bias:
+            patches = torch.cat([patches, patches.new_ones(patches.shape[:-1] + (1,))], dim=-1)
+        return OuterTerm(patches, self.deltas)
+
+    @property
+    def num_parameters(self) -> int:  # type: ignore[override]
+        kernel = self.geometry[0]
+        return (self.images.shape[1] * math.prod(kernel) + self.bias) * self.deltas.shape[-1]
+
+    def gram(self, kernel: str) -> tuple[torch.Tensor, str]:
+        return self._outer().gram(kernel)
+
+    def slices(self) -> Iterator[tuple[int, torch.Tensor]]:
+        return self._outer().slices()
+
+    def kronecker_features(self, dim: int, *, seed: int, term: int) -> torch.Tensor:
+        n, c, p, d_out = self.deltas.shape
+        c_in, kernel_size = self.images.shape[1], self.geometry[0]
+        d_in = c_in * math.prod(kernel_size) + self.bias
+        if d_in * d_out <= dim:
+            return self._outer().kronecker_features(dim, seed=seed, term=term)
+        k_in = min(d_in, math.ceil(math.sqrt(dim)))
+        k_out = min(d_out, max(1, dim // k_in))
+        kw = {"seed": seed, "term": term, "kind": "gaussian", "dtype": self.deltas.dtype, "device": self.deltas.device}
+        r_in = random_block(d_in, k_in, block=0, **kw)
+        kernel, dilation, padding, stride = self.geometry
+        filters = r_in[: d_in - self.bias].T.reshape(k_in, c_in, *kernel)
+        a = F.conv2d(self.images, filters, stride=stride, padding=padding, dilation=dilation)
+        a = a.reshape(n, k_in, p).transpose(1, 2)
+        if self.bias:
+            a = a + r_in[-1]
+        delta = self.deltas if k_out >= d_out else self.deltas @ random_block(d_out, k_out, block=1, **kw)
         return torch.einsum("icpo,ipk->icok", delta, a).reshape(n, c, -1)
