@@ -102,9 +102,11 @@ def _forward(params: list[torch.Tensor], x: torch.Tensor, keep: bool = False):
     h = x
     n_layers = len(params) // 2
     for i in range(n_layers):
-        h = torch.baddbmm(params[2 * i + 1], h, params[2 * i]) if h.dim() == 3 else h @ params[2 * i] + params[
-            2 * i + 1
-        ]
+        h = (
+            torch.baddbmm(params[2 * i + 1], h, params[2 * i])
+            if h.dim() == 3
+            else h @ params[2 * i] + params[2 * i + 1]
+        )
         if i < n_layers - 1:
             h = torch.relu(h)
             if keep:
@@ -173,7 +175,8 @@ def simulate(spec: PopulationSpec, seed: int, log=print) -> Population:
         if epoch % 10 == 0 or epoch == spec.epochs:
             log(
                 f"  [{spec.name} seed={seed}] epoch {epoch}/{spec.epochs}: median val acc "
-                f"{np.median(val_acc[:, epoch]):.3f}, successes {(val_acc[:, epoch] >= spec.success).sum()}/{n}"
+                f"{np.median(val_acc[:, epoch]):.3f}, "
+                f"successes {(val_acc[:, epoch] >= spec.success).sum()}/{n}"
                 f" ({time.perf_counter() - t_start:.0f}s)"
             )
     return Population(

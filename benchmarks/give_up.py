@@ -52,30 +52,147 @@ MAX_SUCCESS_KILLED = 0.05
 def presets(name: str) -> list[PopulationSpec]:
     if name == "paper":
         return [
-            PopulationSpec("shell-DA-I", "shell", 1024, (512, 256, 256, 128), "adam", 1e-4, (0.3, 3.0), 100,
-                           20000, 4000, 1000, 120, success=0.65),
-            PopulationSpec("shell-DA-II", "shell", 256, (256, 128), "rmsprop", 1e-4, (0.3, 3.0), 100,
-                           20000, 4000, 1000, 137, success=0.65),
-            PopulationSpec("digits-MLP", "digits", 0, (128, 64), "adam", (3e-5, 3e-3), (0.01, 3.0), 100,
-                           0, 0, 597, 120, success=0.93),
+            PopulationSpec(
+                "shell-DA-I",
+                "shell",
+                1024,
+                (512, 256, 256, 128),
+                "adam",
+                1e-4,
+                (0.3, 3.0),
+                100,
+                20000,
+                4000,
+                1000,
+                120,
+                success=0.65,
+            ),
+            PopulationSpec(
+                "shell-DA-II",
+                "shell",
+                256,
+                (256, 128),
+                "rmsprop",
+                1e-4,
+                (0.3, 3.0),
+                100,
+                20000,
+                4000,
+                1000,
+                137,
+                success=0.65,
+            ),
+            PopulationSpec(
+                "digits-MLP",
+                "digits",
+                0,
+                (128, 64),
+                "adam",
+                (3e-5, 3e-3),
+                (0.01, 3.0),
+                100,
+                0,
+                0,
+                597,
+                120,
+                success=0.93,
+            ),
         ]
     if name == "quick":
         return [
-            PopulationSpec("shell-DA-I", "shell", 128, (128, 64, 64, 32), "adam", 1e-4, (0.3, 3.0), 40,
-                           8000, 1000, 300, 32, success=0.57),
-            PopulationSpec("shell-DA-II", "shell", 64, (64, 32), "rmsprop", 1e-4, (0.3, 3.0), 40,
-                           8000, 1000, 300, 32, success=0.55),
-            PopulationSpec("digits-MLP", "digits", 0, (64, 32), "adam", (3e-5, 3e-3), (0.01, 3.0), 40,
-                           0, 0, 300, 48, success=0.93),
+            PopulationSpec(
+                "shell-DA-I",
+                "shell",
+                128,
+                (128, 64, 64, 32),
+                "adam",
+                1e-4,
+                (0.3, 3.0),
+                40,
+                8000,
+                1000,
+                300,
+                32,
+                success=0.57,
+            ),
+            PopulationSpec(
+                "shell-DA-II",
+                "shell",
+                64,
+                (64, 32),
+                "rmsprop",
+                1e-4,
+                (0.3, 3.0),
+                40,
+                8000,
+                1000,
+                300,
+                32,
+                success=0.55,
+            ),
+            PopulationSpec(
+                "digits-MLP",
+                "digits",
+                0,
+                (64, 32),
+                "adam",
+                (3e-5, 3e-3),
+                (0.01, 3.0),
+                40,
+                0,
+                0,
+                300,
+                48,
+                success=0.93,
+            ),
         ]
     # smoke
     return [
-        PopulationSpec("shell-DA-I", "shell", 64, (64, 32, 32, 16), "adam", 1e-4, (0.3, 3.0), 40,
-                       4000, 1000, 200, 24, success=0.56),
-        PopulationSpec("shell-DA-II", "shell", 64, (64, 32), "rmsprop", 1e-4, (0.3, 3.0), 40,
-                       4000, 1000, 200, 24, success=0.55),
-        PopulationSpec("digits-MLP", "digits", 0, (64, 32), "adam", (3e-5, 3e-3), (0.01, 3.0), 40,
-                       0, 0, 300, 32, success=0.93),
+        PopulationSpec(
+            "shell-DA-I",
+            "shell",
+            64,
+            (64, 32, 32, 16),
+            "adam",
+            1e-4,
+            (0.3, 3.0),
+            40,
+            4000,
+            1000,
+            200,
+            24,
+            success=0.56,
+        ),
+        PopulationSpec(
+            "shell-DA-II",
+            "shell",
+            64,
+            (64, 32),
+            "rmsprop",
+            1e-4,
+            (0.3, 3.0),
+            40,
+            4000,
+            1000,
+            200,
+            24,
+            success=0.55,
+        ),
+        PopulationSpec(
+            "digits-MLP",
+            "digits",
+            0,
+            (64, 32),
+            "adam",
+            (3e-5, 3e-3),
+            (0.01, 3.0),
+            40,
+            0,
+            0,
+            300,
+            32,
+            success=0.93,
+        ),
     ]
 
 
@@ -120,13 +237,27 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------- give-up metrics
-def metrics(kill: np.ndarray, success: np.ndarray, epochs: int) -> dict[str, float]:
+def metrics(
+    kill: np.ndarray,
+    success: np.ndarray,
+    epochs: int,
+    val: np.ndarray | None = None,
+    threshold: float | None = None,
+) -> dict[str, float]:
+    """``success_killed``: successful runs (final acc >= threshold) that were stopped, as a
+    fraction of the successful runs. ``success_lost``: of those, the ones whose accuracy when
+    stopped was still below the threshold (the success was really lost)."""
     killed = np.isfinite(kill)
     saved = float(np.sum(np.where(killed, epochs - kill, 0.0)) / (len(kill) * epochs))
     n_succ = int(success.sum())
     succ_killed = float((killed & success).sum() / n_succ) if n_succ else float("nan")
     precision = float((killed & ~success).sum() / killed.sum()) if killed.any() else float("nan")
+    lost = float("nan")
+    if val is not None and threshold is not None and n_succ:
+        at_kill = np.array([val[i, int(k)] if np.isfinite(k) else np.inf for i, k in enumerate(kill)])
+        lost = float((killed & success & (at_kill < threshold)).sum() / n_succ)
     return {
+        "success_lost": lost,
         "saved": saved,
         "success_killed": succ_killed,
         "precision": precision,
@@ -154,11 +285,22 @@ def kill_at(mask: np.ndarray, epoch: int) -> np.ndarray:
     return np.where(mask, float(epoch), np.inf)
 
 
-def ours_kill(tab: dict[str, np.ndarray], j: int, t1: float, target: float | None, epoch: int) -> np.ndarray:
+def ours_kill(
+    tab: dict[str, np.ndarray],
+    j: int,
+    t1: float,
+    target: float | None,
+    epoch: int,
+    keep: float | None = None,
+    v: np.ndarray | None = None,
+) -> np.ndarray:
     """The give-up rule of ``lightning_ttp.spectral.decide`` on the tabulated scores."""
     s_F, s_Fv, sat, bad, s_s = (tab[k][:, j] for k in ("s_F", "s_Fv", "sat", "bad", "s_s"))
     enough = np.isfinite(s_s)
-    mask = (bad > 0) | (enough & ((sat > 0) | (s_F < t1)))
+    stuck = (sat > 0) | (s_F < t1)
+    if keep is not None and v is not None:
+        stuck &= ~(v >= keep)
+    mask = (bad > 0) | (enough & stuck)
     if target is not None:
         mask |= enough & np.isfinite(s_Fv) & (s_Fv < target)
     return kill_at(mask, epoch)
@@ -166,29 +308,34 @@ def ours_kill(tab: dict[str, np.ndarray], j: int, t1: float, target: float | Non
 
 def calibration_grid() -> list[SpectralConfig]:
     grid = []
-    for t0, eta, t2, delta in itertools.product((3, 5), (5.0, 20.0, 80.0), (1.8, 2.2, 2.6, 10.0), (0.0, 1e-3, 5e-3)):
+    for t0, eta, t2, delta in itertools.product(
+        (3, 5), (5.0, 20.0, 80.0), (1.8, 2.2, 2.6, 10.0), (0.0, 1e-3, 5e-3)
+    ):
         grid.append(SpectralConfig(t0=t0, eta=eta, t2=t2, delta=delta, gamma_scale=0.05))
     return grid
 
 
-def calibrate_ours(cal: Population, success: np.ndarray, epochs: int):
+def calibrate_ours(cal: Population, success: np.ndarray, epochs: int, keeps: tuple):
     cands = []
     for cfg in calibration_grid():
         tab = score_table(cal, cfg, (CKPT,))
         s_F = tab["s_F"][:, 0]
-        t1s = sorted({0.0, *np.round(np.nanquantile(s_F[np.isfinite(s_F)], np.linspace(0, 1, 11)), 4)}) if np.isfinite(
-            s_F
-        ).any() else [0.0]
-        for t1 in t1s:
-            for target in (None, 0.3, 0.5, 0.7, 0.8, 0.9):
-                cands.append(((cfg, float(t1), target), ours_kill(tab, 0, float(t1), target, CKPT)))
+        t1s = (
+            sorted({0.0, *np.round(np.nanquantile(s_F[np.isfinite(s_F)], np.linspace(0, 1, 11)), 4)})
+            if np.isfinite(s_F).any()
+            else [0.0]
+        )
+        v = cal.val_acc[:, CKPT]
+        for t1, target, keep in itertools.product(t1s, (None, 0.3, 0.5, 0.7, 0.8, 0.9), keeps):
+            kill = ours_kill(tab, 0, float(t1), target, CKPT, keep, v)
+            cands.append(((cfg, float(t1), target, keep), kill))
     return _feasible_best(cands, success, epochs)
 
 
 def threshold_calibrate(values: np.ndarray, success: np.ndarray, epochs: int, both_directions: bool = False):
     qs = np.unique(np.nanquantile(values, np.linspace(0, 1, 21)))
     cands = []
-    for sign in ((1.0, -1.0) if both_directions else (1.0,)):
+    for sign in (1.0, -1.0) if both_directions else (1.0,):
         for q in qs:
             mask = (sign * values) < (sign * q)
             cands.append(((float(q), sign), kill_at(mask, CKPT)))
@@ -212,7 +359,9 @@ def early_stopping_kill(val: np.ndarray, patience: int = 5) -> np.ndarray:
     return np.array(kills)
 
 
-def optuna_kill(val_eval: np.ndarray, val_cal: np.ndarray, pruner_name: str, lower: float | None) -> np.ndarray:
+def optuna_kill(
+    val_eval: np.ndarray, val_cal: np.ndarray, pruner_name: str, lower: float | None
+) -> np.ndarray:
     """Optuna pruners replayed: calibration curves enter the study first as completed trials,
     then every evaluated run is a trial reporting val acc each epoch until pruned."""
     import optuna
@@ -261,10 +410,13 @@ def evaluate(ev: Population, cal: Population, log=print) -> dict:
     default_cfg = SpectralConfig()
 
     t0 = time.perf_counter()
-    best = calibrate_ours(cal, cal_success, E)
-    cal_cfg, cal_t1, cal_target = best
-    log(f"  calibrated on seeds {cal.seed}: {cal_cfg}, t1={cal_t1}, target={cal_target} "
-        f"({time.perf_counter() - t0:.0f}s)")
+    best = calibrate_ours(cal, cal_success, E, (None, spec.success))
+    cal_cfg, cal_t1, cal_target, cal_keep = best
+    log(
+        f"  calibrated on seeds {cal.seed}: {cal_cfg}, t1={cal_t1}, target={cal_target}, "
+        f"keep_above={cal_keep} "
+        f"({time.perf_counter() - t0:.0f}s)"
+    )
     tabs = {
         "paper": score_table(ev, paper_cfg, eps),
         "default": score_table(ev, default_cfg, eps),
@@ -315,24 +467,39 @@ def evaluate(ev: Population, cal: Population, log=print) -> dict:
     methods = {
         "ours t1=0.25 (paper consts)": ours_kill(tabs["paper"], j10, paper_cfg.t1, None, CKPT),
         "ours package defaults": ours_kill(tabs["default"], j10, default_cfg.t1, None, CKPT),
-        "ours calibrated": ours_kill(tabs["calibrated"], j10, cal_t1, cal_target, CKPT),
+        "ours calibrated": ours_kill(
+            tabs["calibrated"], j10, cal_t1, cal_target, CKPT, cal_keep, ev.val_acc[:, CKPT]
+        ),
+        "ours defaults+keep_above=thr": ours_kill(
+            tabs["default"], j10, default_cfg.t1, None, CKPT, spec.success, ev.val_acc[:, CKPT]
+        ),
         f"val-acc < {q_val:.3f} @10": kill_at(ev.val_acc[:, CKPT] < q_val, CKPT),
         "Lightning EarlyStopping(p=5)": early_stopping_kill(ev.val_acc),
         "Optuna MedianPruner": optuna_kill(ev.val_acc, cal.val_acc, "median", None),
         f"Optuna ThresholdPruner({q_val:.3f})": optuna_kill(ev.val_acc, cal.val_acc, "threshold", q_val),
-        f"RankMe {'<' if sign_rm > 0 else '>'} {q_rm:.3f} @10": kill_at((sign_rm * rm) < (sign_rm * q_rm), CKPT),
+        f"RankMe {'<' if sign_rm > 0 else '>'} {q_rm:.3f} @10": kill_at(
+            (sign_rm * rm) < (sign_rm * q_rm), CKPT
+        ),
     }
-    res["methods"] = {k: metrics(v, success, E) for k, v in methods.items()}
+    res["methods"] = {k: metrics(v, success, E, ev.val_acc, spec.success) for k, v in methods.items()}
     res["calibrated"] = {
-        "t0": cal_cfg.t0, "eta": cal_cfg.eta, "t2": cal_cfg.t2, "delta": cal_cfg.delta,
-        "gamma_scale": cal_cfg.gamma_scale, "t1": cal_t1, "target": cal_target,
+        "t0": cal_cfg.t0,
+        "eta": cal_cfg.eta,
+        "t2": cal_cfg.t2,
+        "delta": cal_cfg.delta,
+        "gamma_scale": cal_cfg.gamma_scale,
+        "t1": cal_t1,
+        "target": cal_target,
+        "keep_above": cal_keep,
     }
     return res
 
 
 def print_population(res: dict) -> None:
-    print(f"\n=== {res['population']}: {res['runs']} runs, {res['successes']} successes "
-          f"(final val acc >= {res['success_threshold']}), {res['epochs']} epochs ===")
+    print(
+        f"\n=== {res['population']}: {res['runs']} runs, {res['successes']} successes "
+        f"(final val acc >= {res['success_threshold']}), {res['epochs']} epochs ==="
+    )
     keys = list(next(iter(res["spearman"].values())).keys())
     print("Spearman with final val acc:")
     print("  epoch " + "".join(f"{k:>18}" for k in keys))
@@ -341,9 +508,12 @@ def print_population(res: dict) -> None:
     print("Confusion at epoch 10 [[y1->y1, y1->y0], [y0->y1, y0->y0]]:")
     for k, m in res["confusion@10"].items():
         print(f"  {k:<24} {m}")
-    print(f"  {'method':<36}{'saved':>8}{'succ.killed':>13}{'precision':>11}{'killed':>8}")
+    print(f"  {'method':<36}{'saved':>8}{'succ.killed':>13}{'succ.lost':>11}{'precision':>11}{'killed':>8}")
     for k, m in res["methods"].items():
-        print(f"  {k:<36}{m['saved']:>8.1%}{m['success_killed']:>13.1%}{m['precision']:>11.1%}{m['killed']:>8}")
+        print(
+            f"  {k:<36}{m['saved']:>8.1%}{m['success_killed']:>13.1%}{m['success_lost']:>11.1%}"
+            f"{m['precision']:>11.1%}{m['killed']:>8}"
+        )
 
 
 # ---------------------------------------------------------------- overhead in a real Trainer
@@ -361,7 +531,9 @@ def measure_overhead(epochs: int = 3, repeats: int = 2, n_train: int = 8192, n_v
     class Net(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 2))
+            self.net = nn.Sequential(
+                nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 2)
+            )
 
         def forward(self, xb):
             return self.net(xb)
@@ -378,8 +550,15 @@ def measure_overhead(epochs: int = 3, repeats: int = 2, n_train: int = 8192, n_v
     def run(with_cb: bool) -> float:
         torch.manual_seed(0)
         cbs = [EarlyGiveUp(checkpoint_epoch=10_000, mode="warn", verbose=False)] if with_cb else []
-        t = pl.Trainer(max_epochs=epochs, callbacks=cbs, logger=False, enable_checkpointing=False,
-                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        t = pl.Trainer(
+            max_epochs=epochs,
+            callbacks=cbs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
         tr = DataLoader(TensorDataset(x[:n_train], y[:n_train]), batch_size=64, shuffle=True)
         va = DataLoader(TensorDataset(x[n_train:], y[n_train:]), batch_size=250)
         t0 = time.perf_counter()
@@ -397,8 +576,15 @@ def measure_overhead(epochs: int = 3, repeats: int = 2, n_train: int = 8192, n_v
         base.append(run(False))
         cb.append(run(True))
     b, c = float(np.median(base)), float(np.median(cb))
-    return {"epoch_s_without": round(b, 4), "epoch_s_with": round(c, 4), "overhead": round(c / b - 1.0, 4),
-            "n_train": n_train, "n_val": n_val, "m": 1000, "layers": "512, 256 (ReLU outputs)"}
+    return {
+        "epoch_s_without": round(b, 4),
+        "epoch_s_with": round(c, 4),
+        "overhead": round(c / b - 1.0, 4),
+        "n_train": n_train,
+        "n_val": n_val,
+        "m": 1000,
+        "layers": "512, 256 (ReLU outputs)",
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -420,8 +606,10 @@ def main(argv: list[str] | None = None) -> dict:
         for spec in presets(preset):
             if args.only and spec.name not in args.only.split(","):
                 continue
-            print(f"--- simulating {spec.name} (eval seed {args.seed}, calibration seed {args.seed + 1000})",
-                  flush=True)
+            print(
+                f"--- simulating {spec.name} (eval seed {args.seed}, calibration seed {args.seed + 1000})",
+                flush=True,
+            )
             ev = simulate(spec, args.seed)
             cal = simulate(spec, args.seed + 1000)
             res = evaluate(ev, cal)

@@ -38,7 +38,9 @@ def _module_class(ns: str) -> type:
     class MLP(pl.LightningModule):
         def __init__(self, init: str = "healthy") -> None:
             super().__init__()
-            self.net = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10))
+            self.net = nn.Sequential(
+                nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10)
+            )
             with torch.no_grad():
                 if init == "dead":  # every first-layer unit is negative on every input: no gradient flows
                     self.net[0].weight.mul_(0.01)

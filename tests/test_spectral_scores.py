@@ -217,7 +217,7 @@ def test_saturated_spectra_stop_unless_already_good():
     assert sc.saturated and sc.s_F == 0.0 and sc.s_Fv == pytest.approx(0.9)
     d = decide(sc, t1=CFG.t1)
     assert d.give_up and d.kind == "saturated"
-    assert not decide(sc, t1=CFG.t1, saturated_keep_above=0.8).give_up
+    assert not decide(sc, t1=CFG.t1, keep_above=0.8).give_up
 
 
 def test_target_on_predicted_accuracy():

@@ -86,7 +86,8 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
             and the labels (``batch[1]``) with torchmetrics when the batch is ``(x, y)`` and
             ``validation_step`` calls ``self(x)``; otherwise s_Fv is omitted (noted once).
         config: :class:`~lightning_ttp.spectral.SpectralConfig` (t0, β, η, t2, δ, γ, normalisation).
-        saturated_keep_above: keep a saturated run whose v_t is at least this value.
+        keep_above: never give up (saturated or s_F < t1) on a run whose v_t is already at least
+            this value: it converged at a good accuracy (decision kind ``converged``).
         trial: an ``optuna.trial.Trial``: every round s_Fv (or s_F without v_t) is reported,
             and on give-up (``mode="stop"``) ``optuna.TrialPruned`` is raised.
         on_give_up: called as ``on_give_up(trainer, pl_module, decision)`` when the rule fires
@@ -111,7 +112,7 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         num_samples: int = 1000,
         accuracy_metric: str | None = None,
         config: SpectralConfig | None = None,
-        saturated_keep_above: float | None = None,
+        keep_above: float | None = None,
         trial: Any | None = None,
         on_give_up: GiveUpHook | None = None,
         verbose: bool = True,
@@ -122,7 +123,9 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
                 f"checkpoint_epoch must be a whole number of epochs >= 1, got {checkpoint_epoch!r}"
             )
         if mode not in ("stop", "warn"):
-            raise ValueError(f"mode must be 'stop' (set trainer.should_stop) or 'warn' (log only), got {mode!r}")
+            raise ValueError(
+                f"mode must be 'stop' (set trainer.should_stop) or 'warn' (log only), got {mode!r}"
+            )
         if int(num_samples) != num_samples or num_samples < 2:
             raise ValueError(
                 f"num_samples must be an integer >= 2 (rows of the activation matrix), got {num_samples!r}"
@@ -143,7 +146,7 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         self.pool_conv = pool_conv
         self.num_samples = int(num_samples)
         self.accuracy_metric = accuracy_metric
-        self.saturated_keep_above = saturated_keep_above
+        self.keep_above = keep_above
         self.trial = trial
         self._on_give_up_fn = on_give_up
         self.verbose = verbose
@@ -217,7 +220,8 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         linear_idx = [i for i, (_, m) in enumerate(order) if isinstance(m, nn.Linear)]
         if len(linear_idx) < 2:
             raise ValueError(
-                f"EarlyGiveUp found {len(linear_idx)} nn.Linear layer(s) in {type(pl_module).__name__}; the default "
+                f"EarlyGiveUp found {len(linear_idx)} nn.Linear layer(s) in {type(pl_module).__name__}; "
+                "the default "
                 "monitors the hidden Linear layers (all but the last). Pass layers=[...] with module names "
                 "(e.g. a conv layer with pool_conv=True)."
             )
@@ -360,7 +364,9 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         if not isinstance(x, torch.Tensor):
             if "fallback_batch" not in self._noted:
                 self._noted.add("fallback_batch")
-                rank_zero_warn("EarlyGiveUp: cannot take a training subset from a non-tensor batch; no scores.")
+                rank_zero_warn(
+                    "EarlyGiveUp: cannot take a training subset from a non-tensor batch; no scores."
+                )
             self._train_count = self.num_samples
             return
         take = x.detach()[: self.num_samples - self._train_count].clone()
@@ -398,7 +404,8 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
             if v > 1.0 and v <= 100.0:
                 self._note_once(
                     "percent",
-                    f"EarlyGiveUp: metric {self.accuracy_metric!r}={v:g} looks like a percentage; divided by 100.",
+                    f"EarlyGiveUp: metric {self.accuracy_metric!r}={v:g} looks like a percentage; "
+                    "divided by 100.",
                 )
                 v /= 100.0
             return v
@@ -498,7 +505,7 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         if entry["epoch"] < self.checkpoint_epoch:
             return
         scores = Scores(**entry)
-        decision = decide(scores, self.t1, self.target_accuracy, self.saturated_keep_above)
+        decision = decide(scores, self.t1, self.target_accuracy, self.keep_above)
         give_up = decision.give_up
         if self.mode == "stop":
             # any rank giving up stops every rank (as Lightning's EarlyStopping)
@@ -510,7 +517,11 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         self.gave_up = give_up
         self.reason = decision.reason
         if self.verbose:
-            verb = "giving up" if (give_up and self.mode == "stop") else ("would give up" if give_up else "continue")
+            verb = (
+                "giving up"
+                if (give_up and self.mode == "stop")
+                else ("would give up" if give_up else "continue")
+            )
             rank_zero_info(f"EarlyGiveUp ({verb}): {decision.reason}")
         if trainer.is_global_zero:
             for lg in trainer.loggers:  # pl_module.log is not allowed in on_validation_end

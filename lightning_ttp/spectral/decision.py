@@ -9,8 +9,9 @@ Order of the checks (first match wins):
    undefined -> continue (never kill on missing evidence).
 4. ``saturated``: s_ot >= t2 and s_st <= δ (eq. 7 sets s_F = 0): the spectrum is
    compressed and no longer moving, further training will not change it -> stop.
-   With v_t known and ``saturated_keep_above`` set, a saturated run whose accuracy is
-   already at least that value is kept (kind ``converged``: it has reached a good solution).
+   With v_t known and ``keep_above`` set, a run whose accuracy is already at least
+   that value is kept here and in 5. (kind ``converged``: it stopped improving at a good
+   solution; stopping it loses nothing, but it is the user's call, not a give-up).
 5. ``fail``: s_F < t1 (paper: t1 = 0.25) -> give up.
 6. ``below_target``: a target on s_Fv (the predicted final accuracy, eq. 8) is set and
    s_Fv < target -> give up.
@@ -38,7 +39,7 @@ def decide(
     scores: Scores,
     t1: float = 0.25,
     target: float | None = None,
-    saturated_keep_above: float | None = None,
+    keep_above: float | None = None,
 ) -> GiveUpDecision:
     """Apply the give-up rule (see the module docstring) to the scores of the checkpoint round."""
     ep = scores.epoch
@@ -58,25 +59,22 @@ def decide(
             "insufficient",
             f"epoch {ep}: only {scores.rounds} usable validation round(s), need 2 to score the shift (eq. 4)",
         )
-    if scores.saturated:
-        keep = (
-            saturated_keep_above is not None
-            and math.isfinite(scores.v_t)
-            and scores.v_t >= saturated_keep_above
+    keep = keep_above is not None and math.isfinite(scores.v_t) and scores.v_t >= keep_above
+    stuck = scores.saturated or (math.isfinite(scores.s_F) and scores.s_F < t1)
+    if keep and stuck:
+        return GiveUpDecision(
+            False,
+            "converged",
+            f"epoch {ep}: s_F={scores.s_F:.4g} (saturated={scores.saturated}) but v_t={scores.v_t:.4g} >= "
+            f"keep_above={keep_above:g}; kept (converged at a good accuracy)",
         )
-        if keep:
-            return GiveUpDecision(
-                False,
-                "converged",
-                f"epoch {ep}: saturated but v_t={scores.v_t:.4g} >= {saturated_keep_above:g}; kept (converged)",
-            )
-        else:
-            return GiveUpDecision(
-                True,
-                "saturated",
-                f"epoch {ep}: saturated, s_o={scores.s_o:.4g} >= t2 and s_s={scores.s_s:.3g} <= delta "
-                "(spectrum compressed and no longer changing; more training will not help)",
-            )
+    if scores.saturated:
+        return GiveUpDecision(
+            True,
+            "saturated",
+            f"epoch {ep}: saturated, s_o={scores.s_o:.4g} >= t2 and s_s={scores.s_s:.3g} <= delta "
+            "(spectrum compressed and no longer changing; more training will not help)",
+        )
     if not math.isfinite(scores.s_F):
         return GiveUpDecision(False, "insufficient", f"epoch {ep}: s_F is undefined")
     if scores.s_F < t1:
