@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .dynamics import (
+    BatchSampler,
     CallableLoss,
     Loss,
     OptimizerSpec,
@@ -33,6 +34,7 @@ from .dynamics import (
     stability_report,
     summarize_paths,
 )
+from .dynamics.adam import simulate_adam
 from .prediction import Prediction
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
 
 METHODS = ("auto", "discrete", "mc", "ode", "sde", "closed_form")
 FULL_KERNEL_MAX = 2500  # N·C above which "auto" uses the trace kernel
+ADAM_V_FLOOR = 1e-2  # v_d >= ADAM_V_FLOOR * mean(v) per tensor in the Adam preconditioner
 
 
 # ---------------------------------------------------------------------------- schedules
@@ -103,7 +106,9 @@ class KernelEstimate:
         kernel: "full" or "trace".
         jvp_w0: per group J_g · w_{0,g} (N0, C) when the optimiser has weight decay, else None.
         loss: the resolved loss.
-        preconditioned: True if the Grams include an Adam diagonal preconditioner.
+        preconditioned: True if the Grams include the Adam preconditioner at w0 (Adam/AdamW).
+        adam_blocks: Adam only: per-block raw Grams, group index, sizes and calibration κ
+            (:func:`lightning_ttp.dynamics.adam.simulate_adam`).
         seconds: wall-clock of the estimate.
         info: sizes, projection, method details.
     """
@@ -117,6 +122,7 @@ class KernelEstimate:
     preconditioned: bool = False
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    adam_blocks: dict[str, Any] | None = None
 
     @property
     def num_samples(self) -> int:
@@ -138,6 +144,26 @@ class _OutputWrapper(torch.nn.Module):
     def forward(self, inputs):
         out = self.fn(self.m, inputs) if self.fn is not None else self.m(inputs)
         return out[:, None] if out.dim() == 1 else out.reshape(out.shape[0], -1)
+
+
+class _Preconditioned(torch.nn.Module):
+    """w = w0 + s ⊙ z with s = (√v + ε)^{-1/2}: its NTK in z at z = 0 is J diag(1/(√v+ε)) Jᵀ."""
+
+    def __init__(self, model, params, second_moments, eps, output_fn) -> None:
+        super().__init__()
+        self.inner = _OutputWrapper(model, output_fn)
+        names = {id(p): "m." + n for n, p in model.named_parameters()}
+        self.names = [names[id(p)] for p in params]
+        self.z = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.zeros_like(p, requires_grad=True)) for p in params])
+        self.w0 = [p.detach() for p in params]
+        self.s = [(v.sqrt() + e).rsqrt().to(p.dtype) for v, e, p in zip(second_moments, eps, params, strict=True)]
+
+    def forward(self, inputs):
+        from torch.func import functional_call
+
+        params = {n: w + s * z for n, w, s, z in zip(self.names, self.w0, self.s, self.z, strict=True)}
+        return functional_call(self.inner, params, (inputs,), strict=False)
 
 
 def _model_output_fn(output_fn):
@@ -185,13 +211,9 @@ def _jvp_w0(model, inputs, groups, output_fn) -> list[torch.Tensor]:
     return out
 
 
-def _adam_tensor_scales(model, inputs, targets, loss: Loss, params, output_fn, batch_size: int,
-                        eps: float, seed: int) -> list[float]:
-    """Per-tensor Adam preconditioner p_t from squared mini-batch gradients at w0.
-
-    v_d ≈ E_B[g_{B,d}²] over up to 8 batches of ``batch_size`` kernel samples; the
-    per-tensor scale is the v-weighted mean of 1/(√v_d + ε): p_t = Σ_d v_d/(√v_d+ε) / Σ_d v_d.
-    """
+def _adam_second_moments(model, inputs, targets, loss: Loss, params, output_fn, batch_size: int,
+                          seed: int) -> list[torch.Tensor]:
+    """v_d ≈ E_B[g_{B,d}²] at w0, per parameter tensor, over up to 8 batches of ``batch_size``."""
     fwd = _model_output_fn(output_fn)
     n = _num(inputs)
     rng = np.random.default_rng(seed)
@@ -207,14 +229,24 @@ def _adam_tensor_scales(model, inputs, targets, loss: Loss, params, output_fn, b
             else:
                 val = loss.value(f.to(torch.float64), targets[idx_t])
             grads = torch.autograd.grad(val, params, allow_unused=True)
-            for s, g in zip(sq, grads, strict=True):
+            for acc, g in zip(sq, grads, strict=True):
                 if g is not None:
-                    s += g.detach().to(torch.float64) ** 2 / nb
-    scales = []
-    for v in sq:
-        tot = float(v.sum())
-        scales.append(float((v / (v.sqrt() + eps)).sum() / tot) if tot > 0 else 1.0 / eps)
-    return scales
+                    acc += g.detach().to(torch.float64) ** 2 / nb
+    return sq
+
+
+def _blocks(groups: list[list[torch.nn.Parameter]], max_blocks: int = 16) -> list[tuple[int, list]]:
+    """Split the param groups into ≤ max_blocks blocks of consecutive tensors (≥ 1 per group)."""
+    total = sum(len(g) for g in groups)
+    out = []
+    for gi, g in enumerate(groups):
+        if not g:
+            continue
+        share = max(1, round(max_blocks * len(g) / max(1, total)))
+        per = int(np.ceil(len(g) / share))
+        for s in range(0, len(g), per):
+            out.append((gi, g[s : s + per]))
+    return out
 
 
 def _num(inputs) -> int:
@@ -267,10 +299,11 @@ def estimate_kernel(
     Uses :func:`lightning_ttp.kernel.empirical_ntk` (model in eval mode, left unchanged)
     with the optimiser's param groups. With weight decay it also computes
     J_g·w_{0,g} (one ``torch.func.jvp`` per group), which makes the weight-decay term of the
-    discrete dynamics exact. For Adam/AdamW the Grams are preconditioned,
-    Θ_g = Σ_{t∈g} p_t Θ_t with the per-tensor scales of ``_adam_tensor_scales`` (an
-    approximation: see ``docs/prediction.md``); ``batch_size`` is the batch the scales are
-    estimated with.
+    discrete dynamics exact. For Adam/AdamW the Grams are computed per block of parameter
+    tensors (≤ 16 blocks) and the second moments of mini-batch gradients of size
+    ``batch_size`` at w0 calibrate the per-block adaptive scales (an approximation, see
+    :mod:`lightning_ttp.dynamics.adam` and ``docs/prediction.md``); ``grams`` then hold the
+    preconditioned kernel at w0, used by the ODE/SDE and the stability diagnostic.
 
     Args:
         inputs, targets: the N0 kernel samples (inputs: tensor or tuple/dict of tensors).
@@ -298,14 +331,26 @@ def estimate_kernel(
         kernel = "full" if n * c <= FULL_KERNEL_MAX else "trace"
     adam = spec.kind in ("adam", "adamw")
     groups = [list(g) for g in spec.params]
-    if adam:
-        tensor_groups = [[p] for g in groups for p in g]
-    else:
-        tensor_groups = groups
+    blocks = _blocks(groups) if adam else None
+    tensor_groups = [b[1] for b in blocks] if adam else groups
     nonempty = [i for i, g in enumerate(tensor_groups) if g]
-    ntk = empirical_ntk(model, inputs, output_fn=fwd, kernel=kernel, projection_dim=projection_dim,
-                        parameter_groups=[tensor_groups[i] for i in nonempty], seed=seed,
-                        memory_budget=memory_budget)
+    kernel_model, kernel_fn, kernel_groups = model, fwd, [tensor_groups[i] for i in nonempty]
+    if adam:
+        flat = [p for g in groups for p in g]
+        y_pre = loss_obj.prepare_targets(torch.as_tensor(targets).detach().cpu(), c)
+        moments = _adam_second_moments(model, inputs, y_pre, loss_obj, flat, output_fn, batch_size or n, seed)
+        # Floor v_d at 1 % of its tensor's mean: coordinates with a vanishing gradient at w0 would
+        # otherwise get a 1/ε preconditioner that real Adam never applies once they move.
+        moments = [torch.maximum(v, ADAM_V_FLOOR * v.mean()) for v in moments]
+        eps_of = {id(p): spec.groups[gi].eps for gi, g in enumerate(groups) for p in g}
+        kernel_model = _Preconditioned(model, flat, moments, [eps_of[id(p)] for p in flat], output_fn)
+        kernel_fn = None
+        z_of = dict(zip(map(id, flat), kernel_model.z, strict=True))
+        kernel_groups = [[z_of[id(p)] for p in tensor_groups[i]] for i in nonempty]
+        mom = dict(zip(map(id, flat), moments, strict=True))
+        adam_rms = [float(torch.cat([mom[id(p)].reshape(-1) for p in b[1]]).sqrt().mean()) for b in blocks]
+    ntk = empirical_ntk(kernel_model, inputs, output_fn=kernel_fn, kernel=kernel, projection_dim=projection_dim,
+                        parameter_groups=kernel_groups, seed=seed, memory_budget=memory_budget)
     f0 = ntk.outputs.detach().to(torch.float64)
     y = loss_obj.prepare_targets(torch.as_tensor(targets).detach().cpu(), c)
     if y.shape[0] != n:
@@ -319,22 +364,19 @@ def estimate_kernel(
     info: dict[str, Any] = {"kernel_seconds": ntk.seconds, "num_parameters": [int(sum(p.numel() for p in g))
                                                                                for g in groups],
                             "projection_dim": projection_dim, "num_outputs": c, "num_samples": n}
+    adam_blocks = None
     if adam:
-        eps = spec.groups[0].eps
-        scales = _adam_tensor_scales(model, inputs, y, loss_obj, [p for g in groups for p in g], output_fn,
-                                     batch_size or n, eps, seed)
-        grams, k = [], 0
-        for g in groups:
-            acc = torch.zeros_like(raw[0])
-            for _ in g:
-                acc += scales[k] * raw[k]
-                k += 1
-            grams.append(acc)
-        info["adam_tensor_scales"] = scales
+        grams = [torch.zeros_like(raw[0]) for _ in groups]
+        for k, (gi, _) in enumerate(blocks):
+            grams[gi] += raw[k]
+        adam_blocks = {"grams": raw, "group": [b[0] for b in blocks],
+                       "sizes": [int(sum(p.numel() for p in b[1])) for b in blocks], "rms": adam_rms}
+        info["adam_block_rms"] = adam_rms
     else:
         grams = raw
     jw = _jvp_w0(model, inputs, groups, output_fn) if spec.has_weight_decay else None
-    return KernelEstimate(f0.cpu(), y, grams, kernel, loss_obj, jw, adam, time.perf_counter() - started, info)
+    return KernelEstimate(f0.cpu(), y, grams, kernel, loss_obj, jw, adam, time.perf_counter() - started, info,
+                          adam_blocks)
 
 
 # ---------------------------------------------------------------------------- simulation
@@ -422,7 +464,16 @@ def simulate(
     msgs = list(spec.warnings)
     common = dict(jvp_w0=ke.jvp_w0)
     args = (ke.outputs, ke.targets, ke.grams, ke.loss, spec, lrs)
-    if method_used == "discrete":
+    adam_sim = spec.kind in ("adam", "adamw") and ke.adam_blocks is not None and method_used in ("discrete", "mc")
+    if adam_sim:
+        ab = ke.adam_blocks
+        weights, paths = None, 1
+        if method_used == "mc":
+            sampler = BatchSampler(n0, b, num_paths, n_total=n, drop_last=drop_last, shuffle=shuffle, seed=seed)
+            weights, paths = sampler.weights, num_paths
+        res = simulate_adam(ke.outputs, ke.targets, ab["grams"], ab["group"], ab["sizes"], ab["rms"],
+                            ke.loss, spec, lrs, jvp_w0=ke.jvp_w0, weights=weights, num_paths=paths)
+    elif method_used == "discrete":
         if not full_batch:
             msgs.append("method='discrete' with mini-batches simulates the expected (full-batch) gradient; "
                         "use 'mc' for SGD noise")

@@ -2,10 +2,11 @@
 
 Modules: ``losses`` (∇_f L, curvature, error), ``optim_spec`` (the optimiser as data),
 ``discrete`` (exact linearised SGD/momentum/Nesterov/weight decay), ``montecarlo``
-(mini-batch SGD), ``ode`` / ``sde`` (the paper's eq. 1), ``closed_form`` (eq. 4–5),
+(mini-batch SGD), ``adam`` (Adam/AdamW approximation), ``ode`` / ``sde`` (the paper's eq. 1), ``closed_form`` (eq. 4–5),
 ``extrapolate`` (Appendix D), ``training_time`` (ε-training-time), ``stability``.
 """
 
+from .adam import simulate_adam
 from .closed_form import MSESpectrum, mse_curve_from_spectrum, mse_spectrum, simulate_mse_closed_form
 from .discrete import SimulationResult, apply_kernel, kernel_kind, simulate_discrete
 from .extrapolate import PowerLaw, extrapolate_spectrum, fit_power_law
@@ -45,6 +46,7 @@ __all__ = [
     "lambda_max",
     "mse_curve_from_spectrum",
     "mse_spectrum",
+    "simulate_adam",
     "simulate_discrete",
     "simulate_minibatch",
     "simulate_mse_closed_form",
