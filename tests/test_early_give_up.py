@@ -286,3 +286,31 @@ def test_ddp_spawn_stops_both_ranks_together(tmp_path):
     assert recs[0]["kind"] == "other_rank"
     assert recs[0]["epoch"] == recs[1]["epoch"] == 2
     assert recs[0]["gave_up"] and recs[1]["gave_up"]
+
+
+def test_conv_feature_maps_with_global_average_pooling():
+    pl = importlib.import_module("pytorch_lightning")
+
+    class CNN(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3, padding=1)
+            self.head = nn.Linear(8 * 64, 10)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.conv(x.view(-1, 1, 8, 8))).flatten(1))
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            self(batch[0])
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+    cb = EarlyGiveUp(checkpoint_epoch=10, layers=["conv"], pool_conv=True, num_samples=100)
+    t = trainer("pytorch_lightning", [cb], 2)
+    t.fit(CNN(), *loaders())
+    assert cb._units == [8]  # (m, C, H, W) -> (m, C)
+    assert len(cb.history) == 2 and math.isfinite(cb.history[-1]["s_F"])
