@@ -320,3 +320,15 @@ def test_jacobian_reference_shape_is_what_the_tests_assume():
     jac = reference_jacobian(model, x)
     assert jac.shape == (9, 3, sum(p.numel() for p in model.parameters()))
     assert math.isfinite(jac.sum().item())
+
+
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 2), (2, 3)])
+@pytest.mark.parametrize("dilation", [(1, 1), (2, 1)])
+@pytest.mark.parametrize("padding", [(0, 0), (1, 2)])
+@pytest.mark.parametrize("stride", [(1, 1), (2, 3)])
+def test_patches_match_torch_unfold(kernel, dilation, padding, stride):
+    from lightning_ttp.kernel.terms import _patches
+
+    x = torch.randn(2, 3, 9, 11)
+    reference = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    assert torch.equal(_patches(x, (kernel, dilation, padding, stride)), reference.transpose(1, 2))

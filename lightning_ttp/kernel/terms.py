@@ -263,6 +263,19 @@ class IndexTerm(Term):
         return torch.einsum("icpo,ipk->icok", delta, a).reshape(n, c, -1)
 
 
+def _patches(images: torch.Tensor, geometry: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """Unfolded patches (N, P, C_in·kh·kw), ordered like ``weight.flatten(1)``.
+
+    Strided views + one copy: several times faster on CPU than ``F.unfold`` (im2col).
+    """
+    kernel, dilation, padding, stride = geometry
+    x = F.pad(images, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else images
+    for axis, (k, d, s) in enumerate(zip(kernel, dilation, stride)):
+        x = x.unfold(2 + axis, (k - 1) * d + 1, s)[..., ::d]
+    n, c_in, h, w = x.shape[:4]
+    return x.permute(0, 2, 3, 1, 4, 5).reshape(n, h * w, c_in * math.prod(kernel))
+
+
 @dataclass
 class ConvTerm(Term):
     """A convolution: an :class:`OuterTerm` whose inputs a_ip are the patches of ``images``.
@@ -279,8 +292,7 @@ class ConvTerm(Term):
     bias: bool
 
     def _outer(self) -> OuterTerm:
-        kernel, dilation, padding, stride = self.geometry
-        patches = F.unfold(self.images, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+        patches = _patches(self.images, self.geometry)
         if self.bias:
             patches = torch.cat([patches, patches.new_ones(patches.shape[:-1] + (1,))], dim=-1)
         return OuterTerm(patches, self.deltas)
