@@ -14,6 +14,16 @@ from lightning_ttp.dynamics import (
     mse_spectrum,
 )
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is much faster on a shared machine (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 DIM, SLOPE = 1500, 1.5
 
 
