@@ -56,11 +56,11 @@ def _ghost_gram(a_fn, deltas: torch.Tensor, kernel: str) -> torch.Tensor:
     for rows in _blocks(n, block):
         for cols in _blocks(n, block):
             ka = a_fn(rows, cols)  # (bi, bj, P, Q)
-            if p == 1:
+            if p == 1 and kernel == "full":
                 kd = torch.einsum("icd,jed->icje", deltas[rows, :, 0], deltas[cols, :, 0])
                 blk = kd * ka[:, None, :, None, 0, 0]
-                if kernel == "trace":
-                    blk = torch.diagonal(blk, dim1=1, dim2=3).sum(-1)
+            elif p == 1:
+                blk = torch.einsum("icd,jcd->ij", deltas[rows, :, 0], deltas[cols, :, 0]) * ka[..., 0, 0]
             else:
                 m = torch.einsum("ijpq,icpd->icjqd", ka, deltas[rows])
                 if kernel == "full":
