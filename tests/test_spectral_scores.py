@@ -45,6 +45,14 @@ def test_fewer_samples_than_units_gives_min_m_d_values():
     assert torch.allclose(v, T([1.0, 1 / 3], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("shape", [(300, 80), (70, 200), (20, 10)])
+def test_gram_path_matches_svdvals(shape):
+    a = torch.relu(torch.randn(*shape, generator=torch.Generator().manual_seed(1)))
+    a[:, :5] *= 10.0  # a few dominant directions
+    ref = torch.linalg.svdvals(a.double())
+    assert torch.allclose(normalized_singular_values(a), ref / ref[0], atol=1e-10)
+
+
 def test_dead_layer_and_non_finite_rows():
     dead = spectrum_of(torch.zeros(6, 4))
     assert dead.dead and torch.equal(dead.values, torch.zeros(4, dtype=torch.float64))

@@ -175,9 +175,14 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
     # ------------------------------------------------------------------ identity / state
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            checkpoint_epoch=self.checkpoint_epoch, t1=self.t1, layers=self.layer_names, mode=self.mode
-        )
+        # Lightning reads this on every hook call: build the string once
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self._generate_state_key(
+                checkpoint_epoch=self.checkpoint_epoch, t1=self.t1, layers=self.layer_names, mode=self.mode
+            )
+            self.__dict__["_state_key"] = key
+        return key
 
     def state_dict(self) -> dict[str, Any]:
         return {
