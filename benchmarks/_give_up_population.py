@@ -146,7 +146,8 @@ def simulate(spec: PopulationSpec, seed: int, log=print) -> Population:
             val_acc[:, epoch] = (logits.argmax(-1) == yva[None]).float().mean(1).numpy()
             _, hid = _forward(params, xm.unsqueeze(0).expand(n, -1, -1), keep=True)
             for r in range(n):
-                spectra[r].append([spectrum_of(h[r]).values for h in hid])
+                # float32, as the EarlyGiveUp callback does by default
+                spectra[r].append([spectrum_of(h[r], torch.float32).values for h in hid])
 
     record(0)
     for epoch in range(1, spec.epochs + 1):

@@ -618,7 +618,23 @@ def joint_defaults(cals: list[Population]) -> dict:
                     "mean_saved_on_calibration": round(float(np.mean(saved)), 4),
                     "worst_success_killed_on_calibration": round(worst, 4),
                 }
-    return best or {}
+    if not best:
+        return {}
+    # γ of eq. (8) only moves s_Fv: pick gamma_scale for the best mean Spearman at epoch 10
+    rho = {}
+    for gs in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5):
+        c = SpectralConfig(t0=best["t0"], eta=best["eta"], t2=best["t2"], delta=best["delta"], gamma_scale=gs)
+        rho[gs] = float(
+            np.mean(
+                [
+                    spearman(score_table(p, c, (CKPT,))["s_Fv"][:, 0], p.val_acc[:, p.spec.epochs])
+                    for p in cals
+                ]
+            )
+        )
+    best["gamma_scale"] = max(rho, key=lambda k: rho[k])
+    best["mean_spearman_s_Fv@10_by_gamma_scale"] = rho
+    return best
 
 
 def _populations(spec: PopulationSpec, seed: int, cache: str | None) -> tuple[Population, Population]:

@@ -93,6 +93,8 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         on_give_up: called as ``on_give_up(trainer, pl_module, decision)`` when the rule fires
             (in both modes). Subclasses can override :meth:`on_give_up` instead.
         verbose: print the decision (rank zero) at the checkpoint.
+        spectra_dtype: working precision of the singular values (float32: ~2x faster than
+            float64, normalised values within ~1e-4; see :func:`lightning_ttp.spectral.spectrum_of`).
 
     Attributes:
         history: one dict of scores per round (``epoch``, ``s_o``, ``s_s``, ``s_t``, ``s_F``,
@@ -116,6 +118,7 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         trial: Any | None = None,
         on_give_up: GiveUpHook | None = None,
         verbose: bool = True,
+        spectra_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         if int(checkpoint_epoch) != checkpoint_epoch or checkpoint_epoch < 1:
@@ -150,6 +153,7 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         self.trial = trial
         self._on_give_up_fn = on_give_up
         self.verbose = verbose
+        self.spectra_dtype = spectra_dtype
 
         self.history: list[dict[str, Any]] = []
         self.gave_up = False
@@ -428,7 +432,7 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         spectra = []
         for i in range(len(self._modules)):
             if self._buffers[i]:
-                spec = spectrum_of(torch.cat(self._buffers[i], dim=0))
+                spec = spectrum_of(torch.cat(self._buffers[i], dim=0), self.spectra_dtype)
             else:
                 spec = spectrum_of(torch.empty(0, 1))
             spectra.append(spec.values)

@@ -51,19 +51,22 @@ def _as_matrix(activations: torch.Tensor) -> torch.Tensor:
     return activations
 
 
-def spectrum_of(activations: torch.Tensor) -> Spectrum:
+def spectrum_of(activations: torch.Tensor, dtype: torch.dtype = torch.float64) -> Spectrum:
     """Normalised singular values of an (m x d_l) activation matrix, with edge cases handled.
 
     Inputs with more than two dimensions are flattened per sample (use
     :func:`global_avg_pool` first for convolutional feature maps). Computation is in float64
-    on the tensor's device via ``torch.linalg.svdvals`` (exact; for the m <= a few thousand,
-    d_l <= a few thousand that this is used for, an exact method is fast enough; see
-    :func:`_singular_values` and the overhead section of ``benchmarks/give_up.py``); the result
-    is moved to the CPU.
+    on the tensor's device (exact: for the m <= a few thousand, d_l <= a few thousand that
+    this is used for, an exact method is fast enough; see :func:`_singular_values` and the
+    overhead section of ``benchmarks/give_up.py``); the result is moved to the CPU.
+    ``dtype`` is the working precision: float64 (default) agrees with ``svdvals`` to ~1e-15;
+    float32 (what ``EarlyGiveUp`` and the benchmark use, ~2x faster) to ~1e-4 absolute on the
+    normalised values, far below the round-to-round changes the scores measure. The returned
+    values are always float64.
     """
     a = _as_matrix(activations.detach())
     m, d = int(a.shape[0]), int(a.shape[1]) if a.dim() == 2 else 1
-    a = a.to(torch.float64)
+    a = a.to(dtype)
     finite_rows = torch.isfinite(a).all(dim=1)
     dropped = int(m - finite_rows.sum())
     if dropped:
@@ -81,7 +84,7 @@ def spectrum_of(activations: torch.Tensor) -> Spectrum:
         if not torch.isfinite(s).all():
             return Spectrum(torch.full((r,), float("nan"), dtype=torch.float64), d, used, dropped)
         return Spectrum(out, d, used, dropped, dead=True)
-    out[:k] = s[:k] / top
+    out[:k] = (s[:k] / top).to(torch.float64)
     return Spectrum(out, d, used, dropped)
 
 
@@ -91,8 +94,8 @@ def _singular_values(a: torch.Tensor) -> torch.Tensor:
     Small matrices: ``torch.linalg.svdvals``. From 64 x 64 on: square roots of the
     eigenvalues of the smaller Gram matrix (AᵀA or AAᵀ) with ``torch.linalg.eigvalsh`` —
     about 1.7x faster on one CPU thread for 1000 x 512 and equal to ``svdvals`` to ~1e-15
-    relative to σ_1 in float64 (normalised values below ~1e-7 are lost to rounding, which
-    does not move the scores, all of which average the σ_i).
+    relative to σ_1 in float64 (normalised values below ~1e-7, ~1e-3 in float32, are lost to
+    rounding, which does not move the scores: all of them average the σ_i).
     """
     m, d = a.shape
     if min(m, d) < 64:
@@ -102,12 +105,12 @@ def _singular_values(a: torch.Tensor) -> torch.Tensor:
     return ev.sqrt()
 
 
-def normalized_singular_values(activations: torch.Tensor) -> torch.Tensor:
+def normalized_singular_values(activations: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """σ_i / σ_1 of an (m x d_l) activation matrix, descending, length min(m, d_l).
 
     Zeros for a dead layer, NaN when no finite sample is left; see :func:`spectrum_of`.
     """
-    return spectrum_of(activations).values
+    return spectrum_of(activations, dtype).values
 
 
 def effective_rank(values: torch.Tensor, eps: float = 1e-12) -> float:
