@@ -504,7 +504,8 @@ def simulate(
             error, error_band = summarize_paths(res.error, band)
         else:
             error = res.error[0]
-    stab = stability_report(ke.outputs, ke.targets, ke.grams, ke.loss, spec, lrs)
+    stab = stability_report(ke.outputs, ke.targets, ke.grams, ke.loss, spec, lrs,
+                            cache=ke.info.setdefault("stability_cache", {}))
     if stab["message"]:
         msgs.append(stab["message"])
         warnings.warn(stab["message"], stacklevel=2)

@@ -53,31 +53,42 @@ def lambda_max(grams, weights, n: int, c: int) -> float:
 
 
 @_single_threaded
-def stability_report(f0, targets, grams, loss: Loss, spec: OptimizerSpec, lr_schedule) -> dict:
-    """ρ_t per step, max stable lr, the unstable steps and a human-readable message."""
+def stability_report(f0, targets, grams, loss: Loss, spec: OptimizerSpec, lr_schedule, *,
+                     cache: dict | None = None) -> dict:
+    """ρ_t per step, max stable lr, the unstable steps and a human-readable message.
+
+    ``cache``: a dict kept with the kernel (λmax per lr direction and the loss curvature), so
+    what-if simulations on the same kernel skip the eigenvalue problems.
+    """
     lrs = _check_schedule(lr_schedule, spec)
     f0 = torch.as_tensor(f0, dtype=torch.float64)
     f0 = f0[:, None] if f0.dim() == 1 else f0
     n, c = f0.shape
     y = loss.prepare_targets(torch.as_tensor(targets), c)
-    h = float(loss.sample_curvature(f0, y))
+    cache = {} if cache is None else cache
+    if "curvature" not in cache:
+        cache["curvature"] = float(loss.sample_curvature(f0, y))
+    h = cache["curvature"]
     a = np.array([stability_bound(g, spec.kind) for g in spec.groups])
-    lam_plain = lambda_max(grams, [1.0] * len(grams), n, c) / n
+    plain = ("lambda",) + (1.0,) * len(grams)
+    if plain not in cache:
+        cache[plain] = lambda_max(grams, [1.0] * len(grams), n, c)
+    lam_plain = cache[plain] / n
     scaled = lrs / a[None, :]
     # Unique lr rows (schedules repeat values); ρ is homogeneous in the lrs.
     norms = scaled.max(1)
     rho = np.zeros(lrs.shape[0])
-    cache: dict[tuple, float] = {}
     for t in range(lrs.shape[0]):
         if norms[t] == 0:
             continue
-        direction = tuple(np.round(scaled[t] / norms[t], 10))
+        direction = ("lambda",) + tuple(np.round(scaled[t] / norms[t], 10))
         if direction not in cache:
-            if len(cache) >= 32:  # many different lr ratios: reuse the nearest computed direction
-                key = min(cache, key=lambda d: np.abs(np.array(d) - np.array(direction)).sum())
+            known = [k for k in cache if isinstance(k, tuple) and len(k) == len(direction)]
+            if len(known) >= 32:  # many different lr ratios: reuse the nearest computed direction
+                key = min(known, key=lambda d: np.abs(np.array(d[1:]) - np.array(direction[1:])).sum())
                 cache[direction] = cache[key]
             else:
-                cache[direction] = lambda_max(grams, list(direction), n, c)
+                cache[direction] = lambda_max(grams, list(direction[1:]), n, c)
         rho[t] = norms[t] * cache[direction] * h / n
     peak = int(np.argmax(rho)) if rho.size else 0
     max_lr = float(lrs[peak, 0] / rho[peak]) if rho[peak] > 0 else float("inf")
