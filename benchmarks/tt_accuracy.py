@@ -20,7 +20,10 @@ Protocol
 * Score: for ε ∈ {1, 10, 40} % the ε-training-time T_ε of the real and predicted curves;
   a case is "within x %" if |T̂_ε − T_ε| ≤ max(x · T_ε, 1 step) (one step is the resolution).
   Cost ratio = (kernel + simulation seconds) / (seconds of the real fine-tuning steps);
-  "amortised": the kernel's seconds shared by the runs that reuse it (what-if use).
+  "amortised": the kernel's seconds shared by the runs that reuse it (what-if use). One
+  throw-away prediction runs first so one-time costs (imports, set-up) are not timed.
+* Cost vs model size: wide MLPs (width 128…2048, all layers, GD, 0.3·lr*) — training
+  seconds / prediction seconds (kernel + lr* + simulation), and their T_ε.
 
 Run: ``python benchmarks/tt_accuracy.py [--quick]``; the last line is a JSON summary.
 Torch runs on one thread (the development machines are shared; both sides are timed alike).
@@ -131,10 +134,18 @@ def within(pred, real, tol):
     return abs(pred - real) <= max(tol * real, 1.0)
 
 
+def warm_up(x, y):
+    """One throw-away prediction so one-time costs (imports, first-call set-up) are not timed."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5))
+    spec = OptimizerSpec.from_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    simulate(estimate_kernel(model, x[:10], y[:10], spec), spec, 3, 5)
+
+
 def run(args):
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     pre, (x, y) = load_task()
+    warm_up(x, y)
     backbones = ["mlp", "cnn"]
     trainables = ["all", "head"]
     batches = [150, 30] if args.quick else [150, 30, 10]
@@ -222,13 +233,50 @@ def adam_rows(pre, x, y, args):
     return out
 
 
+def cost_scaling(pre, x, y, widths):
+    """Cost ratio vs model size: wide MLPs, all layers, full-batch GD at 0.3 × lr* (T = 150)."""
+    out = []
+    for w in widths:
+        torch.manual_seed(0)
+        body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, w), torch.nn.Tanh(),
+                                   torch.nn.Linear(w, w // 2), torch.nn.ReLU())
+        model = torch.nn.Sequential(body, torch.nn.Linear(w // 2, 5))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(40):
+            opt.zero_grad()
+            F.cross_entropy(model(pre[0]), pre[1]).backward()
+            opt.step()
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(body, torch.nn.Linear(w // 2, 5))
+        params = list(model.parameters())
+        tick = time.perf_counter()
+        spec = OptimizerSpec.from_optimizer(torch.optim.SGD(params, lr=0.1))
+        ke = estimate_kernel(model, x, y, spec)
+        lr = 0.3 * simulate(ke, spec, 2).diagnostics["max_stable_lr"]
+        pred = simulate(ke, spec.replace(lr=lr), T, x.shape[0])
+        predict_s = time.perf_counter() - tick
+        work = copy.deepcopy(model)
+        real, train_s = real_run(work, list(work.parameters()), x, y, lr=lr, momentum=0.0, batch=x.shape[0], seed=7)
+        row = {"width": w, "parameters": sum(p.numel() for p in params), "train_seconds": train_s,
+               "predict_seconds": predict_s, "cheaper_by": train_s / predict_s}
+        for e in EPS:
+            row[f"real_{e}"], row[f"pred_{e}"] = tt(real, e), pred.training_time(e)
+        out.append(row)
+    print("\nCost vs model size (MLP, all layers, GD, T = 150): training seconds / prediction seconds")
+    for r in out:
+        tts = ", ".join(f"ε={int(e * 100)}%: {r[f'real_{e}']}→{r[f'pred_{e}']}" for e in EPS)
+        print(f"width {r['width']:5d}  params {r['parameters']:8d}  train {r['train_seconds']:6.2f}s  "
+              f"predict {r['predict_seconds']:5.2f}s  cheaper ×{r['cheaper_by']:5.1f}  T_ε real→pred {tts}")
+    return out
+
+
 def abs_err(r, e):
     if r[f"real_{e}"] is None or r[f"pred_{e}"] is None:
         return math.nan
     return abs(r[f"real_{e}"] - r[f"pred_{e}"])
 
 
-def report(rows, seconds):
+def report(rows, seconds, scaling=None):
     groups = defaultdict(list)
     for r in rows:
         groups[(r["kind"], r["method"], r["regime"])].append(r)
@@ -279,6 +327,8 @@ def report(rows, seconds):
     if adam:
         summary["adam_within"] = float(np.mean([r[f"ok_{e}"] for r in adam for e in EPS]))
         summary["adam_mean_abs_err_steps"] = float(np.nanmean([abs_err(r, e) for r in adam for e in EPS]))
+    if scaling:
+        summary["cost_scaling"] = [{k: r[k] for k in ("width", "parameters", "cheaper_by")} for r in scaling]
     summary["seconds"] = seconds
     print(json.dumps(summary))
     return summary
@@ -289,10 +339,15 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small grid (< 3 min)")
     ap.add_argument("--verbose", action="store_true", help="print every run as JSON")
     ap.add_argument("--no-adam", dest="adam", action="store_false", help="skip the Adam approximation runs")
+    ap.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the cost-vs-size runs")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     rows = run(args)
-    report(rows, time.perf_counter() - start)
+    scaling = None
+    if args.scaling:
+        pre, (x, y) = load_task()
+        scaling = cost_scaling(pre, x, y, [128, 512] if args.quick else [128, 512, 1024, 2048])
+    report(rows, time.perf_counter() - start, scaling)
 
 
 if __name__ == "__main__":

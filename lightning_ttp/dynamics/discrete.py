@@ -174,7 +174,11 @@ def simulate_discrete(
     errs = None
     diverged = None
     for t in range(steps + 1):
-        losses[:, t] = loss.value(f, y).cpu().numpy()
+        if t < steps:
+            value, gsample = loss.value_and_grad(f, y)
+        else:
+            value = loss.value(f, y)
+        losses[:, t] = value.cpu().numpy()
         e = loss.error(f, y)
         if e is not None:
             if errs is None:
@@ -184,7 +188,6 @@ def simulate_discrete(
             break
         if diverged is None and not np.all(np.isfinite(losses[:, t])):
             diverged = t
-        gsample = loss.per_sample_grad(f, y)
         w = torch.full((num_paths, n), 1.0 / n, dtype=dtype) if weights is None else weights(t).to(dtype)
         r = w[..., None] * gsample
         delta = torch.zeros_like(f)

@@ -50,6 +50,10 @@ class Loss:
         """G_i = ∂ℓ_i/∂f_i, same shape as ``f``."""
         raise NotImplementedError
 
+    def value_and_grad(self, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss, per-sample gradient G) in one pass where the loss allows it."""
+        return self.value(f, y), self.per_sample_grad(f, y)
+
     def sample_curvature(self, f: torch.Tensor, y: torch.Tensor) -> float:
         """max_i λ_max(∂²ℓ_i/∂f_i²): the loss curvature used by the stability diagnostic."""
         raise NotImplementedError
@@ -107,6 +111,12 @@ class CrossEntropy(Loss):
     def per_sample_grad(self, f, y):
         q = self._q(f, y)
         return torch.softmax(f, dim=-1) * q.sum(-1, keepdim=True) - q
+
+    def value_and_grad(self, f, y):
+        q = self._q(f, y)
+        logp = torch.log_softmax(f, dim=-1)
+        value = -(q * logp).sum(-1).mean(-1)
+        return value, logp.exp() * q.sum(-1, keepdim=True) - q
 
     def sample_curvature(self, f, y):
         p = torch.softmax(f.reshape(-1, f.shape[-1]).double(), dim=-1)
