@@ -86,13 +86,15 @@ def pretrained_backbone(cache_dir: Path, seed: int = 0) -> nn.Module:
     return backbone
 
 
-def build_module(pl, backbone: nn.Module, num_classes: int, lr: float, momentum: float):
+def build_module(pl, backbone: nn.Module, num_classes: int, lr: float, momentum: float, head_only: bool = False):
     class FineTuner(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(1)
             self.backbone = backbone
             self.head = nn.Linear(64, num_classes)
+            if head_only:
+                self.backbone.requires_grad_(False)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.backbone(x))
@@ -110,7 +112,8 @@ def build_module(pl, backbone: nn.Module, num_classes: int, lr: float, momentum:
             self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=lr, momentum=momentum)
+            params = [p for p in self.parameters() if p.requires_grad]
+            return torch.optim.SGD(params, lr=lr, momentum=momentum)
 
     return FineTuner()
 
@@ -124,6 +127,7 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=300, help="fine-tuning images (digits 5-9)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "finetune_digits")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / "runs" / "cache")
+    parser.add_argument("--head-only", action="store_true", help="freeze the backbone (a linear model)")
     parser.add_argument("--lightning", action="store_true", help="use lightning.pytorch instead of pytorch_lightning")
     args = parser.parse_args()
 
@@ -140,7 +144,7 @@ def main() -> None:
     (x, y), (xv, yv) = load_digits_split(FINETUNE_CLASSES, args.train_size, seed=0)
     train = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=True, drop_last=False)
     val = DataLoader(TensorDataset(xv[:200], yv[:200]), batch_size=200)
-    model = build_module(pl, backbone, len(FINETUNE_CLASSES), args.lr, args.momentum)
+    model = build_module(pl, backbone, len(FINETUNE_CLASSES), args.lr, args.momentum, args.head_only)
 
     predictor = TrainingTimePredictor(
         epsilons=(0.1, 0.01),

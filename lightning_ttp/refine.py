@@ -147,10 +147,13 @@ def refine_curve(
     *,
     band: tuple[np.ndarray, np.ndarray] | None = None,
     observed_steps: Sequence[int] | np.ndarray | None = None,
-    warp_prior: float = 0.5,
+    warp_prior: float = 0.3,
     scale_prior: float = 0.2,
+    offset_prior: float = 0.1,
+    gate: float = 2.0,
     noise: float | None = None,
     warp_bounds: tuple[float, float] = (0.1, 10.0),
+    horizon: int | None = None,
 ) -> Refinement:
     """Fit time warp, decrease scale and level of ``predicted`` to the observed losses.
 
@@ -161,8 +164,17 @@ def refine_curve(
         band: optional ``(low, high)`` predicted band, mapped like the curve.
         warp_prior: standard deviation of ``log a`` under the prior (larger: trust data more).
         scale_prior: standard deviation of ``log s`` under the prior.
+        offset_prior: standard deviation of ``y_0 - P(0)`` under the prior, relative to the
+            predicted decrease ``|P(0) - P(T)|`` (the prediction knows the loss at step 0).
+        gate: evidence gate on the warp: the fitted ``log a`` is multiplied by
+            ``z²/(z² + gate²)`` where ``z`` is its posterior z-score, so a warp the data do not
+            clearly support stays near 1 (0 disables the gate).
         noise: standard deviation of one observed loss; estimated from the data if None.
         warp_bounds: allowed range of the warp ``a``.
+        horizon: the run's last step T (default ``len(predicted) - 1``). Pass a prediction
+            simulated *beyond* the run (e.g. to 2T) and ``horizon=T``: a run that is faster
+            than predicted (``a > 1``) then follows the predicted curve past T instead of
+            holding its last value.
 
     Returns:
         A :class:`Refinement` over the same steps ``0..T``. With no observations it is the
@@ -185,46 +197,71 @@ def refine_curve(
         raise ValueError(f"observed_steps has {t_obs.size} entries but observed has {obs.size}.")
     keep = np.isfinite(obs)
     obs, t_obs = obs[keep], t_obs[keep]
-    steps = np.arange(pred.size)
-    grid = steps.astype(np.float64)
+    grid = np.arange(pred.size, dtype=np.float64)
+    last = pred.size - 1 if horizon is None else int(horizon)
+    if not 1 <= last <= pred.size - 1:
+        raise ValueError(f"horizon must be in [1, {pred.size - 1}] (the predicted steps), got {horizon}.")
+    steps = np.arange(last + 1)
 
     def curve_at(source: np.ndarray, times: np.ndarray) -> np.ndarray:
-        return np.interp(times, grid, source)  # held at the ends
+        return np.interp(times, grid, source)  # held at its last value beyond the horizon
 
-    decrease_scale = max(abs(pred[0] - pred[-1]), 1e-12)
+    decrease_scale = max(abs(pred[0] - pred[last]), 1e-12)
     if obs.size == 0:
-        return Refinement(1.0, 1.0, float(pred[0]), steps, pred.copy(), band, 0, float("nan"))
+        run_band = None if band is None else (np.asarray(band[0])[: last + 1], np.asarray(band[1])[: last + 1])
+        return Refinement(1.0, 1.0, float(pred[0]), steps, pred[: last + 1].copy(), run_band, 0, float("nan"))
 
     sigma = float(noise) if noise is not None else _noise_scale(obs, 1e-3 * decrease_scale)
+    # the predicted band says how far a single real run may stray from the expected curve by
+    # chance (mini-batch order): that spread is model uncertainty, not evidence of a warp
+    spread = np.zeros_like(t_obs)
+    if band is not None:
+        low, high = (np.asarray(b, dtype=np.float64) for b in band)
+        if low.shape == pred.shape and high.shape == pred.shape:
+            spread = curve_at((high - low) / (2 * 1.645), t_obs)  # 5-95 % band -> one sd
+    scale_t = np.sqrt(sigma**2 + spread**2)
     p0 = pred[0]
+    offset_sd = offset_prior * decrease_scale
 
     def model(theta: np.ndarray, times: np.ndarray, source: np.ndarray = pred) -> np.ndarray:
-        log_a, log_s, y0 = theta
-        return y0 - np.exp(log_s) * (p0 - curve_at(source, np.exp(log_a) * times))
+        log_a, log_s, delta = theta
+        return p0 + delta - np.exp(log_s) * (source[0] - curve_at(source, np.exp(log_a) * times))
 
     def residuals(theta: np.ndarray) -> np.ndarray:
-        data = (model(theta, t_obs) - obs) / sigma
-        prior = np.array([theta[0] / warp_prior, theta[1] / scale_prior])
+        data = (model(theta, t_obs) - obs) / scale_t
+        prior = np.array([theta[0] / warp_prior, theta[1] / scale_prior, theta[2] / offset_sd])
         return np.concatenate([data, prior])
 
     lo, hi = np.log(warp_bounds[0]), np.log(warp_bounds[1])
-    x0 = np.array([0.0, 0.0, float(obs[0]) if t_obs[0] == 0 else float(p0)])
     bounds = ([lo, np.log(0.05), -np.inf], [hi, np.log(20.0), np.inf])
     best = None
     # the warp makes the objective piecewise-linear in log a: try a few starts
     for start in (0.0, -0.5, 0.5):
-        x0[0] = start
-        fit = least_squares(residuals, x0, bounds=bounds, method="trf", x_scale=[0.3, 0.3, decrease_scale])
+        x0 = np.array([start, 0.0, 0.0])
+        fit = least_squares(residuals, x0, bounds=bounds, method="trf", x_scale=[0.3, 0.3, offset_sd])
         if best is None or fit.cost < best.cost:
             best = fit
     assert best is not None
-    theta = best.x
-    refined = model(theta, grid)
+    theta = best.x.copy()
+    run_grid = steps.astype(np.float64)
+    # evidence gate: with few or noisy observations the MAP warp still wanders within its
+    # posterior uncertainty; shrink it towards the prediction unless it is significant
+    # (weight z²/(z² + gate²), z = log a / posterior sd of log a from the Gauss-Newton Hessian)
+    z = np.inf
+    try:
+        cov = np.linalg.pinv(best.jac.T @ best.jac)
+        sd = float(np.sqrt(max(cov[0, 0], 1e-300)))
+        z = abs(theta[0]) / sd
+    except (np.linalg.LinAlgError, ValueError):  # pragma: no cover - degenerate Jacobian
+        pass
+    if gate > 0 and np.isfinite(z):
+        theta[0] *= z**2 / (z**2 + gate**2)
+    refined = model(theta, run_grid)
     refined_band = None
     if band is not None:
-        low, high = (np.asarray(b, dtype=np.float64) for b in band)
-        refined_band = (model(theta, grid, low), model(theta, grid, high))
-        # the curve maps p0 -> y0; the band maps its own value at 0 relative to p0
+        low, high = (np.asarray(b, dtype=np.float64)[: last + 1] for b in band)
+        # the band keeps its offsets from the expected curve
+        refined_band = (refined - (pred[: last + 1] - low), refined + (high - pred[: last + 1]))
     return Refinement(
         warp=float(np.exp(theta[0])),
         scale=float(np.exp(theta[1])),
@@ -234,4 +271,5 @@ def refine_curve(
         loss_band=refined_band,
         num_observed=int(obs.size),
         noise=sigma,
+        extra={"warp_z": float(z) if np.isfinite(z) else None},
     )
