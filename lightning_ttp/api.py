@@ -578,23 +578,25 @@ def _collect(data, num_samples, target_fn, batch_size, seed):
         shuffle = not isinstance(loader.sampler, torch.utils.data.SequentialSampler)
         xs, ys, got = [], [], 0
         want = num_samples or 256
-        counted = 0
-        for batch in loader:
-            x, y = _split_batch(batch, target_fn)
-            k = _num(x)
-            if bs is None:
-                bs = k
-            counted += k
-            if got < want:
+        # Iterating a shuffling loader draws from torch's global RNG: keep the user's RNG state.
+        with torch.random.fork_rng(devices=[]):
+            for batch in loader:
+                x, y = _split_batch(batch, target_fn)
+                k = _num(x)
+                if bs is None:
+                    bs = k
                 take = min(k, want - got)
                 xs.append(_index(x, torch.arange(take)))
                 ys.append(torch.as_tensor(y)[:take])
                 got += take
-            elif n_total is not None:
-                break
+                if got >= want:
+                    break
         if got == 0:
             raise ValueError("the DataLoader yielded no samples: the data is empty")
-        n_total = n_total if n_total is not None else counted
+        if n_total is None:
+            warnings.warn("the dataset has no len(): assuming it holds only the samples read for the kernel",
+                          stacklevel=3)
+            n_total = got
         return _cat(xs), torch.cat(ys), n_total, bs, drop_last, shuffle
     if isinstance(data, (list, tuple)) and len(data) == 2:
         x, y = data

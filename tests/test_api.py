@@ -85,6 +85,10 @@ def test_dataloader_minibatches_and_what_if():
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=False)
     pred = predict_training_time(model, loader, opt, 20, num_paths=2)
+    shuffled = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True)
+    state = torch.random.get_rng_state()
+    predict_training_time(model, shuffled, opt, 5, num_samples=16, num_paths=2)
+    assert torch.equal(state, torch.random.get_rng_state())  # the user's RNG stream is untouched
     m = features_model()
     real = train(m, x, y, torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.5), F.cross_entropy, 20, batch_size=8)
     # Unshuffled loader: every Monte Carlo path sees the same batches as the real run -> exact.
