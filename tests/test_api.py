@@ -177,3 +177,18 @@ def test_stability_warning_and_adam_approximation():
     assert pred.loss[0] == pytest.approx(real[0], rel=1e-9)
     drop_p, drop_r = pred.loss[0] - pred.loss[-1], real[0] - real[-1]
     assert 0.5 < drop_p / drop_r < 2.0
+
+
+def test_unknown_optimizer_and_plateau_scheduler_warn():
+    x, y = data()
+    model = features_model()
+    opt = torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=0.5)
+    with pytest.warns(UserWarning, match="unknown optimiser RMSprop"):
+        spec = OptimizerSpec.from_optimizer(opt)
+    assert spec.kind == "sgd" and spec.groups[0].momentum == 0.5 and spec.groups[0].lr == 0.01
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    with pytest.warns(UserWarning, match="ReduceLROnPlateau"):
+        lrs = lr_schedule_from_scheduler(plateau, 4)
+    np.testing.assert_array_equal(lrs, np.full((4, 1), 0.01))
+    with pytest.raises(ValueError, match="maximize"):
+        OptimizerSpec.from_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, maximize=True))
