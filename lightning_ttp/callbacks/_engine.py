@@ -21,8 +21,29 @@ __all__ = ["EngineResult", "predict", "prediction_from_dict"]
 
 @dataclass
 class EngineResult:
+    """The run's prediction (steps 0..T), the same simulation continued to ``extend``·T
+    (used only by the closed-loop refinement, for runs faster than predicted) and the
+    what-if rows."""
+
     prediction: Any
     what_if: list[dict[str, Any]] = field(default_factory=list)
+    extended_loss: list[float] | None = None
+    extended_band: list[list[float]] | None = None
+
+
+def _truncate(prediction: Any, steps: int) -> Any:
+    """The first ``steps`` optimiser steps of a longer prediction (same simulation)."""
+    from ..prediction import Prediction
+
+    keep = slice(0, steps + 1)
+
+    def cut(band: Any) -> Any:
+        return None if band is None else (band[0][keep], band[1][keep])
+
+    error = prediction.error
+    return Prediction(prediction.steps[keep], prediction.loss[keep], cut(prediction.loss_band),
+                      None if error is None else error[keep], cut(prediction.error_band),
+                      dict(prediction.diagnostics))
 
 
 def prediction_from_dict(data: dict[str, Any]) -> Any:
@@ -47,6 +68,7 @@ def predict(
     seed: int,
     what_if: Mapping[str, Sequence[float]],
     epsilons: Sequence[float],
+    extend: float = 2.0,
 ) -> EngineResult:
     """Estimate the kernel once (:func:`lightning_ttp.api.estimate_kernel`), simulate the
     planned run and every what-if variant on it (:func:`lightning_ttp.api.simulate`)."""
@@ -67,8 +89,14 @@ def predict(
     )
     common = dict(method=method, num_paths=num_paths, seed=seed, dataset_size=plan.dataset_size,
                   drop_last=plan.drop_last, shuffle=plan.shuffle)
-    prediction = simulate(kernel, spec, plan.steps, plan.effective_batch_size, lr_schedule=plan.lr_schedule,
-                          **common)
+    # one simulation to extend·T (the lr held at its last value after T); the run's prediction
+    # is its prefix 0..T, identical to a T-step simulation (the simulators are causal)
+    long_steps = max(plan.steps, int(round(extend * plan.steps)))
+    schedule = plan.lr_schedule
+    if long_steps > plan.steps:
+        schedule = np.concatenate([schedule, np.repeat(schedule[-1:], long_steps - plan.steps, axis=0)])
+    extended = simulate(kernel, spec, long_steps, plan.effective_batch_size, lr_schedule=schedule, **common)
+    prediction = _truncate(extended, plan.steps) if long_steps > plan.steps else extended
     rows: list[dict[str, Any]] = []
     base_lrs = np.asarray([g.lr for g in spec.groups], dtype=np.float64)
     for key, values in what_if.items():
@@ -91,4 +119,10 @@ def predict(
                     "final_loss": float(np.asarray(result.loss)[-1]),
                 }
             )
-    return EngineResult(prediction=prediction, what_if=rows)
+    band = extended.loss_band
+    return EngineResult(
+        prediction=prediction,
+        what_if=rows,
+        extended_loss=np.asarray(extended.loss).tolist(),
+        extended_band=None if band is None else [np.asarray(band[0]).tolist(), np.asarray(band[1]).tolist()],
+    )

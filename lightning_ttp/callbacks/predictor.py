@@ -192,6 +192,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         self.strict = strict
 
         self._prediction: Any = None
+        self._extended: dict[str, Any] = {}
         #: (steps, param groups) learning rates the prediction assumed (set at fit start)
         self.lr_schedule: np.ndarray | None = None
         self._refinement: Refinement | None = None
@@ -448,6 +449,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         return _builtin({
             "prediction": None if self._prediction is None else self._prediction.to_dict(),
             "refinement": None if self._refinement is None else self._refinement.to_dict(),
+            "extended": self._extended,
             "plan": self._plan,
             "what_if": self._what_if_table,
             "cost_seconds": self._cost_seconds,
@@ -460,6 +462,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
 
         data = state_dict.get("prediction")
         self._prediction = None if data is None else prediction_from_dict(data)
+        self._extended = dict(state_dict.get("extended") or {})
         ref = state_dict.get("refinement")
         self._refinement = None if ref is None else Refinement.from_dict(ref)
         self._plan = state_dict.get("plan")
@@ -530,6 +533,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         plan_info["num_samples"] = n
         return {
             "prediction": result.prediction.to_dict(),
+            "extended": {"loss": result.extended_loss, "band": result.extended_band},
             "what_if": result.what_if,
             "plan": plan_info,
             "cost_seconds": cost,
@@ -539,6 +543,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         from ._engine import prediction_from_dict
 
         self._prediction = prediction_from_dict(payload["prediction"])
+        self._extended = payload.get("extended") or {}
         self._what_if_table = list(payload.get("what_if") or [])
         self._plan = payload["plan"]
         self._cost_seconds = payload.get("cost_seconds")
@@ -558,11 +563,15 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             self._flush()
             if len(self.observed_losses) < 2:
                 return
-            band = self._prediction.loss_band
+            # the simulation continued past the run (to 2T) lets a faster-than-predicted run
+            # follow the predicted curve beyond T
+            loss = self._extended.get("loss") or self._prediction.loss
+            band = self._extended.get("band") if self._extended.get("loss") else self._prediction.loss_band
             self._refinement = refine_curve(
-                np.asarray(self._prediction.loss, dtype=np.float64),
+                np.asarray(loss, dtype=np.float64),
                 self.observed_losses,
                 band=None if band is None else (np.asarray(band[0]), np.asarray(band[1])),
+                horizon=len(self._prediction.loss) - 1,
             )
         except Exception as exc:  # noqa: BLE001
             self._fail("closed-loop refinement", exc)
