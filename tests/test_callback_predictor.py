@@ -421,3 +421,38 @@ def test_ddp_spawn_two_processes_identical_predictions(tmp_path):
     rows = _read_csv(str(tmp_path))
     logged = [r for r in rows if r.get("ttp/predicted_loss")]
     assert len(logged) == 5  # steps 0..4, written once (rank zero), not once per rank
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_linear_model_full_batch_observed_equals_predicted(ns, tmp_path):
+    """A model linear in its parameters, GD with momentum and a step schedule, the full batch
+    split in two accumulated micro-batches: the callback's observed per-step losses must be
+    the predicted curve itself (checks step alignment, loss scaling, schedule, refinement)."""
+    pl = _ns(ns)
+    x, y = _data(n=64)
+
+    class Linear(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Linear(6, 3)
+
+        def forward(self, inputs):
+            return self.net(inputs)
+
+        def training_step(self, batch, batch_idx):
+            inputs, targets = batch
+            return nn.functional.cross_entropy(self(inputs), targets)
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.5)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    cb = _quiet_predictor(num_samples=64, refine_every=4)
+    trainer = _trainer(ns, tmp_path, max_steps=12, accumulate_grad_batches=2, callbacks=[cb])
+    trainer.fit(Linear(), DataLoader(TensorDataset(x, y), batch_size=32))
+    assert cb.plan["effective_batch_size"] == 64 and cb.prediction.diagnostics["full_batch"]
+    np.testing.assert_allclose(cb.observed_losses, cb.prediction.loss[:12], rtol=1e-4)
+    assert cb.refinement is not None and cb.refinement.warp == pytest.approx(1.0, abs=0.02)
+    assert cb.real_training_time(0.1) == cb.prediction.training_time(0.1)

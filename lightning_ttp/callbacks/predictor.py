@@ -408,15 +408,16 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
                 loss = loss * trainer.accumulate_grad_batches  # Lightning divided it for accumulation
             self._micro.append(loss.detach())
         step = trainer.global_step
+        if self._last_global_step is None:  # defensive: on_train_start normally sets it
+            self._last_global_step = step
         if step == self._last_global_step:
-            return  # still accumulating
-        first = self._last_global_step is None
+            return  # the optimiser has not stepped yet: accumulating micro-batches
         self._last_global_step = step
         now = time.perf_counter()
         if self._micro:
             self._pending.append(self._micro[0] if len(self._micro) == 1 else torch.stack(self._micro).mean())
             self._micro = []
-        if not first and self._last_step_time is not None:
+        if self._last_step_time is not None:
             self._steps_timed += 1
             if self._steps_timed > self.warmup_steps:
                 self._step_times.append(now - self._last_step_time)
@@ -427,6 +428,11 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             self._refine_now()
         if trainer.is_global_zero and step % max(1, trainer.log_every_n_steps) == 0:
             self._log_progress(trainer, step)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # optimiser steps are counted from here: global_step changes after each one
+        self._last_global_step = trainer.global_step
+        self._last_step_time = time.perf_counter()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self._prediction is None:
