@@ -45,6 +45,7 @@ from lightning_ttp.spectral import (  # noqa: E402
 )
 
 CHECKPOINTS = (10, 20, 30)
+DEFAULT_GAMMA = SpectralConfig().gamma_scale
 CKPT = 10
 MAX_SUCCESS_KILLED = 0.05
 
@@ -309,9 +310,11 @@ def ours_kill(
 def calibration_grid() -> list[SpectralConfig]:
     grid = []
     for t0, eta, t2, delta in itertools.product(
-        (3, 5), (5.0, 20.0, 80.0), (1.8, 2.2, 2.6, 10.0), (0.0, 1e-3, 5e-3)
+        (3, 5), (5.0, 20.0, 80.0), (1.8, 2.2, 2.6, 10.0), (1e-4, 0.0, 1e-3, 5e-3)
     ):
-        grid.append(SpectralConfig(t0=t0, eta=eta, t2=t2, delta=delta, gamma_scale=0.05))
+        # δ = 1e-4 first: on ties it wins over δ = 0, where float rounding of a frozen
+        # spectrum (s_s = ±1e-9) would decide whether the saturation rule fires
+        grid.append(SpectralConfig(t0=t0, eta=eta, t2=t2, delta=delta, gamma_scale=DEFAULT_GAMMA))
     return grid
 
 

@@ -77,7 +77,7 @@ def make_module(ns: str, init: str = "healthy"):
 
 def loaders(val: bool = True, val_x: torch.Tensor | None = None):
     g = torch.Generator().manual_seed(0)
-    train = DataLoader(TensorDataset(*TRAIN), batch_size=32, shuffle=True, generator=g)
+    train = DataLoader(TensorDataset(*TRAIN), batch_size=48, shuffle=True, generator=g)
     if not val:
         return train, None
     vx = VAL[0] if val_x is None else val_x
@@ -114,22 +114,22 @@ def fit(ns: str, cb: EarlyGiveUp, init: str = "healthy", max_epochs: int = 7, va
 
 @pytest.mark.parametrize("ns", NAMESPACES)
 def test_dead_init_is_stopped_at_the_checkpoint_and_healthy_is_not(ns, caplog):
-    cb = EarlyGiveUp(checkpoint_epoch=4)
+    cb = EarlyGiveUp(checkpoint_epoch=3)
     with caplog.at_level(logging.INFO):
-        t, _ = fit(ns, cb, "dead", max_epochs=8)
+        t, _ = fit(ns, cb, "dead", max_epochs=6)
     assert cb.gave_up and cb.decision is not None and cb.decision.kind in ("dead", "saturated")
-    assert t.current_epoch == 4  # stopped after the 4th epoch, not at max_epochs=8
+    assert t.current_epoch == 3  # stopped after the 3rd epoch, not at max_epochs=6
     assert cb.reason and cb.reason in caplog.text
-    assert [h["epoch"] for h in cb.history] == [1, 2, 3, 4]
+    assert [h["epoch"] for h in cb.history] == [1, 2, 3]
     assert "give_up/s_F" in t.callback_metrics and "give_up/s_o" in t.callback_metrics
 
-    healthy = EarlyGiveUp(checkpoint_epoch=4)
-    t, _ = fit(ns, healthy, "healthy", max_epochs=6)
+    healthy = EarlyGiveUp(checkpoint_epoch=3)
+    t, _ = fit(ns, healthy, "healthy", max_epochs=4)
     assert not healthy.gave_up and healthy.decision.kind == "continue"
-    assert t.current_epoch == 6 and len(healthy.history) == 6
+    assert t.current_epoch == 4 and len(healthy.history) == 4
     # the healthy run's accuracy was computed by the callback and enters s_Fv
     last = healthy.history[-1]
-    assert last["v_t"] > 0.7 and math.isfinite(last["s_Fv"])
+    assert last["v_t"] > 0.6 and math.isfinite(last["s_Fv"])  # a dead init stays at ~0.1
     assert float(t.callback_metrics["give_up/v_t"]) == pytest.approx(last["v_t"], abs=1e-6)
 
 
@@ -140,16 +140,16 @@ def test_callback_is_an_instance_of_both_namespaces():
 
 def test_warn_mode_only_logs_and_hook_fires(capsys):
     seen = []
-    cb = EarlyGiveUp(checkpoint_epoch=3, mode="warn", on_give_up=lambda tr, m, d: seen.append(d.kind))
-    t, _ = fit("pytorch_lightning", cb, "dead", max_epochs=5)
+    cb = EarlyGiveUp(checkpoint_epoch=2, mode="warn", on_give_up=lambda tr, m, d: seen.append(d.kind))
+    t, _ = fit("pytorch_lightning", cb, "dead", max_epochs=4)
     assert cb.gave_up and seen == [cb.decision.kind]
-    assert t.current_epoch == 5  # not stopped
+    assert t.current_epoch == 4  # not stopped
 
 
 def test_min_epochs_is_respected():
     cb = EarlyGiveUp(checkpoint_epoch=2)
-    t, _ = fit("pytorch_lightning", cb, "dead", max_epochs=8, min_epochs=5)
-    assert cb.gave_up and t.current_epoch == 5
+    t, _ = fit("pytorch_lightning", cb, "dead", max_epochs=6, min_epochs=4)
+    assert cb.gave_up and t.current_epoch == 4
 
 
 def test_user_accuracy_metric_is_used():
@@ -236,7 +236,7 @@ def test_optuna_trial_is_reported_and_pruned():
 
     def objective(trial):
         cb = EarlyGiveUp(checkpoint_epoch=3, trial=trial)
-        fit("lightning.pytorch", cb, "dead", max_epochs=6)
+        fit("lightning.pytorch", cb, "dead", max_epochs=5)
         return 0.0
 
     study = optuna.create_study(direction="maximize")

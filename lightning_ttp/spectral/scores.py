@@ -74,22 +74,28 @@ class SpectralConfig:
         t2: saturation threshold on s_ot in eq. (7)/(8). Paper: not given.
         delta: saturation threshold on s_st in eq. (7)/(8). Paper: not given.
         gamma_scale: γ = gamma_scale · v_t · t in eq. (8). Paper: 2e-4 (for its s_t of order 10^2;
-            our ``"rank"`` s_t is of order 1, hence 0.05).
+            our ``"rank"`` s_t is of order 1, hence 0.01).
         normalize: ``"rank"`` (default) or ``"paper"``, see the module docstring.
         t1: give-up threshold on s_F at the checkpoint. Paper: 0.25.
 
-    Defaults (``normalize="rank"``) were calibrated on the held-out seeds of
-    ``benchmarks/give_up.py`` (see ``docs/give_up.md`` for the numbers).
+    Defaults (``normalize="rank"``) were calibrated on the calibration seeds (1000) of
+    ``benchmarks/give_up.py --quick`` (Shell DA-I, Shell DA-II, digits), never on the
+    evaluated seeds: t0, η, t2, δ, t1 = the label-free rule with the most mean compute saved
+    such that on every calibration population <= 5 % of the successful runs are killed
+    (t0 = 3, η = 5, t2 = 2.2, δ = 1e-4, t1 = 0.45); gamma_scale = the value with the best mean
+    Spearman of s_Fv at epoch 10 (0.01). t2 = 2.2 means a compression fraction
+    log(s_o) >= 0.79 of the maximum log r; δ = 1e-4 means "c grows by less than 1e-4 per round".
+    See ``docs/give_up.md``.
     """
 
-    t0: int = 5
+    t0: int = 3
     beta: float = 1.0
-    eta: float = 20.0
-    t2: float = 1.35
-    delta: float = 1e-3
-    gamma_scale: float = 0.05
+    eta: float = 5.0
+    t2: float = 2.2
+    delta: float = 1e-4
+    gamma_scale: float = 0.01
     normalize: Normalize = "rank"
-    t1: float = 0.25
+    t1: float = 0.45
 
     def __post_init__(self) -> None:
         if int(self.t0) != self.t0 or self.t0 < 1:
@@ -109,7 +115,8 @@ class SpectralConfig:
     def paper(cls, **overrides: float | int | str) -> SpectralConfig:
         """The paper's constants: β = 1, η = 3.5e3, γ = 2e-4·v_t·t, t1 = 0.25, d_l-normalised.
 
-        t0, t2 and δ are not in the paper; the values here are our calibration for this mode.
+        t0, t2 and δ are not in the paper; t0 = 5, t2 = 4 (mean σ <= 1/4) and δ = 1e-5 here are
+        set by hand, not calibrated.
         """
         base = cls(
             t0=5, beta=1.0, eta=3.5e3, t2=4.0, delta=1e-5, gamma_scale=2e-4, normalize="paper", t1=0.25
