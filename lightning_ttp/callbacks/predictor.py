@@ -109,7 +109,10 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             ``{"lr": [0.01, 0.1], "batch_size": [16, 64], "momentum": [0.0, 0.9]}``
             (one key varied at a time); table printed at fit start, see :attr:`what_if_table`.
         refine: refine the prediction from the observed losses (closed loop).
-        refine_every: refine every this many optimiser steps (default: ~2 % of the run).
+        refine_every: refine every this many optimiser steps (default: ~2 % of the run). The
+            refinement is also time-budgeted: it never takes more than ``refine_budget`` of
+            the training wall clock (one refit costs ~10–30 ms).
+        refine_budget: maximal share of the wall clock spent refining (default 0.5 %).
         warmup_steps: optimiser steps ignored when measuring seconds per step.
         log_curve: write the predicted curve to the loggers at fit start.
         max_curve_points: at most this many points of the predicted curve are logged
@@ -136,6 +139,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         what_if: Mapping[str, Sequence[float]] | None = None,
         refine: bool = True,
         refine_every: int | None = None,
+        refine_budget: float = 0.005,
         warmup_steps: int = 3,
         log_curve: bool = True,
         max_curve_points: int = 5000,
@@ -166,6 +170,8 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
                 raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}.")
         if refine_every is not None and (not isinstance(refine_every, int) or refine_every < 1):
             raise ValueError(f"refine_every must be None or an int >= 1, got {refine_every!r}.")
+        if not 0.0 < refine_budget <= 1.0:
+            raise ValueError(f"refine_budget must be in (0, 1], got {refine_budget!r}.")
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}.")
         if not isinstance(max_curve_points, int) or max_curve_points < 2:
@@ -184,6 +190,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         self.target_fn = target_fn
         self.refine = refine
         self.refine_every = refine_every
+        self.refine_budget = refine_budget
         self.warmup_steps = warmup_steps
         self.log_curve = log_curve
         self.max_curve_points = max_curve_points
@@ -239,7 +246,9 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         self._steps_timed = 0
         self._sps_cache: tuple[int, float | None] = (-1, None)
         self._last_refined_at = -1
+        self._next_refine_time = 0.0
         self._status_cache: tuple[Any, str | None] = (None, None)
+        self._converge_cache: dict[float, int | None] = {}  # cleared when the curve changes
         self._fit_start_time: float | None = None
 
     # ------------------------------------------------------------------ public API
@@ -274,17 +283,20 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
     def converge_step(self, eps: float | None = None) -> int | None:
         """Predicted ε-training-time (refined when available) in optimiser steps."""
         eps = self.epsilons[0] if eps is None else eps
-        if self._refinement is not None:
-            return _training_time(self._refinement, eps)
-        if self._prediction is None:
+        source = self._refinement if self._refinement is not None else self._prediction
+        if source is None:
             return None
-        return _training_time(self._prediction, eps)
+        if eps not in self._converge_cache:  # O(T): once per prediction/refinement, not per step
+            self._converge_cache[eps] = _training_time(source, eps)
+        return self._converge_cache[eps]
 
     def seconds_per_step(self) -> float | None:
         """Median seconds per optimiser step after the warm-up steps (None before)."""
         n = self._steps_timed
-        if self._sps_cache[0] == n:
-            return self._sps_cache[1]
+        cached_n, cached = self._sps_cache
+        # the median of the last 256 steps moves slowly: recompute every 16 new steps
+        if cached_n >= 0 and (n == cached_n or (cached is not None and n - cached_n < 16)):
+            return cached
         value = float(np.median(self._step_times)) if self._step_times else None
         self._sps_cache = (n, value)
         return value
@@ -423,9 +435,11 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
                 self._step_times.append(now - self._last_step_time)
         self._last_step_time = now
         every = self.refine_every or max(1, self.planned_steps // 50 if self.planned_steps else 10)
-        if self.refine and step - self._last_refined_at >= every:
+        if self.refine and step - self._last_refined_at >= every and now >= self._next_refine_time:
             self._last_refined_at = step
             self._refine_now()
+            # time budget: wait cost/budget seconds before the next refit
+            self._next_refine_time = now + (time.perf_counter() - now) / self.refine_budget
         if trainer.is_global_zero and step % max(1, trainer.log_every_n_steps) == 0:
             self._log_progress(trainer, step)
 
@@ -468,6 +482,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
 
         data = state_dict.get("prediction")
         self._prediction = None if data is None else prediction_from_dict(data)
+        self._converge_cache.clear()
         self._extended = dict(state_dict.get("extended") or {})
         ref = state_dict.get("refinement")
         self._refinement = None if ref is None else Refinement.from_dict(ref)
@@ -549,6 +564,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         from ._engine import prediction_from_dict
 
         self._prediction = prediction_from_dict(payload["prediction"])
+        self._converge_cache.clear()
         self._extended = payload.get("extended") or {}
         self._what_if_table = list(payload.get("what_if") or [])
         self._plan = payload["plan"]
@@ -573,6 +589,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             # follow the predicted curve beyond T
             loss = self._extended.get("loss") or self._prediction.loss
             band = self._extended.get("band") if self._extended.get("loss") else self._prediction.loss_band
+            self._converge_cache.clear()
             self._refinement = refine_curve(
                 np.asarray(loss, dtype=np.float64),
                 self.observed_losses,
