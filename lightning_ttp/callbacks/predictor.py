@@ -447,6 +447,8 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         # optimiser steps are counted from here: global_step changes after each one
         self._last_global_step = trainer.global_step
         self._last_step_time = time.perf_counter()
+        # a refit costs ~10-30 ms: the first one waits until that is within the time budget
+        self._next_refine_time = self._last_step_time + 0.02 / self.refine_budget
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self._prediction is None:
