@@ -58,6 +58,10 @@ class Loss:
         """max_i λ_max(∂²ℓ_i/∂f_i²): the loss curvature used by the stability diagnostic."""
         raise NotImplementedError
 
+    def sample_hessian(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample Hessians ∂²ℓ_i/∂f_i² (N, C, C) for f of shape (N, C), or ``None`` if unknown."""
+        return None
+
     def error(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """Training error (1 − accuracy), shape ``f.shape[:-2]``; ``None`` for regression."""
         return None
@@ -118,6 +122,10 @@ class CrossEntropy(Loss):
         value = -(q * logp).sum(-1).mean(-1)
         return value, logp.exp() * q.sum(-1, keepdim=True) - q
 
+    def sample_hessian(self, f, y):
+        p = torch.softmax(f.double(), dim=-1)
+        return (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) * self._q(f, y).double().sum(-1)[:, None, None]
+
     def sample_curvature(self, f, y):
         p = torch.softmax(f.reshape(-1, f.shape[-1]).double(), dim=-1)
         h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
@@ -152,6 +160,10 @@ class MSE(Loss):
     def sample_curvature(self, f, y):
         return 2.0 / f.shape[-1]
 
+    def sample_hessian(self, f, y):
+        n, c = f.shape
+        return torch.eye(c, dtype=torch.float64).expand(n, c, c) * (2.0 / c)
+
     def error(self, f, y):
         # One-hot regression targets (a common "MSE for classification" set-up): argmax error.
         if f.shape[-1] > 1 and bool(((y == 0) | (y == 1)).all()) and bool((y.sum(-1) == 1).all()):
@@ -182,6 +194,10 @@ class BCEWithLogits(Loss):
     def sample_curvature(self, f, y):
         s = torch.sigmoid(f)
         return float((s * (1 - s)).max()) / f.shape[-1] if f.numel() else 0.0
+
+    def sample_hessian(self, f, y):
+        s = torch.sigmoid(f.double())
+        return torch.diag_embed(s * (1 - s) / f.shape[-1])
 
     def error(self, f, y):
         return ((f > 0) != (y > 0.5)).to(f.dtype).mean(dim=(-1, -2))

@@ -4,10 +4,13 @@ Around f0 the discrete dynamics are those of a quadratic with Hessian (in functi
 H/N, H = block-diag of the per-sample loss Hessians ∂²ℓ_i/∂f_i². For a quadratic, GD is
 stable iff η λmax(Θ H)/N < 2; heavy ball with momentum m and dampening d iff
 η (1 − d) λ < 2 (1 + m); Nesterov iff η λ < 2 (1 + m)/(1 + 2m); Adam's EMA (m = d = β1) like
-heavy ball. We bound λmax(Θ H) ≤ λmax(Θ) · h with h = max_i λmax(∂²ℓ_i/∂f_i²) at f0
-(≤ 1/2 for cross-entropy, 2/C for MSE, 1/(4C) for BCE) and define per step
+heavy ball. Per step
 
-    ρ_t = λmax( Σ_g η_{g,t} Θ_g / a_g ) · h / N,    a_g the group's bound above (2 for GD),
+    ρ_t = λmax( H^{1/2} (Σ_g η_{g,t} Θ_g / a_g) H^{1/2} ) / N,   a_g the group's bound (2 for GD),
+
+computed exactly at f0 when the loss gives per-sample Hessians (cross-entropy, MSE, BCE) and
+N·C ≤ 3000 ("exact at f0"); otherwise bounded by λmax(Σ_g …) · h with
+h = max_i λmax(∂²ℓ_i/∂f_i²) (≤ 1/2 for cross-entropy, 2/C for MSE; "bound").
 
 ρ_t > 1 ⇒ the linearised model diverges (and the real network is far from linear). The
 "max stable lr" is the lr of the first group at which the most aggressive step reaches
@@ -52,6 +55,23 @@ def lambda_max(grams, weights, n: int, c: int) -> float:
     return float(eigsh(op, k=1, which="LA", return_eigenvectors=False, tol=1e-6, v0=v0)[0])
 
 
+def _hessian_sqrt(loss: Loss, f0: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    h = loss.sample_hessian(f0, y)
+    if h is None:
+        return None
+    evals, evecs = torch.linalg.eigh(h.double())
+    return evecs @ torch.diag_embed(evals.clamp_min(0).sqrt()) @ evecs.transpose(-1, -2)
+
+
+def _scale(gram: torch.Tensor, s: torch.Tensor, n: int, c: int) -> torch.Tensor:
+    """H^{1/2} Θ H^{1/2} with H^{1/2} block-diagonal (N blocks C×C); trace kernels become K ⊗ I_C."""
+    g = torch.as_tensor(gram, dtype=torch.float64)
+    if g.shape[0] == n and c > 1:
+        g = torch.kron(g, torch.eye(c, dtype=torch.float64))
+    g4 = g.reshape(n, c, n, c)
+    return torch.einsum("iab,ibjd,jed->iaje", s, g4, s).reshape(n * c, n * c)
+
+
 @_single_threaded
 def stability_report(f0, targets, grams, loss: Loss, spec: OptimizerSpec, lr_schedule, *,
                      cache: dict | None = None) -> dict:
@@ -68,12 +88,20 @@ def stability_report(f0, targets, grams, loss: Loss, spec: OptimizerSpec, lr_sch
     cache = {} if cache is None else cache
     if "curvature" not in cache:
         cache["curvature"] = float(loss.sample_curvature(f0, y))
+        cache["hessian_sqrt"] = _hessian_sqrt(loss, f0, y) if n * c <= 3000 else None
     h = cache["curvature"]
+    plain_grams = grams
+    if cache["hessian_sqrt"] is not None:
+        if "scaled_grams" not in cache:
+            cache["scaled_grams"] = [_scale(g, cache["hessian_sqrt"], n, c) for g in grams]
+        grams, h, mode = cache["scaled_grams"], 1.0, "exact at f0"
+    else:
+        mode = "bound"
     a = np.array([stability_bound(g, spec.kind) for g in spec.groups])
     plain = ("lambda",) + (1.0,) * len(grams)
-    if plain not in cache:
-        cache[plain] = lambda_max(grams, [1.0] * len(grams), n, c)
-    lam_plain = cache[plain] / n
+    if ("plain",) + plain not in cache:
+        cache[("plain",) + plain] = lambda_max(plain_grams, [1.0] * len(grams), n, c)
+    lam_plain = cache[("plain",) + plain] / n
     scaled = lrs / a[None, :]
     # Unique lr rows (schedules repeat values); ρ is homogeneous in the lrs.
     norms = scaled.max(1)
@@ -100,7 +128,8 @@ def stability_report(f0, targets, grams, loss: Loss, spec: OptimizerSpec, lr_sch
                f"dynamics (peak ρ = {rho[peak]:.2f} at step {peak}); the predicted curve diverges there")
     return {
         "lambda_max": lam_plain,
-        "loss_curvature": h,
+        "loss_curvature": cache["curvature"],
+        "curvature_mode": mode,
         "rho_max": float(rho.max()) if rho.size else 0.0,
         "max_stable_lr": max_lr,
         "unstable_steps": int(unstable.size),
