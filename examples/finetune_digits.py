@@ -5,15 +5,18 @@ downloaded:
 
 1. pre-train a small MLP backbone on digits 0–4 of ``sklearn.datasets.load_digits`` (once;
    the weights are cached under ``runs/cache/``),
-2. fine-tune it with PyTorch Lightning on 5 *other* classes (digits 5–9, a few hundred
-   images) with :class:`~lightning_ttp.callbacks.TrainingTimePredictor` and
-   :class:`~lightning_ttp.callbacks.ETAProgressBar` (and ``EarlyGiveUp``),
-3. print the predicted vs. real training time and save the plot
-   (``runs/finetune_digits/.../ttp_prediction.png``).
+2. fine-tune it with PyTorch Lightning on 5 *other* classes (digits 5–9, 200 images) with
+   :class:`~lightning_ttp.callbacks.TrainingTimePredictor` and
+   :class:`~lightning_ttp.callbacks.ETAProgressBar`, in two phases (the common "LP-FT"
+   recipe): a linear probe (new head, frozen backbone), then all layers (with a what-if
+   table and ``EarlyGiveUp`` watching the validation spectra),
+3. print for each phase the predicted vs. real training time — open loop at fit start and
+   closed loop after 10 / 25 / 50 % of the run — and save the plots
+   (``runs/finetune_digits/<phase>/version_*/ttp_prediction.png``).
 
 Usage::
 
-    python examples/finetune_digits.py [--steps 300] [--lr 0.05] [--batch-size 32] [--lightning]
+    python examples/finetune_digits.py [--steps 300] [--lr 0.02] [--batch-size 32] [--lightning]
 
 ``--lightning`` uses the ``lightning.pytorch`` namespace instead of ``pytorch_lightning``.
 """
@@ -86,15 +89,13 @@ def pretrained_backbone(cache_dir: Path, seed: int = 0) -> nn.Module:
     return backbone
 
 
-def build_module(pl, backbone: nn.Module, num_classes: int, lr: float, momentum: float, head_only: bool = False):
+def build_module(pl, backbone: nn.Module, head: nn.Module, lr: float, momentum: float, head_only: bool):
     class FineTuner(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            torch.manual_seed(1)
             self.backbone = backbone
-            self.head = nn.Linear(64, num_classes)
-            if head_only:
-                self.backbone.requires_grad_(False)
+            self.head = head
+            self.backbone.requires_grad_(not head_only)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.backbone(x))
@@ -102,7 +103,7 @@ def build_module(pl, backbone: nn.Module, num_classes: int, lr: float, momentum:
         def training_step(self, batch, batch_idx):
             x, y = batch
             loss = nn.functional.cross_entropy(self(x), y)
-            self.log("train_loss", loss, prog_bar=False)
+            self.log("train_loss", loss)
             return loss
 
         def validation_step(self, batch, batch_idx):
@@ -118,16 +119,74 @@ def build_module(pl, backbone: nn.Module, num_classes: int, lr: float, momentum:
     return FineTuner()
 
 
+def run_phase(pl, name: str, module, train, val, args, *, steps: int, what_if=None, give_up: bool = False) -> dict:
+    """One Lightning fit with the predictor and the ETA bar; prints predicted vs. real."""
+    from lightning_ttp import callbacks as ttp_callbacks
+    from lightning_ttp.callbacks import ETAProgressBar, TrainingTimePredictor
+    from lightning_ttp.refine import refine_curve
+
+    predictor = TrainingTimePredictor(epsilons=(0.1, 0.01), num_samples=args.kernel_samples, what_if=what_if)
+    callbacks = [predictor, ETAProgressBar(refresh_rate=10)]
+    if give_up and hasattr(ttp_callbacks, "EarlyGiveUp"):  # the other half of lightning_ttp
+        callbacks.append(ttp_callbacks.EarlyGiveUp(mode="warn", checkpoint_epoch=5))
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        max_steps=steps, accelerator="cpu", devices=1, callbacks=callbacks,
+        logger=pl.loggers.CSVLogger(args.out, name=name.replace(" ", "_")),
+        enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=10,
+        num_sanity_val_steps=0, limit_val_batches=None if val is not None else 0,
+    )
+    print(f"\n[demo] ===== {name}: {steps} optimiser steps =====")
+    start = time.perf_counter()
+    trainer.fit(module, train, val)
+    fit_seconds = time.perf_counter() - start
+    pred = predictor.prediction
+    if pred is None:
+        raise SystemExit("[demo] the prediction failed; see the warning above.")
+    sps = predictor.seconds_per_step() or fit_seconds / max(trainer.global_step, 1)
+    observed = predictor.observed_losses
+    # closed loop: what the refined prediction said after 10 / 25 / 50 % of the run
+    snapshots = {}
+    for frac in (0.1, 0.25, 0.5):
+        k = int(frac * steps)
+        snapshots[frac] = refine_curve(predictor._extended.get("loss") or pred.loss, observed[:k],
+                                       band=predictor._extended.get("band") or pred.loss_band, horizon=steps)
+    rows = []
+    fmt = lambda v: "n/a" if v is None else str(v)  # noqa: E731
+    print(f"\n[demo] {name}: optimiser steps to converge (ε-training-time) and time")
+    print(f"{'ε':>6} {'predicted':>10} {'@10%':>6} {'@25%':>6} {'@50%':>6} {'real':>6}   "
+          f"{'predicted time':>14} {'real time':>10}")
+    for eps in predictor.epsilons:
+        p = pred.training_time(eps)
+        refined = {f: r.training_time(eps) for f, r in snapshots.items()}
+        real = predictor.real_training_time(eps)
+        rows.append({"eps": eps, "predicted": p, "refined": {str(f): v for f, v in refined.items()}, "real": real})
+        ptime = "n/a" if p is None else f"{p * sps:.1f} s"
+        rtime = "n/a" if real is None else f"{real * sps:.1f} s"
+        print(f"{eps:>6g} {fmt(p):>10} {fmt(refined[0.1]):>6} {fmt(refined[0.25]):>6} {fmt(refined[0.5]):>6} "
+              f"{fmt(real):>6}   {ptime:>14} {rtime:>10}")
+    cost = float(predictor.state_dict().get("cost_seconds") or 0.0)
+    print(f"[demo] fit: {trainer.global_step} steps in {fit_seconds:.1f} s ({sps * 1000:.1f} ms/step); "
+          f"prediction at fit start: {cost:.2f} s; max stable lr (GD): "
+          f"{pred.diagnostics.get('max_stable_lr', float('nan')):.3g}")
+    plot = getattr(predictor, "plot_path", None)
+    if plot:
+        print(f"[demo] plot: {plot}")
+    return {"phase": name, "steps": trainer.global_step, "fit_seconds": round(fit_seconds, 2),
+            "prediction_seconds": round(cost, 2), "training_times": rows, "plot": plot}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="optimiser steps of the fine-tuning")
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--steps", type=int, default=300, help="optimiser steps of each phase")
+    parser.add_argument("--probe-lr", type=float, default=0.3, help="phase 1: head only, SGD")
+    parser.add_argument("--lr", type=float, default=0.02, help="phase 2: all layers, SGD + momentum")
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--train-size", type=int, default=300, help="fine-tuning images (digits 5-9)")
+    parser.add_argument("--train-size", type=int, default=200, help="fine-tuning images (digits 5-9)")
+    parser.add_argument("--kernel-samples", type=int, default=200, help="samples in the NTK subset")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "finetune_digits")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / "runs" / "cache")
-    parser.add_argument("--head-only", action="store_true", help="freeze the backbone (a linear model)")
     parser.add_argument("--lightning", action="store_true", help="use lightning.pytorch instead of pytorch_lightning")
     args = parser.parse_args()
 
@@ -136,66 +195,24 @@ def main() -> None:
     else:
         import pytorch_lightning as pl
 
-    from lightning_ttp import callbacks as ttp_callbacks
-    from lightning_ttp.callbacks import ETAProgressBar, TrainingTimePredictor
-
     torch.set_num_threads(1)
     backbone = pretrained_backbone(args.cache_dir)
     (x, y), (xv, yv) = load_digits_split(FINETUNE_CLASSES, args.train_size, seed=0)
-    train = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=True, drop_last=False)
+    train = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=True)
     val = DataLoader(TensorDataset(xv[:200], yv[:200]), batch_size=200)
-    model = build_module(pl, backbone, len(FINETUNE_CLASSES), args.lr, args.momentum, args.head_only)
+    torch.manual_seed(1)
+    head = nn.Linear(64, len(FINETUNE_CLASSES))
 
-    predictor = TrainingTimePredictor(
-        epsilons=(0.1, 0.01),
-        num_samples=args.train_size,
-        what_if={"lr": [args.lr / 4, args.lr * 2], "batch_size": [args.batch_size * 4]},
-    )
-    callbacks = [predictor, ETAProgressBar(refresh_rate=5)]
-    if hasattr(ttp_callbacks, "EarlyGiveUp"):
-        callbacks.append(ttp_callbacks.EarlyGiveUp(mode="warn"))
-
-    pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        max_steps=args.steps,
-        accelerator="cpu",
-        devices=1,
-        callbacks=callbacks,
-        logger=pl.loggers.CSVLogger(args.out),
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        log_every_n_steps=10,
-        check_val_every_n_epoch=1,
-        num_sanity_val_steps=0,
-    )
-    start = time.perf_counter()
-    trainer.fit(model, train, val)
-    fit_seconds = time.perf_counter() - start
-
-    pred = predictor.prediction
-    if pred is None:
-        raise SystemExit("[demo] the prediction failed; see the warning above.")
-    sps = predictor.seconds_per_step() or fit_seconds / max(trainer.global_step, 1)
-    rows = []
-    print("\n[demo] fine-tuning digits 5-9 from a backbone pre-trained on digits 0-4")
-    print(f"{'ε':>6} {'predicted':>10} {'refined':>9} {'real':>6}   {'predicted time':>14} {'real time':>10}")
-    for eps in predictor.epsilons:
-        p = pred.training_time(eps)
-        r = predictor.refinement.training_time(eps) if predictor.refinement is not None else None
-        real = predictor.real_training_time(eps)
-        rows.append({"eps": eps, "predicted_steps": p, "refined_steps": r, "real_steps": real})
-        fmt = lambda v: "n/a" if v is None else str(v)  # noqa: E731
-        ptime = "n/a" if p is None else f"{p * sps:.1f} s"
-        rtime = "n/a" if real is None else f"{real * sps:.1f} s"
-        print(f"{eps:>6g} {fmt(p):>10} {fmt(r):>9} {fmt(real):>6}   {ptime:>14} {rtime:>10}")
-    cost = predictor.plan and predictor.state_dict().get("cost_seconds")
-    print(f"[demo] fit: {trainer.global_step} steps in {fit_seconds:.1f} s ({sps * 1000:.1f} ms/step); "
-          f"prediction cost {cost:.2f} s at fit start")
-    plot = getattr(predictor, "plot_path", None)
-    if plot:
-        print(f"[demo] plot: {plot}")
-    print(json.dumps({"demo": "finetune_digits", "steps": trainer.global_step, "fit_seconds": round(fit_seconds, 2),
-                      "prediction_seconds": cost, "training_times": rows, "plot": plot}))
+    # phase 1, linear probe: a new head on the frozen backbone (linear in its parameters:
+    # the linearised prediction is exact up to mini-batch noise)
+    probe = build_module(pl, backbone, head, args.probe_lr, 0.0, head_only=True)
+    results = [run_phase(pl, "linear probe", probe, train, None, args, steps=args.steps)]
+    # phase 2, fine-tune all layers from the probed head (LP-FT), with a what-if table
+    full = build_module(pl, backbone, head, args.lr, args.momentum, head_only=False)
+    what_if = {"lr": [args.lr / 2, args.lr * 2], "batch_size": [args.batch_size * 4], "momentum": [0.0]}
+    results.append(run_phase(pl, "fine-tune all layers", full, train, val, args, steps=args.steps,
+                             what_if=what_if, give_up=True))
+    print(json.dumps({"demo": "finetune_digits", "phases": results}))
 
 
 if __name__ == "__main__":
