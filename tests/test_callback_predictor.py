@@ -160,7 +160,8 @@ def test_end_to_end_matches_predict_training_time_and_logs_the_curve(ns, tmp_pat
     initial = copy.deepcopy(module.net)
     loader = DataLoader(TensorDataset(x, y), batch_size=64)  # full batch: the GD prediction
     cb = _quiet_predictor(num_samples=64, plot=True)
-    trainer = _trainer(ns, tmp_path, max_steps=30, callbacks=[cb], logger=pl.loggers.CSVLogger(str(tmp_path)))
+    trainer = _trainer(ns, tmp_path, max_steps=30, callbacks=[cb], logger=pl.loggers.CSVLogger(str(tmp_path)),
+                       log_every_n_steps=5)
     trainer.fit(module, loader)
 
     pred = cb.prediction
@@ -179,7 +180,10 @@ def test_end_to_end_matches_predict_training_time_and_logs_the_curve(ns, tmp_pat
     assert sorted(curve) == list(range(31))
     np.testing.assert_allclose([curve[s] for s in range(31)], pred.loss, rtol=1e-6)
     assert any(r.get("ttp/predicted_error") for r in rows)
-    assert any(r.get("ttp/steps_to_converge_eps0.1") for r in rows) or trainer.log_every_n_steps > 30
+    progress = [r for r in rows if r.get("ttp/steps_to_converge_eps0.1")]
+    assert len(progress) == 30 // 5  # every log_every_n_steps optimiser steps
+    assert all(r.get("ttp/steps_to_converge_eps0.01") for r in progress)
+    assert any(r.get("ttp/eta_end_seconds") for r in progress)  # once step times are known
     assert os.path.exists(cb.plot_path)
     assert cb.real_training_time(0.1) is not None
 
