@@ -147,14 +147,21 @@ def empirical_ntk(
 
         methods: dict[str, str] = {}
         timings = {"passes": 0.0, "fallback": 0.0, "contraction": 0.0}
-        outputs, per_group = [], defaultdict(list)
+        outputs: list[torch.Tensor] = []
+        per_group: dict[tuple[int, int], Any] = defaultdict(list)
         for start in range(0, n, chunk):
             batch = slice_batch(inputs, start, min(start + chunk, n))
             out, terms = _chunk_terms(forward, batch, adapters, group_of, fallback, names, methods, timings)
             outputs.append(out.detach())
             tick = time.perf_counter()
             for key, term in terms.items():
-                per_group[key].append(_features(term, projection, projection_dim, seed, key) if projected else term)
+                if not projected:
+                    per_group[key].append(term)
+                    continue
+                features = _features(term, projection, projection_dim, seed, key)
+                if key not in per_group:  # one buffer for all N: no copy when the chunks are joined
+                    per_group[key] = features.new_empty((n,) + features.shape[1:])
+                per_group[key][start : start + features.shape[0]] = features
             timings["passes"] += time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -164,9 +171,9 @@ def empirical_ntk(
         gram = None
         for key in keys:
             if projected:
-                part = _gram_of_features(torch.cat(per_group[key]), kernel)
+                part = _gram_of_features(per_group.pop(key), kernel)
             else:
-                part, how = _concat(per_group[key]).gram(kernel)
+                part, how = _concat(per_group.pop(key)).gram(kernel)
                 for name in _term_names(key, adapters, fallback, names):
                     methods.setdefault(name, how)
             gram = part if gram is None else gram + part
@@ -322,8 +329,9 @@ def _close(ours: torch.Tensor, reference: torch.Tensor | None, p: nn.Parameter) 
 
 
 def _default_chunk(per_sample: dict[str, float], budget: int, n: int, dtype: torch.dtype) -> int:
-    # the forward graph, our output clones and the backward each hold about one copy of the activations
-    per_sample_bytes = 3 * torch.empty((), dtype=dtype).element_size() * max(per_sample["activations"], 1.0)
+    # the forward graph (with the ops between hooked layers), our output clones and the backward
+    # each hold about one copy of the hooked layers' activations
+    per_sample_bytes = 4 * torch.empty((), dtype=dtype).element_size() * max(per_sample["activations"], 1.0)
     return int(max(1, min(n, budget // 4 // per_sample_bytes)))
 
 
@@ -346,9 +354,9 @@ def _estimate_bytes(
         stored = n * (per_sample["stored"] + c * fallback_params)
         temporaries = 2 * TEMP_ELEMENTS + (n * c) ** 2
     else:
-        stored = num_groups * n * c * projection_dim * 2
+        stored = num_groups * n * c * projection_dim
         temporaries = chunk * (per_sample["stored"] + c * fallback_params)
-    activations = 3 * chunk * per_sample["activations"]
+    activations = 4 * chunk * per_sample["activations"]
     return int(size * (grams + stored + temporaries + activations))
 
 
