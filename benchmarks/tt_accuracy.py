@@ -151,6 +151,7 @@ def run(args):
     batches = [150, 30] if args.quick else [150, 30, 10]
     momenta = [0.0, 0.9]
     fracs = {"low": [0.3] if args.quick else [0.1, 0.3], "high": [1.0] if args.quick else [1.0, 2.5]}
+    fracs = {"low": args.low or fracs["low"], "high": args.high or fracs["high"]}
     if args.quick:
         trainables = ["all"]
     rows = []
@@ -296,7 +297,19 @@ def report(rows, seconds, scaling=None):
         cost = np.median([r["cost_ratio"] for r in rs])
         line = f"{key[0]:4} {key[1]:13} {key[2]:5} {len(rs):4d} | " + " | ".join(cells)
         print(line + f" | {allok:5.0%} | {cost:.3f}")
-    summary = {}
+    print("\nDefault methods (discrete for GD, mc for SGD) by effective lr / lr* (lr* = linearised stability limit):")
+    fr_vals = sorted({r["frac"] for r in rows if r["frac"] is not None})
+    by_frac = {}
+    for fr in fr_vals:
+        cells = []
+        for kind in ("GD", "SGD"):
+            rs = [r for r in rows if r["default"] and r["frac"] == fr and r["kind"] == kind]
+            if rs:
+                ok = float(np.mean([r[f"ok_{e}"] for r in rs for e in EPS]))
+                by_frac[f"{kind}_{fr:g}"] = ok
+                cells.append(f"{kind}: {ok:5.1%} within {int(TOL[kind] * 100)} % ({len(rs) * len(EPS)} cases)")
+        print(f"  lr = {fr:4g} × lr*   " + "   ".join(cells))
+    summary = {"within_by_lr_fraction": by_frac}
     for regime in ("low", "high"):
         for kind in ("GD", "SGD"):
             rs = [r for r in rows if r["default"] and r["regime"] == regime and r["kind"] == kind]
@@ -340,6 +353,8 @@ def main(argv=None):
     ap.add_argument("--verbose", action="store_true", help="print every run as JSON")
     ap.add_argument("--no-adam", dest="adam", action="store_false", help="skip the Adam approximation runs")
     ap.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the cost-vs-size runs")
+    ap.add_argument("--low", type=float, nargs="+", default=None, help="low-regime lr fractions of lr*")
+    ap.add_argument("--high", type=float, nargs="+", default=None, help="high-regime lr fractions of lr*")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     rows = run(args)

@@ -52,7 +52,7 @@ def lambda_max(grams, weights, n: int, c: int) -> float:
     a = m.numpy()
     op = LinearOperator(a.shape, matvec=lambda x: a @ x, dtype=float)
     v0 = np.ones(a.shape[0])
-    return float(eigsh(op, k=1, which="LA", return_eigenvectors=False, tol=1e-6, v0=v0)[0])
+    return float(eigsh(op, k=1, which="LA", return_eigenvectors=False, tol=1e-4, v0=v0)[0])
 
 
 def _hessian_sqrt(loss: Loss, f0: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
