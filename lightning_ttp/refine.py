@@ -154,6 +154,7 @@ def refine_curve(
     noise: float | None = None,
     warp_bounds: tuple[float, float] = (0.1, 10.0),
     horizon: int | None = None,
+    start: Refinement | None = None,
 ) -> Refinement:
     """Fit time warp, decrease scale and level of ``predicted`` to the observed losses.
 
@@ -171,6 +172,8 @@ def refine_curve(
             clearly support stays near 1 (0 disables the gate).
         noise: standard deviation of one observed loss; estimated from the data if None.
         warp_bounds: allowed range of the warp ``a``.
+        start: a previous refinement of the same prediction: its fit is the starting point
+            (one local optimisation instead of three; used by the callback's periodic refits).
         horizon: the run's last step T (default ``len(predicted) - 1``). Pass a prediction
             simulated *beyond* the run (e.g. to 2T) and ``horizon=T``: a run that is faster
             than predicted (``a > 1``) then follows the predicted curve past T instead of
@@ -235,9 +238,12 @@ def refine_curve(
     lo, hi = np.log(warp_bounds[0]), np.log(warp_bounds[1])
     bounds = ([lo, np.log(0.05), -np.inf], [hi, np.log(20.0), np.inf])
     best = None
-    # the warp makes the objective piecewise-linear in log a: try a few starts
-    for start in (0.0, -0.5, 0.5):
-        x0 = np.array([start, 0.0, 0.0])
+    # the warp makes the objective piecewise-linear in log a: try a few starts (or continue
+    # from the previous fit)
+    starts = [np.array([0.0, 0.0, 0.0]), np.array([-0.5, 0.0, 0.0]), np.array([0.5, 0.0, 0.0])]
+    if start is not None and start.extra.get("theta") is not None:
+        starts = [np.clip(np.asarray(start.extra["theta"], dtype=np.float64), bounds[0], bounds[1])]
+    for x0 in starts:
         fit = least_squares(residuals, x0, bounds=bounds, method="trf", x_scale=[0.3, 0.3, offset_sd])
         if best is None or fit.cost < best.cost:
             best = fit
@@ -271,5 +277,5 @@ def refine_curve(
         loss_band=refined_band,
         num_observed=int(obs.size),
         noise=sigma,
-        extra={"warp_z": float(z) if np.isfinite(z) else None},
+        extra={"warp_z": float(z) if np.isfinite(z) else None, "theta": [float(v) for v in best.x]},
     )

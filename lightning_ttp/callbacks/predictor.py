@@ -112,7 +112,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         refine_every: refine every this many optimiser steps (default: ~2 % of the run). The
             refinement is also time-budgeted: it never takes more than ``refine_budget`` of
             the training wall clock (one refit costs ~10–30 ms).
-        refine_budget: maximal share of the wall clock spent refining (default 0.5 %).
+        refine_budget: maximal share of the wall clock spent refining (default 0.25 %).
         warmup_steps: optimiser steps ignored when measuring seconds per step.
         log_curve: write the predicted curve to the loggers at fit start.
         max_curve_points: at most this many points of the predicted curve are logged
@@ -139,7 +139,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         what_if: Mapping[str, Sequence[float]] | None = None,
         refine: bool = True,
         refine_every: int | None = None,
-        refine_budget: float = 0.005,
+        refine_budget: float = 0.0025,
         warmup_steps: int = 3,
         log_curve: bool = True,
         max_curve_points: int = 5000,
@@ -597,6 +597,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
                 self.observed_losses,
                 band=None if band is None else (np.asarray(band[0]), np.asarray(band[1])),
                 horizon=len(self._prediction.loss) - 1,
+                start=self._refinement,
             )
         except Exception as exc:  # noqa: BLE001
             self._fail("closed-loop refinement", exc)
