@@ -314,3 +314,25 @@ def test_conv_feature_maps_with_global_average_pooling():
     t.fit(CNN(), *loaders())
     assert cb._units == [8]  # (m, C, H, W) -> (m, C)
     assert len(cb.history) == 2 and math.isfinite(cb.history[-1]["s_F"])
+
+
+def test_hooks_exist_only_during_validation():
+    pl = importlib.import_module("pytorch_lightning")
+    seen: dict[str, list[int]] = {"train": [], "val": []}
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["train"].append(len(pl_module.net[1]._forward_hooks) + len(pl_module._forward_hooks))
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if not trainer.sanity_checking:
+                seen["val"].append(len(pl_module.net[1]._forward_hooks))
+
+    cb = EarlyGiveUp(checkpoint_epoch=10)
+    torch.manual_seed(0)
+    t = trainer("pytorch_lightning", [cb, Probe()], 2)
+    model = make_module("pytorch_lightning")
+    t.fit(model, *loaders())
+    assert seen["train"] and set(seen["train"]) == {0}
+    assert seen["val"] and set(seen["val"]) == {1}
+    assert len(model.net[1]._forward_hooks) == 0 and len(model._forward_hooks) == 0
