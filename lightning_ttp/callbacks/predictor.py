@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -60,6 +59,29 @@ def _builtin(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu().tolist()
     return obj
+
+
+class _Ring:
+    """Fixed-size float buffer (the last ``size`` values) with a cheap median."""
+
+    def __init__(self, size: int) -> None:
+        self._data = np.zeros(size, dtype=np.float64)
+        self._count = 0
+
+    def append(self, value: float) -> None:
+        self._data[self._count % self._data.size] = value
+        self._count += 1
+
+    def extend(self, values: Sequence[float]) -> None:
+        for value in values:
+            self.append(value)
+
+    def __len__(self) -> int:
+        return min(self._count, self._data.size)
+
+    def median(self) -> float | None:
+        n = len(self)
+        return float(np.median(self._data[:n])) if n else None
 
 
 def format_duration(seconds: float | None) -> str:
@@ -242,7 +264,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         self._micro: list[torch.Tensor] = []
         self._last_global_step: int | None = None
         self._last_step_time: float | None = None
-        self._step_times: deque[float] = deque(maxlen=256)
+        self._step_times = _Ring(256)  # the last 256 step durations (seconds)
         self._steps_timed = 0
         self._sps_cache: tuple[int, float | None] = (-1, None)
         self._last_refined_at = -1
@@ -297,7 +319,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         # the median of the last 256 steps moves slowly: recompute every 16 new steps
         if cached_n >= 0 and (n == cached_n or (cached is not None and n - cached_n < 16)):
             return cached
-        value = float(np.median(self._step_times)) if self._step_times else None
+        value = self._step_times.median()
         self._sps_cache = (n, value)
         return value
 
