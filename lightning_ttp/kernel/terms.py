@@ -50,23 +50,26 @@ def _ghost_gram(a_fn, deltas: torch.Tensor, kernel: str) -> torch.Tensor:
     ``a_fn(rows, cols)`` gives k(a_ip, a_jq) for sample blocks, shape (bi, bj, P, P).
     """
     n, c, p, d = deltas.shape
+    if p == 1:  # a dense layer: two GEMMs and a product, no blocking needed
+        whole = slice(0, n)
+        ka = a_fn(whole, whole)[..., 0, 0]
+        if kernel == "trace":
+            return torch.einsum("icd,jcd->ij", deltas[:, :, 0], deltas[:, :, 0]) * ka
+        flat = deltas.reshape(n * c, d)
+        out = flat @ flat.T
+        out.view(n, c, n, c).mul_(ka[:, None, :, None])
+        return out
     out = deltas.new_zeros((n * c, n * c) if kernel == "full" else (n, n))
     per_pair = max(1, p * p + c * p * d)
     block = max(1, int(math.sqrt(TEMP_ELEMENTS / per_pair)))
     for rows in _blocks(n, block):
         for cols in _blocks(n, block):
             ka = a_fn(rows, cols)  # (bi, bj, P, Q)
-            if p == 1 and kernel == "full":
-                kd = torch.einsum("icd,jed->icje", deltas[rows, :, 0], deltas[cols, :, 0])
-                blk = kd * ka[:, None, :, None, 0, 0]
-            elif p == 1:
-                blk = torch.einsum("icd,jcd->ij", deltas[rows, :, 0], deltas[cols, :, 0]) * ka[..., 0, 0]
+            m = torch.einsum("ijpq,icpd->icjqd", ka, deltas[rows])
+            if kernel == "full":
+                blk = torch.einsum("icjqd,jeqd->icje", m, deltas[cols])
             else:
-                m = torch.einsum("ijpq,icpd->icjqd", ka, deltas[rows])
-                if kernel == "full":
-                    blk = torch.einsum("icjqd,jeqd->icje", m, deltas[cols])
-                else:
-                    blk = torch.einsum("icjqd,jcqd->ij", m, deltas[cols])
+                blk = torch.einsum("icjqd,jcqd->ij", m, deltas[cols])
             if kernel == "full":
                 bi, bj = blk.shape[0], blk.shape[2]
                 out[rows.start * c : rows.stop * c, cols.start * c : cols.stop * c] = blk.reshape(bi * c, bj * c)
