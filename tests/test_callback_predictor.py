@@ -160,8 +160,8 @@ def test_end_to_end_matches_predict_training_time_and_logs_the_curve(ns, tmp_pat
     initial = copy.deepcopy(module.net)
     loader = DataLoader(TensorDataset(x, y), batch_size=64)  # full batch: the GD prediction
     cb = _quiet_predictor(num_samples=64, plot=True)
-    trainer = _trainer(ns, tmp_path, max_steps=30, callbacks=[cb], logger=pl.loggers.CSVLogger(str(tmp_path)),
-                       log_every_n_steps=5)
+    loggers = [pl.loggers.CSVLogger(str(tmp_path)), pl.loggers.TensorBoardLogger(str(tmp_path / "tb"))]
+    trainer = _trainer(ns, tmp_path, max_steps=30, callbacks=[cb], logger=loggers, log_every_n_steps=5)
     trainer.fit(module, loader)
 
     pred = cb.prediction
@@ -185,6 +185,13 @@ def test_end_to_end_matches_predict_training_time_and_logs_the_curve(ns, tmp_pat
     assert all(r.get("ttp/steps_to_converge_eps0.01") for r in progress)
     assert any(r.get("ttp/eta_end_seconds") for r in progress)  # once step times are known
     assert os.path.exists(cb.plot_path)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = glob.glob(str(tmp_path / "tb" / "**" / "events.out.tfevents*"), recursive=True)
+    accumulator = EventAccumulator(events)
+    accumulator.Reload()
+    assert "ttp/predicted_vs_real" in accumulator.Tags()["images"]
+    assert len(accumulator.Scalars("ttp/predicted_loss")) == 31
     assert cb.real_training_time(0.1) is not None
 
 
