@@ -49,9 +49,11 @@ def lambda_max(grams, weights, n: int, c: int) -> float:
     m = sum(w * torch.as_tensor(g, dtype=torch.float64) for w, g in zip(weights, grams, strict=True))
     if m.shape[0] <= 300:
         return float(torch.linalg.eigvalsh(m)[-1])
-    a = m.numpy()
-    op = LinearOperator(a.shape, matvec=lambda x: a @ x, dtype=float)
-    v0 = np.ones(a.shape[0])
+    # Matrix-vector products through torch (its thread setting), not numpy's BLAS pool.
+    op = LinearOperator(tuple(m.shape), matvec=lambda x: (m @ torch.from_numpy(np.ascontiguousarray(x,
+                                                                                      dtype=np.float64))).numpy(),
+                        dtype=float)
+    v0 = np.ones(m.shape[0])
     return float(eigsh(op, k=1, which="LA", return_eigenvectors=False, tol=1e-4, v0=v0)[0])
 
 
