@@ -269,7 +269,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         self._sps_cache: tuple[int, float | None] = (-1, None)
         self._last_refined_at = -1
         self._next_refine_time = 0.0
-        self._status_cache: tuple[Any, str | None] = (None, None)
+        self._status_cache: tuple[Any, int, float, str | None] = (None, -1, 0.0, None)
         self._converge_cache: dict[float, int | None] = {}  # cleared when the curve changes
         self._fit_start_time: float | None = None
 
@@ -343,11 +343,16 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         """``"converges ≈ step 412 · ETA 3:12 · run ends 9:40"`` (None without a prediction)."""
         if self._prediction is None:
             return None
-        key = (global_step, id(self._refinement), self._steps_timed)
-        if self._status_cache[0] == key:
-            return self._status_cache[1]
+        # the text is for humans: between refinements and while the measured sec/step is
+        # unchanged, it is recomputed at most 4 times a second
+        self.seconds_per_step()  # refreshes its own cache every 16 steps
+        key = (id(self._refinement), self._sps_cache)
+        now = time.perf_counter()
+        cached_key, cached_step, cached_time, cached_text = self._status_cache
+        if cached_key == key and (cached_step == global_step or now - cached_time < 0.25):
+            return cached_text
         text = self._status_text(global_step)
-        self._status_cache = (key, text)
+        self._status_cache = (key, global_step, now, text)
         return text
 
     def _status_text(self, global_step: int) -> str | None:
