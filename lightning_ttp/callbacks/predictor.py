@@ -229,7 +229,6 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         self._what_if_table: list[dict[str, Any]] = []
         self._cost_seconds: float | None = None
         self._restored = False
-        self._computed_in_this_fit = False
         self._disabled_reason: str | None = None
         self._warned: set[str] = set()
         self._reset_run_state()
@@ -429,10 +428,11 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             self._fail("training-time prediction (on rank zero)", RuntimeError(message))
             return
         self._load_payload(payload)
-        self._computed_in_this_fit = True
         if trainer.is_global_zero:
             if self.log_curve:
                 self._log_curve(trainer)
+            if self._what_if_table:
+                self._log_what_if(trainer)
             if self.verbose:
                 rank_zero_info(self.summary())
                 if self._what_if_table:
@@ -663,6 +663,20 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
                     metrics["ttp/predicted_error"] = float(error[i])
                 logger.log_metrics(metrics, step=int(steps[i]))
             logger.save()
+
+    def _log_what_if(self, trainer: Any) -> None:
+        """The what-if table as text on TensorBoard loggers (other loggers: printed only)."""
+        rows = ["| setting | " + " | ".join(f"T(ε={e:g})" for e in self.epsilons) + " | final loss |",
+                "|---|" + "---|" * (len(self.epsilons) + 1)]
+        for row in self._what_if_table:
+            cells = " | ".join(str(row["steps_to_converge"].get(str(e), "?")) for e in self.epsilons)
+            rows.append(f"| {row['setting']} | {cells} | {row.get('final_loss', float('nan')):.4g} |")
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "TensorBoardLogger":
+                try:
+                    logger.experiment.add_text("ttp/what_if", "\n".join(rows), global_step=trainer.global_step)
+                except Exception as exc:  # noqa: BLE001
+                    self._warn_once("tb_text", f"lightning_ttp: could not add the what-if table to TensorBoard: {exc}")
 
     # ------------------------------------------------------------------ reports
     def summary(self) -> str:
