@@ -467,3 +467,24 @@ def test_linear_model_full_batch_observed_equals_predicted(ns, tmp_path):
     np.testing.assert_allclose(cb.observed_losses, cb.prediction.loss[:12], rtol=1e-4)
     assert cb.refinement is not None and cb.refinement.warp == pytest.approx(1.0, abs=0.02)
     assert cb.real_training_time(0.1) == cb.prediction.training_time(0.1)
+
+
+class _PreBatched(IterableDataset):
+    """Yields whole batches (DataLoader(batch_size=None)): the batch size is read from the data."""
+
+    def __init__(self, x, y, batch: int):
+        self.x, self.y, self.batch = x, y, batch
+
+    def __iter__(self):
+        for i in range(0, len(self.x), self.batch):
+            yield self.x[i : i + self.batch], self.y[i : i + self.batch]
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_pre_batched_iterable_reads_the_batch_size_from_the_data(ns, tmp_path):
+    x, y = _data()
+    cb = _quiet_predictor(num_samples=32, refine=False)
+    trainer = _trainer(ns, tmp_path, max_steps=4, callbacks=[cb])
+    trainer.fit(_module(ns), DataLoader(_PreBatched(x, y, 16), batch_size=None))
+    assert cb.prediction is not None
+    assert cb.plan["batch_size"] == 16 and cb.plan["num_samples"] == 32

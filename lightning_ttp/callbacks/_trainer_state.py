@@ -374,8 +374,8 @@ def collect_plan(trainer: Any, loader: DataLoader, steps_override: int | None = 
     batch_size = loader_batch_size(loader)
     if batch_size is None:
         first = next(iter(loader))
-        ns = lightning_namespace(trainer)
-        batch_size = int(ns.utilities.data.extract_batch_size(first))
+        data_utils = importlib.import_module(f"{lightning_namespace(trainer).__name__}.utilities.data")
+        batch_size = int(data_utils.extract_batch_size(first))
         notes.append(f"batch size read from the first batch: {batch_size}.")
     dataset_size = None
     if not iterable and hasattr(dataset, "__len__"):
