@@ -488,3 +488,22 @@ def test_pre_batched_iterable_reads_the_batch_size_from_the_data(ns, tmp_path):
     trainer.fit(_module(ns), DataLoader(_PreBatched(x, y, 16), batch_size=None))
     assert cb.prediction is not None
     assert cb.plan["batch_size"] == 16 and cb.plan["num_samples"] == 32
+
+
+def test_datamodule_loader_is_loaded_once(tmp_path):
+    ns = "lightning.pytorch"
+    pl = _ns(ns)
+    x, y = _data()
+
+    class Data(pl.LightningDataModule):
+        calls = 0
+
+        def train_dataloader(self):
+            Data.calls += 1
+            return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+
+    cb = _quiet_predictor(num_samples=32)
+    trainer = _trainer(ns, tmp_path, max_steps=6, callbacks=[cb])
+    trainer.fit(_module(ns), datamodule=Data())
+    assert cb.prediction is not None and cb.plan["dataset_size"] == 64
+    assert Data.calls == 1  # the predictor's loader is the one Lightning trains with
