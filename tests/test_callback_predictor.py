@@ -141,6 +141,14 @@ def test_fsdp_and_deepspeed_are_refused_with_a_reason():
     assert "shards" in unsupported_strategy(FakeTrainer(FSDPStrategy()))
     assert "shards" in unsupported_strategy(FakeTrainer(DeepSpeedStrategy()))
     assert unsupported_strategy(FakeTrainer(DDPStrategy())) is None
+    # the callback refuses (warns once, disables itself) or, with strict=True, raises
+    cb = TrainingTimePredictor()
+    with pytest.warns(UserWarning, match="disabled.*FSDPStrategy"):
+        cb.setup(FakeTrainer(FSDPStrategy()), None, "fit")
+    cb.on_fit_start(FakeTrainer(FSDPStrategy()), None)  # returns at once: nothing computed
+    assert cb.prediction is None
+    with pytest.raises(RuntimeError, match="cannot run.*DeepSpeed"):
+        TrainingTimePredictor(strict=True).setup(FakeTrainer(DeepSpeedStrategy()), None, "fit")
 
 
 # ----------------------------------------------------------------------------- end to end
