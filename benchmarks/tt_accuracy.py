@@ -10,7 +10,8 @@ Protocol
   reshuffled every epoch); momentum 0 / 0.9; all layers vs head only; learning rates set
   relative to the stability limit lr* of the linearised GD dynamics (``max_stable_lr`` of the
   prediction diagnostics): the *effective* lr η/(1−m) is ``frac × lr*`` with frac ∈ {0.1, 0.3}
-  ("low": the paper's small-lr regime) and {1.0, 2.5} ("high"); ``--quick``: {0.3} and {1.0}.
+  ("low": the paper's small-lr regime) and {1.0, 2.5} ("high"); ``--quick``: all layers only,
+  batches 150/30, high {1.0}.
 * Real: the fine-tuning itself; its loss on the whole training set is recorded at every
   step (outside the timed part). Smoothing before measuring T_ε: none for GD, a centred
   moving average of width 5 for SGD (``smooth_curve``).
@@ -150,7 +151,7 @@ def run(args):
     trainables = ["all", "head"]
     batches = [150, 30] if args.quick else [150, 30, 10]
     momenta = [0.0, 0.9]
-    fracs = {"low": [0.3] if args.quick else [0.1, 0.3], "high": [1.0] if args.quick else [1.0, 2.5]}
+    fracs = {"low": [0.1, 0.3], "high": [1.0] if args.quick else [1.0, 2.5]}
     fracs = {"low": args.low or fracs["low"], "high": args.high or fracs["high"]}
     if args.quick:
         trainables = ["all"]
