@@ -515,3 +515,14 @@ def test_datamodule_loader_is_loaded_once(tmp_path):
     trainer.fit(_module(ns), datamodule=Data())
     assert cb.prediction is not None and cb.plan["dataset_size"] == 64
     assert Data.calls == 1  # the predictor's loader is the one Lightning trains with
+
+
+def test_stability_diagnostics_describe_the_run_not_the_continuation(tmp_path):
+    x, y = _data()
+    cb = _quiet_predictor(num_samples=64)
+    trainer = _trainer("pytorch_lightning", tmp_path, max_steps=10, callbacks=[cb])
+    with pytest.warns(UserWarning, match="10 of 10 steps exceed"):
+        trainer.fit(_module("pytorch_lightning", lr=50.0), DataLoader(TensorDataset(x, y), batch_size=64))
+    diagnostics = cb.prediction.diagnostics
+    assert diagnostics["unstable_steps"] == 10 and diagnostics["simulated_steps"] == 20
+    assert any("10 of 10 steps" in w for w in diagnostics["warnings"])

@@ -7,6 +7,7 @@ depend on the engine's internals.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,29 @@ def prediction_from_dict(data: dict[str, Any]) -> Any:
     return Prediction.from_dict(data)
 
 
+def _restate_stability(prediction: Any, extended: Any, kernel: Any, spec: Any, lr_schedule: np.ndarray,
+                       caught: list[warnings.WarningMessage]) -> None:
+    """The stability diagnostics of the run's T steps (not of the 2T continuation): the
+    engine's message counts unstable steps, which the continuation would double."""
+    from ..dynamics import stability_report
+
+    stab = stability_report(kernel.outputs, kernel.targets, kernel.grams, kernel.loss, spec, lr_schedule,
+                            cache=kernel.info.setdefault("stability_cache", {}))
+    old_message = extended.diagnostics.get("first_unstable_step") is not None
+    for w in caught:  # re-emit everything but the continuation's stability message
+        if old_message and str(w.message).startswith("linearisation unreliable"):
+            continue
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if stab["message"]:
+        warnings.warn(stab["message"], stacklevel=3)
+    diagnostics = prediction.diagnostics
+    for key in ("rho_max", "max_stable_lr", "unstable_steps", "first_unstable_step"):
+        diagnostics[key] = stab[key]
+    notes = [m for m in diagnostics.get("warnings", []) if not str(m).startswith("linearisation unreliable")]
+    diagnostics["warnings"] = notes + ([stab["message"]] if stab["message"] else [])
+    diagnostics["simulated_steps"] = int(extended.steps[-1])
+
+
 def predict(
     model: torch.nn.Module,
     inputs: Any,
@@ -95,8 +119,16 @@ def predict(
     schedule = plan.lr_schedule
     if long_steps > plan.steps:
         schedule = np.concatenate([schedule, np.repeat(schedule[-1:], long_steps - plan.steps, axis=0)])
-    extended = simulate(kernel, spec, long_steps, plan.effective_batch_size, lr_schedule=schedule, **common)
-    prediction = _truncate(extended, plan.steps) if long_steps > plan.steps else extended
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        extended = simulate(kernel, spec, long_steps, plan.effective_batch_size, lr_schedule=schedule, **common)
+    if long_steps > plan.steps:
+        prediction = _truncate(extended, plan.steps)
+        _restate_stability(prediction, extended, kernel, spec, plan.lr_schedule, caught)
+    else:
+        prediction = extended
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     rows: list[dict[str, Any]] = []
     base_lrs = np.asarray([g.lr for g in spec.groups], dtype=np.float64)
     for key, values in what_if.items():
