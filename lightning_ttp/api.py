@@ -25,6 +25,7 @@ from .dynamics import (
     CallableLoss,
     Loss,
     OptimizerSpec,
+    extrapolated_mse_curve,
     get_loss,
     simulate_discrete,
     simulate_minibatch,
@@ -423,7 +424,8 @@ def simulate(
         lr_schedule: (steps, num_groups) or (steps,) lrs; default: the spec's constant lrs.
         method: "auto" (discrete for GD, Monte Carlo for mini-batches), "discrete" (the exact
             linearised optimiser on the expected gradient), "mc", "ode" (eq. 1 deterministic,
-            LSODA, ELR), "sde" (eq. 1 by Euler–Maruyama), "closed_form" (MSE + GD, eq. 4–5).
+            LSODA, ELR), "sde" (eq. 1 by Euler–Maruyama), "closed_form" (MSE + GD, eq. 4–5; with
+            ``dataset_size`` > N0 the spectrum is extrapolated to N, Appendix D).
         dataset_size: N, the training-set size (default: the kernel samples N0). When N0 < N,
             the full-batch gradient is the subset mean and mini-batches are mapped as in
             :mod:`lightning_ttp.dynamics.montecarlo`.
@@ -492,6 +494,16 @@ def simulate(
         if not full_batch:
             msgs.append("closed_form ignores mini-batch noise")
         res = simulate_mse_closed_form(ke.outputs, ke.targets, ke.grams, spec, lrs)
+        if n > n0:
+            # Appendix D: the kernel covers N0 < N samples; extrapolate its spectrum to N.
+            factors = np.array([g.effective_lr_factor(spec.kind) for g in spec.groups])
+            eff = lrs * factors[None, :]
+            ref = eff[int(np.argmax(eff.sum(1)))]
+            j = int(np.argmax(ref))
+            theta = sum(g * (ref[i] / ref[j]) for i, g in enumerate(ke.grams))
+            curve = extrapolated_mse_curve(ke.outputs, ke.targets, theta, eff[:, j], n)
+            res = type(res)(curve[None], None, res.final_outputs, None)
+            msgs.append(f"closed_form: spectrum extrapolated from {n0} to {n} samples (Appendix D, alpha=0.15)")
     sim_seconds = time.perf_counter() - started
     curves = res.loss
     if curves.shape[0] > 1:

@@ -192,3 +192,17 @@ def test_unknown_optimizer_and_plateau_scheduler_warn():
     np.testing.assert_array_equal(lrs, np.full((4, 1), 0.01))
     with pytest.raises(ValueError, match="maximize"):
         OptimizerSpec.from_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, maximize=True))
+
+
+def test_closed_form_extrapolates_from_a_subset():
+    x, y = data("mse")
+    model = features_model()
+    spec = OptimizerSpec.from_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    ke = estimate_kernel(model, x[:20], y[:20], spec, loss="mse")
+    small = simulate(ke, spec, 60, method="closed_form")
+    large = simulate(ke, spec, 60, method="closed_form", dataset_size=400)
+    assert "extrapolated from 20 to 400" in large.diagnostics["warnings"][-1]
+    assert large.loss[0] == pytest.approx(small.loss[0])  # default total: the subset's L0
+    assert large.loss[-1] > small.loss[-1]  # more data: slower to fit (Appendix D)
+    with pytest.raises(ValueError, match="MSE"):
+        simulate(estimate_kernel(model, x, torch.zeros(N, dtype=torch.long), spec), spec, 5, method="closed_form")

@@ -9,6 +9,7 @@ import torch
 from lightning_ttp.dynamics import (
     epsilon_training_time,
     extrapolate_spectrum,
+    extrapolated_mse_curve,
     fit_power_law,
     mse_curve_from_spectrum,
     mse_spectrum,
@@ -75,6 +76,10 @@ def test_subset_extrapolation_recovers_large_n_spectrum_and_curve():
     big = mse_curve_from_spectrum(sp.eigvals, sp.proj, lr, 1)
     pred = mse_curve_from_spectrum(lam, p, lr, 1)
     small = mse_curve_from_spectrum(sp0.eigvals, sp0.proj, lr, 1)
+    one_call = extrapolated_mse_curve(torch.zeros(n0, 1), y[:n0], x[:n0] @ x[:n0].T, lr, n, total=total, k0=k0,
+                                      alpha=0.15)
     for eps in (0.1, 0.01):
         t_big, t_pred, t_small = (epsilon_training_time(c, eps) for c in (big, pred, small))
         assert abs(t_pred - t_big) < abs(t_small - t_big), (eps, t_big, t_pred, t_small)
+        t_one = epsilon_training_time(one_call, eps)
+        assert abs(t_one - t_big) < abs(t_small - t_big), (eps, t_big, t_one, t_small)

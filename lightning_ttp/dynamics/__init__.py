@@ -9,7 +9,7 @@ Modules: ``losses`` (∇_f L, curvature, error), ``optim_spec`` (the optimiser a
 from .adam import simulate_adam
 from .closed_form import MSESpectrum, mse_curve_from_spectrum, mse_spectrum, simulate_mse_closed_form
 from .discrete import SimulationResult, apply_kernel, kernel_kind, simulate_discrete
-from .extrapolate import PowerLaw, extrapolate_spectrum, fit_power_law
+from .extrapolate import PowerLaw, extrapolate_spectrum, extrapolated_mse_curve, fit_power_law
 from .losses import MSE, BCEWithLogits, CallableLoss, CrossEntropy, Loss, get_loss
 from .montecarlo import BatchSampler, simulate_minibatch, summarize_paths
 from .ode import simulate_ode
@@ -38,6 +38,7 @@ __all__ = [
     "apply_kernel",
     "epsilon_training_time",
     "extrapolate_spectrum",
+    "extrapolated_mse_curve",
     "first_step_at_or_above",
     "first_step_at_or_below",
     "fit_power_law",

@@ -26,7 +26,7 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.stats import linregress
 
-__all__ = ["PowerLaw", "fit_power_law", "extrapolate_spectrum"]
+__all__ = ["PowerLaw", "fit_power_law", "extrapolate_spectrum", "extrapolated_mse_curve"]
 
 
 @dataclass
@@ -100,3 +100,22 @@ def extrapolate_spectrum(eigvals0, proj0, n0: int, n: int, *, alpha: float = 0.1
             tail = anchor * (kt / k0) ** (-b)
     proj = np.concatenate([head, tail])
     return lam, proj, law
+
+
+def extrapolated_mse_curve(f0, targets, gram, lr_steps, n_total: int, *, alpha: float = 0.15,
+                           k0: int | None = None, total: float | None = None, discrete: bool = False):
+    """MSE-GD loss curve L_0..L_T on N = ``n_total`` samples from a kernel on N0 samples.
+
+    ``gram`` is the effective (lr-weighted) Gram on the N0 samples and ``lr_steps`` (T,) the
+    per-step effective lr it is scaled by; eq. (5) on the spectrum of
+    :func:`extrapolate_spectrum`. ``total`` = L_0 on the N samples if known (default: L_0 of the
+    subset).
+    """
+    from .closed_form import mse_curve_from_spectrum, mse_spectrum
+
+    sp = mse_spectrum(f0, targets, gram)
+    n0 = int(f0.shape[0])
+    if n_total <= n0:
+        return mse_curve_from_spectrum(sp.eigvals, sp.proj, lr_steps, sp.num_outputs, discrete=discrete)
+    lam, proj, _ = extrapolate_spectrum(sp.eigvals, sp.proj, n0, n_total, alpha=alpha, k0=k0, total=total)
+    return mse_curve_from_spectrum(lam, proj, lr_steps, sp.num_outputs, discrete=discrete)
