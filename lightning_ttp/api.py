@@ -203,12 +203,12 @@ def _jvp_w0(model, inputs, groups, output_fn) -> list[torch.Tensor]:
                 return functional_call(wrapper, params, (inputs,), strict=False)
 
             try:
-                out.append(jvp(fn, (sub,), (sub,))[1].detach().to(torch.float64))
+                out.append(jvp(fn, (sub,), (sub,))[1].detach().to(torch.float64).cpu())
             except Exception:  # noqa: BLE001 - forward-mode AD unsupported by some layer
                 h = 1e-3
                 plus = fn({k: v * (1 + h) for k, v in sub.items()})
                 minus = fn({k: v * (1 - h) for k, v in sub.items()})
-                out.append(((plus - minus) / (2 * h)).detach().to(torch.float64))
+                out.append(((plus - minus) / (2 * h)).detach().to(torch.float64).cpu())
     return out
 
 
@@ -225,10 +225,11 @@ def _adam_second_moments(model, inputs, targets, loss: Loss, params, output_fn, 
             idx = np.arange(n) if batch_size >= n else np.sort(rng.choice(n, batch_size, replace=False))
             idx_t = torch.as_tensor(idx)
             f = fwd(model, _index(inputs, idx_t))
+            yb = targets[idx_t].to(f.device)
             if isinstance(loss, CallableLoss):
-                val = loss._call(f, targets[idx_t])
+                val = loss._call(f, yb)
             else:
-                val = loss.value(f.to(torch.float64), targets[idx_t])
+                val = loss.value(f.to(torch.float64), yb)
             grads = torch.autograd.grad(val, params, allow_unused=True)
             for acc, g in zip(sq, grads, strict=True):
                 if g is not None:
