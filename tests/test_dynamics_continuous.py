@@ -122,3 +122,24 @@ def test_stability_diagnostic_flags_large_lr():
     rep_m = stability_report(f0, y, [gram], loss, OptimizerSpec.sgd(0.01, momentum=0.9),
                              np.full((10, 1), 0.01))
     assert rep_m["max_stable_lr"] == pytest.approx(1.9 * lr_star)
+
+
+@pytest.mark.parametrize("task", ["ce", "mse"])
+def test_ode_jacobian_matches_finite_differences(task):
+    from lightning_ttp.dynamics.ode import FunctionSpaceDrift
+
+    f0, y, gram = gram_of_linear(n=6, task=task)
+    half = gram / 2
+    spec = OptimizerSpec.sgd([0.3, 0.1], momentum=0.5, weight_decay=0.05)
+    drift = FunctionSpaceDrift(f0, y, [half, half], get_loss("cross_entropy" if task == "ce" else "mse"), spec,
+                               jvp_w0=[0.3 * f0, 0.1 * f0])
+    u = 0.1 * torch.randn(2, 1, 6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lrs = np.array([0.3, 0.1])
+    jac = drift.jacobian(u, lrs)
+    base = drift(u, lrs).reshape(-1)
+    fd = np.zeros_like(jac)
+    for k in range(u.numel()):
+        du = torch.zeros(u.numel(), dtype=torch.float64)
+        du[k] = 1e-6
+        fd[:, k] = ((drift(u + du.reshape(u.shape), lrs).reshape(-1) - base) / 1e-6).numpy()
+    np.testing.assert_allclose(jac, fd, atol=1e-5, rtol=1e-4)

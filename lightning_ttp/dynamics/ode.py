@@ -62,6 +62,36 @@ class FunctionSpaceDrift:
         """∇_f L over all N samples (mean loss): G(f)/N."""
         return self.loss.per_sample_grad(f, self.y) / self.n
 
+    def jacobian(self, u: torch.Tensor, lrs: np.ndarray) -> np.ndarray | None:
+        """Dense ∂(du/dt)/∂u for LSODA's stiff mode (built-in losses, state ≤ 3000), else None.
+
+        ∂r/∂f = H/N with H the block-diagonal per-sample loss Hessians, so the block (s, s') is
+        −Σ_{g→s} η̃_g Θ_g H/N, plus −η̃_s λ_s I (coupled) or −η_s λ_s I (decoupled) on the diagonal.
+        """
+        n, c, k = self.n, self.c, self.state_groups
+        if k * n * c > 3000:
+            return None
+        f = self.outputs(u)[0]
+        h = self.loss.sample_hessian(f, self.y)
+        if h is None:
+            return None
+        h = h.to(torch.float64) / n
+        nc = n * c
+        jac = torch.zeros(k * nc, k * nc, dtype=torch.float64)
+        for g, gs in enumerate(self.spec.groups):
+            gram = self.grams[g]
+            if self.kinds[g] == "trace" and c > 1:
+                gram = torch.kron(gram, torch.eye(c, dtype=torch.float64))
+            block = torch.einsum("iajb,jbd->iajd", gram.reshape(n, c, n, c), h).reshape(nc, nc)
+            s = g if self.jw is not None else 0
+            eta = lrs[g] * self.factors[g]
+            for s2 in range(k):
+                jac[s * nc : (s + 1) * nc, s2 * nc : (s2 + 1) * nc] -= eta * block
+            if self.jw is not None and gs.weight_decay:
+                rate = (lrs[g] if gs.decoupled_weight_decay else eta) * gs.weight_decay
+                jac[s * nc : (s + 1) * nc, s * nc : (s + 1) * nc] -= rate * torch.eye(nc, dtype=torch.float64)
+        return jac.numpy()
+
     def __call__(self, u: torch.Tensor, lrs: np.ndarray) -> torch.Tensor:
         f = self.outputs(u)
         r = self.grad(f)
@@ -92,8 +122,13 @@ def _segments(lrs: np.ndarray):
 @_single_threaded
 def simulate_ode(f0, targets, grams: Sequence[torch.Tensor], loss: Loss, spec: OptimizerSpec,
                  lr_schedule, *, jvp_w0=None, use_elr: bool = True, rtol: float = 1e-7,
-                 atol: float = 1e-10) -> SimulationResult:
-    """Integrate the ODE of eq. (1) and read L_t, error_t at t = 0..T (one path)."""
+                 atol: float = 1e-10, use_jacobian: bool = True) -> SimulationResult:
+    """Integrate the ODE of eq. (1) and read L_t, error_t at t = 0..T (one path).
+
+    With ``use_jacobian`` the analytic Jacobian (:meth:`FunctionSpaceDrift.jacobian`) is given
+    to LSODA, which otherwise builds it by finite differences when it switches to its stiff
+    method (large lr).
+    """
     lrs = _check_schedule(lr_schedule, spec)
     drift = FunctionSpaceDrift(f0, targets, grams, loss, spec, jvp_w0=jvp_w0, use_elr=use_elr)
     shape = (drift.state_groups, 1, drift.n, drift.c)
@@ -105,8 +140,12 @@ def simulate_ode(f0, targets, grams: Sequence[torch.Tensor], loss: Loss, spec: O
         def rhs(_t, y, row=row):
             return drift(torch.from_numpy(y).reshape(shape), row).reshape(-1).numpy()
 
+        def jac(_t, y, row=row):
+            return drift.jacobian(torch.from_numpy(y).reshape(shape), row)
+
+        has_jac = use_jacobian and drift.jacobian(u, row) is not None
         sol = solve_ivp(rhs, (a, b), u.reshape(-1).numpy(), method="LSODA", t_eval=np.arange(a + 1, b + 1),
-                        rtol=rtol, atol=atol)
+                        rtol=rtol, atol=atol, **({"jac": jac} if has_jac else {}))
         if not sol.success or sol.y.shape[1] != b - a:
             break
         for k in range(sol.y.shape[1]):
