@@ -1,7 +1,8 @@
 """Speed, peak memory and accuracy of the empirical-NTK engine.
 
     python benchmarks/kernel_speed.py            # N=256 (MLP, CNN), N=500 (ResNet-18-sized)
-    python benchmarks/kernel_speed.py --quick    # N=64 / N=100, under a minute on 2 cores
+    python benchmarks/kernel_speed.py --quick    # N=64 / N=100, a few minutes on 2 cores
+    python benchmarks/kernel_speed.py --models mlp,cnn
 
 Every measurement runs in a fresh process so that its peak memory (max RSS above the
 process's baseline after building the model and data) is its own. Errors are relative
@@ -226,13 +227,15 @@ def print_table(name: str, n: int, rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller N: under a minute on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="smaller N (64 / 100): a few minutes on 2 cores")
+    parser.add_argument("--models", default="mlp,cnn,resnet18", help="comma-separated subset of mlp,cnn,resnet18")
     args = parser.parse_args()
+    models = args.models.split(",")
     n_small, n_resnet = (64, 100) if args.quick else (256, 500)
     workdir = Path("benchmarks/results/kernel")
     workdir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"quick": args.quick}
-    for name in ("mlp", "cnn"):
+    for name in [m for m in ("mlp", "cnn") if m in models]:
         rows = run_model(name, n_small, 1024, True, workdir)
         print_table(name, n_small, rows)
         by = {r["label"]: r for r in rows}
@@ -254,6 +257,9 @@ def main() -> None:
             f"(1 fwd + C bwd + contraction = {limit:.2f} s); kernel='trace' assumes Θ ≈ Θ_trace/C ⊗ I, "
             f"relative error {trace['trace_approximation_error']:.2f}"
         )
+    if "resnet18" not in models:
+        print(json.dumps({"benchmark": "kernel_speed", **summary}))
+        return
     rows = run_model("resnet18", n_resnet, 1024, False, workdir)
     print_table("resnet18", n_resnet, rows)
     subset = 16 if args.quick else 48
