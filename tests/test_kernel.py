@@ -90,12 +90,44 @@ def _bn_with_stats(model: nn.Module) -> nn.Module:
     return model
 
 
+class _SequenceFirst(nn.Module):
+    """Layers that see (L, N, d) tensors: the sample dimension is not the leading one."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(9, 6)
+        self.proj = nn.Linear(6, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = self.embed(ids).transpose(0, 1)  # (L, N, d)
+        h = self.norm(torch.tanh(self.proj(h)))
+        return self.head(h.mean(0))
+
+
+class _Transformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(9, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.1)  # sequence-first
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.head(self.encoder(self.embed(ids).transpose(0, 1)).mean(0))
+
+
 CASES = {
     "mlp": (_mlp, lambda: torch.randn(9, 7)),
     "cnn": (lambda: _bn_with_stats(_CNN()), lambda: torch.randn(6, 2, 10, 10)),
     "attention": (_Attention, lambda: torch.randint(0, 11, (5, 6))),
     "tied": (_Tied, lambda: torch.randint(0, 6, (5, 4))),
     "dict": (_DictModel, lambda: {"x": torch.randn(7, 3), "z": torch.randn(7, 2)}),
+    "sequence-first, N = L": (_SequenceFirst, lambda: torch.randint(0, 9, (5, 5))),
+    "sequence-first, N != L": (_SequenceFirst, lambda: torch.randint(0, 9, (4, 6))),
+    "transformer": (_Transformer, lambda: torch.randint(0, 9, (4, 4))),
+    "sparse embedding": (lambda: nn.Sequential(nn.Embedding(7, 4, sparse=True), nn.Flatten(), nn.Linear(12, 2)),
+                         lambda: torch.randint(0, 7, (5, 3))),
 }
 
 
@@ -111,12 +143,21 @@ def _case(name: str):
     return model, inputs
 
 
+def _dense_embeddings(model: nn.Module) -> nn.Module:
+    """The same function with sparse=False embeddings (torch.func cannot differentiate sparse ones)."""
+    dense = copy.deepcopy(model)
+    for module in dense.modules():
+        if isinstance(module, nn.Embedding):
+            module.sparse = False
+    return dense
+
+
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("kernel", ["full", "trace"])
 def test_exact_gram_matches_torch_func(name, kernel):
     model, inputs = _case(name)
     ntk = empirical_ntk(model, inputs, kernel=kernel)
-    reference = reference_ntk(model, inputs, kernel=kernel)
+    reference = reference_ntk(_dense_embeddings(model), inputs, kernel=kernel)
     assert ntk.gram.shape == reference.shape
     assert relative_error(ntk.gram, reference) <= TOL
     model.eval()
@@ -194,6 +235,21 @@ def test_chunking_does_not_change_the_result():
     whole = empirical_ntk(model, x)
     chunked = empirical_ntk(model, x, chunk_size=4)
     assert relative_error(chunked.gram, whole.gram) <= 1e-12
+
+
+def test_global_rng_is_left_as_it_was_even_when_the_model_draws_random_numbers():
+    class NoisyInEval(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp()
+
+        def forward(self, x):
+            return self.net(x) + 0.0 * torch.rand(x.shape[0], 1)
+
+    model, x = NoisyInEval(), torch.randn(4, 7)
+    rng = torch.get_rng_state()
+    empirical_ntk(model, x)
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_model_state_is_left_as_it_was():

@@ -57,10 +57,17 @@ def _jacobian_loop(forward: ForwardFn, params: list[nn.Parameter], inputs: Any) 
         per_output = []
         for k in range(c):
             grads = torch.autograd.grad(out[0, k], params, retain_graph=k < c - 1, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            grads = [_dense(g, p) for p, g in zip(params, grads)]
             per_output.append(torch.cat([g.reshape(-1) for g in grads]))
         rows.append(torch.stack(per_output))
     return torch.stack(rows)
+
+
+def _dense(grad: torch.Tensor | None, param: nn.Parameter) -> torch.Tensor:
+    """A strided gradient: zeros for an unused parameter, dense for a ``sparse=True`` embedding."""
+    if grad is None:
+        return torch.zeros_like(param)
+    return grad.to_dense() if grad.is_sparse else grad
 
 
 def per_sample_jacobian(

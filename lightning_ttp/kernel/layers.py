@@ -161,7 +161,7 @@ class EmbeddingAdapter(LayerAdapter):
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
-        return isinstance(module, nn.Embedding) and module.max_norm is None
+        return isinstance(module, nn.Embedding) and module.max_norm is None and not module.sparse
 
     def input_factor(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], -1)
@@ -279,12 +279,16 @@ def adapter_for(module: nn.Module) -> LayerAdapter | None:
 class Capture:
     """Forward hooks on the adapters' modules for the duration of a ``with`` block.
 
+    A call whose input or output does not lead with the ``num_samples`` dimension (a
+    sequence-first tensor, a reshaped batch) is marked failed: that layer takes the fallback.
+
     The hook returns a clone of the output so that an in-place operation after the layer
     (``ReLU(inplace=True)``) cannot overwrite the tensor whose cotangent we ask for.
     """
 
-    def __init__(self, adapters: list[LayerAdapter]):
+    def __init__(self, adapters: list[LayerAdapter], num_samples: int):
         self.adapters = adapters
+        self.num_samples = num_samples
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.failed: set[int] = set()
 
@@ -296,7 +300,14 @@ class Capture:
 
     def _hook(self, index: int, adapter: LayerAdapter):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor):
-            if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+            if (
+                not args
+                or not isinstance(args[0], torch.Tensor)
+                or not isinstance(output, torch.Tensor)
+                or args[0].dim() == 0
+                or args[0].shape[0] != self.num_samples  # e.g. sequence-first (L, N, d) tensors
+                or output.shape[0] != self.num_samples
+            ):
                 self.failed.add(index)
                 return None
             try:

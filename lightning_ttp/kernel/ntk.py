@@ -133,7 +133,9 @@ def empirical_ntk(
     forward = ForwardFn(model, output_fn)
     projected = projection_dim is not None
 
-    with _eval_mode(model), torch.enable_grad():
+    device = _device(model)
+    rng_devices = [device] if device.type == "cuda" else []
+    with _eval_mode(model), torch.enable_grad(), torch.random.fork_rng(devices=rng_devices):
         adapters, num_outputs, per_sample = _verified_adapters(model, forward, inputs, group_of)
         covered = {id(p) for a in adapters for p in a.parameters().values() if id(p) in group_of}
         fallback = [[p for p in group if id(p) not in covered] for group in groups]
@@ -174,7 +176,7 @@ def empirical_ntk(
                 part = _gram_of_features(per_group.pop(key), kernel)
             else:
                 part, how = _concat(per_group.pop(key)).gram(kernel)
-                for name in _term_names(key, adapters, fallback, names):
+                for name in _term_names(key, adapters, fallback, names, group_of):
                     methods.setdefault(name, how)
             gram = part if gram is None else gram + part
         size = n * num_outputs if kernel == "full" else n
@@ -295,20 +297,22 @@ def _verified_adapters(
             candidates.append(adapter)
     probe_n = min(2, batch_size(inputs))
     probe = slice_batch(inputs, 0, probe_n)
-    with Capture(candidates) as capture:
+    with Capture(candidates, probe_n) as capture:
         out = _check_outputs(forward(probe), probe_n)
     good = [a for i, a in enumerate(candidates) if a.calls == 1 and i not in capture.failed]
     good = [a for a in good if a.output is not None and a.output.requires_grad]
     params = [p for a in good for p in a.parameters().values() if id(p) in group_of]
-    grads = torch.autograd.grad(out[:, 0].sum(), [a.output for a in good] + params, allow_unused=True) if good else ()
+    # the gradient of one output of sample 0 only: our per-sample gradient of sample 0 must equal
+    # autograd's, and no cotangent may reach the rows of the other samples
+    grads = torch.autograd.grad(out[0, 0], [a.output for a in good] + params, allow_unused=True) if good else ()
     out_grads, param_grads = grads[: len(good)], dict(zip(map(id, params), grads[len(good) :]))
     verified = []
     for adapter, grad in zip(good, out_grads):
-        if grad is None:
-            grad = torch.zeros_like(adapter.output)
-        summed = adapter.summed_gradients(adapter.delta_view(grad))
+        delta = adapter.delta_view(torch.zeros_like(adapter.output) if grad is None else grad)
+        summed = adapter.summed_gradients(delta)
         trained = [(role, p) for role, p in adapter.parameters().items() if id(p) in group_of]
-        if all(_close(summed[role], param_grads[id(p)], p) for role, p in trained):
+        own_rows_only = not delta[1:].any()
+        if own_rows_only and all(_close(summed[role], param_grads[id(p)], p) for role, p in trained):
             verified.append(adapter)
     c = out.shape[1]
     per_sample = {
@@ -323,6 +327,8 @@ def _verified_adapters(
 def _close(ours: torch.Tensor, reference: torch.Tensor | None, p: nn.Parameter) -> bool:
     if reference is None:
         reference = torch.zeros_like(p)
+    if reference.is_sparse:
+        reference = reference.to_dense()
     scale = reference.abs().max().item() + ours.abs().max().item()
     tol = 1e-4 if p.dtype == torch.float64 else 2e-3
     return bool((ours - reference).abs().max().item() <= tol * scale + 1e-12)
@@ -374,7 +380,7 @@ def _chunk_terms(
     fallback of group g. The index seeds the term's random projection."""
     n = batch_size(batch)
     tick = time.perf_counter()
-    with Capture(adapters) as capture:
+    with Capture(adapters, n) as capture:
         out = _check_outputs(forward(batch), n)
     if capture.failed or any(a.calls != 1 for a in adapters):
         raise RuntimeError("a layer behaved differently on this chunk than on the probe; pass a fixed batch.")
@@ -427,11 +433,16 @@ def _concat(chunks: list[Term]) -> Term:
 
 
 def _term_names(
-    key: tuple[int, int], adapters: list[LayerAdapter], fallback: list[list[nn.Parameter]], names: dict[int, str]
+    key: tuple[int, int],
+    adapters: list[LayerAdapter],
+    fallback: list[list[nn.Parameter]],
+    names: dict[int, str],
+    group_of: dict[int, tuple[int, nn.Parameter]],
 ) -> list[str]:
     group, index = key
     if index < 0:
         return [names[id(p)] for p in fallback[group]]
-    return [names[id(p)] for p in adapters[index].parameters().values() if p.requires_grad]
+    params = adapters[index].parameters().values()
+    return [names[id(p)] for p in params if id(p) in group_of and group_of[id(p)][0] == group]
 
 

@@ -167,19 +167,18 @@ class OuterTerm(Term):
         ghost, materialised = self.flops(kernel)
         if ghost <= materialised:
             return _ghost_gram(self._input_kernel, self.deltas, kernel), "ghost"
+        n, c = self.deltas.shape[:2]
         out = None
-        for _, g in self.slices():
+        for _, g in self.slices(rows_per_block=max(1, min(PROJECTION_ROWS, TEMP_ELEMENTS // (n * c)))):
             part = _gram_of_features(g, kernel)
             out = part if out is None else out + part
         assert out is not None
         return out, "materialised"
 
-    def _units_per_block(self) -> int:
-        return max(1, PROJECTION_ROWS // self.inputs.shape[-1])
-
-    def slices(self) -> Iterator[tuple[int, torch.Tensor]]:
+    def slices(self, rows_per_block: int = PROJECTION_ROWS) -> Iterator[tuple[int, torch.Tensor]]:
+        """Blocks of whole output units, about ``rows_per_block`` rows of g each."""
         n, c, _, d_out = self.deltas.shape
-        for block, units in enumerate(_blocks(d_out, self._units_per_block())):
+        for block, units in enumerate(_blocks(d_out, max(1, rows_per_block // self.inputs.shape[-1]))):
             g = torch.einsum("icpd,ipa->icda", self.deltas[..., units], self.inputs)
             yield block, g.reshape(n, c, -1)
 
@@ -308,8 +307,8 @@ class ConvTerm(Term):
     def gram(self, kernel: str) -> tuple[torch.Tensor, str]:
         return self._outer().gram(kernel)
 
-    def slices(self) -> Iterator[tuple[int, torch.Tensor]]:
-        return self._outer().slices()
+    def slices(self, rows_per_block: int = PROJECTION_ROWS) -> Iterator[tuple[int, torch.Tensor]]:
+        return self._outer().slices(rows_per_block)
 
     def kronecker_features(self, dim: int, *, seed: int, term: int) -> torch.Tensor:
         n, c, p, d_out = self.deltas.shape
