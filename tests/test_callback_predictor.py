@@ -250,6 +250,24 @@ def test_resume_restores_without_recompute(tmp_path, monkeypatch):
     assert len(resumed.observed_losses) == 16  # 8 restored + 8 observed after the resume
 
 
+def test_reused_callback_recomputes_for_a_second_fit(tmp_path):
+    """Only a checkpoint restore keeps a prediction; a second fit with the same callback
+    object (different lr and length) gets its own prediction."""
+    ns = "pytorch_lightning"
+    x, y = _data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    cb = _quiet_predictor(num_samples=32, refine=False)
+    _trainer(ns, tmp_path, max_steps=8, callbacks=[cb]).fit(_module(ns, lr=0.3), loader)
+    first = np.asarray(cb.prediction.loss)
+    assert first.size == 9 and len(cb.observed_losses) == 8
+    _trainer(ns, tmp_path, max_steps=20, callbacks=[cb]).fit(_module(ns, lr=0.01), loader)
+    second = np.asarray(cb.prediction.loss)
+    assert second.size == 21 and cb.planned_steps == 20
+    assert second[8] > first[8]  # a 30x smaller learning rate decreases the loss more slowly
+    assert len(cb.observed_losses) == 20  # this fit's losses only
+    np.testing.assert_allclose(cb.lr_schedule, 0.01)
+
+
 @pytest.mark.parametrize("ns", NAMESPACES)
 def test_gradient_accumulation_means_a_larger_batch(ns, tmp_path):
     x, y = _data(n=64)
@@ -359,6 +377,40 @@ def test_failing_output_fn_warns_once_and_training_completes(ns, tmp_path):
     assert sum("lightning_ttp" in str(w.message) for w in record) == 1
 
 
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_failing_logger_warns_once_and_training_completes(ns, tmp_path):
+    pl = _ns(ns)
+
+    class BrokenLogger(pl.loggers.CSVLogger):
+        def log_metrics(self, metrics, step=None):
+            raise RuntimeError("deliberately broken logger")
+
+    x, y = _data()
+    cb = _quiet_predictor(num_samples=32, verbose=True)  # the summaries are printed too
+    trainer = _trainer(ns, tmp_path, max_steps=5, log_every_n_steps=1, callbacks=[cb],
+                       logger=BrokenLogger(str(tmp_path)))
+    with pytest.warns(UserWarning, match="deliberately broken logger") as record:
+        trainer.fit(_module(ns), DataLoader(TensorDataset(x, y), batch_size=16))
+    assert trainer.global_step == 5
+    assert cb.prediction is not None and len(cb.observed_losses) == 5
+    assert sum("lightning_ttp" in str(w.message) for w in record) == 1
+
+
+def test_failing_state_dict_warns_or_raises_when_strict():
+    class Broken:
+        def to_dict(self):
+            raise RuntimeError("deliberately broken to_dict")
+
+    cb = _quiet_predictor()
+    cb._prediction = Broken()
+    with pytest.warns(UserWarning, match="deliberately broken to_dict"):
+        assert cb.state_dict() == {}
+    strict = _quiet_predictor(strict=True)
+    strict._prediction = Broken()
+    with pytest.raises(RuntimeError, match="deliberately broken to_dict"):
+        strict.state_dict()
+
+
 def test_strict_raises(tmp_path):
     x, y = _data()
     cb = _quiet_predictor(output_fn=lambda m, b: (_ for _ in ()).throw(ValueError("nope")), strict=True)
@@ -409,6 +461,21 @@ class _RecordingPredictor(TrainingTimePredictor):
         super().__init__(**kwargs)
         self.out_dir = out_dir
 
+    def on_fit_start(self, trainer, pl_module):
+        # count the engine's predictions per rank: only rank zero may compute (the others receive it)
+        real_predict = _engine.predict
+
+        def counting_predict(*args, **kwargs):
+            with open(os.path.join(self.out_dir, f"predict_calls_rank{trainer.global_rank}.txt"), "a") as fh:
+                fh.write("1\n")
+            return real_predict(*args, **kwargs)
+
+        _engine.predict = counting_predict
+        try:
+            super().on_fit_start(trainer, pl_module)
+        finally:
+            _engine.predict = real_predict
+
     def on_train_end(self, trainer, pl_module):
         path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.json")
         with open(path, "w") as fh:
@@ -437,6 +504,9 @@ def test_ddp_spawn_two_processes_identical_predictions(tmp_path):
     with open(tmp_path / "rank1.json") as fh:
         rank1 = json.load(fh)
     assert rank0 is not None and rank0 == rank1
+    # a broadcast, not two ranks computing the same thing independently
+    assert (tmp_path / "predict_calls_rank0.txt").read_text() == "1\n"
+    assert not (tmp_path / "predict_calls_rank1.txt").exists()
     rows = _read_csv(str(tmp_path))
     logged = [r for r in rows if r.get("ttp/predicted_loss")]
     assert len(logged) == 5  # steps 0..4, written once (rank zero), not once per rank
@@ -496,6 +566,28 @@ def test_pre_batched_iterable_reads_the_batch_size_from_the_data(ns, tmp_path):
     trainer.fit(_module(ns), DataLoader(_PreBatched(x, y, 16), batch_size=None))
     assert cb.prediction is not None
     assert cb.plan["batch_size"] == 16 and cb.plan["num_samples"] == 32
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_pre_batched_iterable_leaves_training_bit_identical(ns, tmp_path):
+    """Reading the batch size from the first batch of a batch_size=None loader must not advance
+    the global RNG (the loader draws its base seed from it): dropout masks stay the same."""
+    x, y = _data()
+
+    def run(with_predictor: bool):
+        _ns(ns).seed_everything(3, verbose=False)
+        module = _module(ns, dropout=0.3)
+        cbs = [_quiet_predictor(num_samples=32, refine=False)] if with_predictor else []
+        trainer = _trainer(ns, tmp_path, max_steps=8, callbacks=cbs)
+        trainer.fit(module, DataLoader(_PreBatched(x, y, 16), batch_size=None))
+        return module, (torch.rand(1).item(), np.random.rand(), random.random()), cbs  # noqa: NPY002
+
+    plain, rng_plain, _ = run(False)
+    with_cb, rng_cb, cbs = run(True)
+    assert cbs[0].prediction is not None and cbs[0].plan["batch_size"] == 16
+    for a, b in zip(plain.parameters(), with_cb.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert rng_plain == rng_cb
 
 
 def test_datamodule_loader_is_loaded_once(tmp_path):

@@ -19,15 +19,7 @@ from lightning_ttp.dynamics import (
     summarize_paths,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster on a shared machine (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("_one_thread")  # tests/conftest.py
 
 
 def gram_of_linear(n=30, d=8, c=3, task="ce", seed=0):

@@ -12,14 +12,7 @@ from torch.func import functional_call, jacrev, jvp
 
 from lightning_ttp.dynamics import OptimizerSpec, get_loss, simulate_discrete
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster on a shared machine (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("_one_thread")  # tests/conftest.py
 
 
 T = 25

@@ -15,14 +15,7 @@ from lightning_ttp.dynamics import (
     mse_spectrum,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster on a shared machine (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("_one_thread")  # tests/conftest.py
 
 
 DIM, SLOPE = 1500, 1.5

@@ -336,3 +336,82 @@ def test_hooks_exist_only_during_validation():
     assert seen["train"] and set(seen["train"]) == {0}
     assert seen["val"] and set(seen["val"]) == {1}
     assert len(model.net[1]._forward_hooks) == 0 and len(model._forward_hooks) == 0
+
+
+def test_preserve_modes_restores_each_submodule_flag():
+    from lightning_ttp._modes import preserve_modes
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Sequential(nn.Dropout(), nn.Linear(2, 1)))
+    model[1].eval()
+    model[2][0].eval()
+    before = [m.training for m in model.modules()]
+    with preserve_modes(model):
+        model.eval()
+    assert [m.training for m in model.modules()] == before
+    with pytest.raises(RuntimeError), preserve_modes(model):
+        model.train()
+        raise RuntimeError("restored on error too")
+    assert [m.training for m in model.modules()] == before
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_frozen_batchnorm_stays_frozen_without_validation_loop(ns):
+    """The training-subset forward pass (no validation loop) must give every submodule its own mode
+    back: a BatchNorm the user froze in eval mode must not become trainable (nor update its stats)."""
+    pl = importlib.import_module(ns)
+
+    class FrozenBN(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(
+                nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 10)
+            )
+            self.modes: list[tuple[bool, bool]] = []
+
+        def on_train_start(self):
+            self.net[1].eval()  # frozen BatchNorm (fine-tuning)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            self.modes.append((self.training, self.net[1].training))
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    torch.manual_seed(0)
+    model = FrozenBN()
+    stats = (model.net[1].running_mean.clone(), model.net[1].running_var.clone())
+    cb = EarlyGiveUp(checkpoint_epoch=10, num_samples=32, verbose=False)
+    train, _ = loaders(val=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(ns, [cb], 3, limit_val_batches=0).fit(model, train)
+    assert len(cb.history) == 3  # the callback did run its extra forward pass every epoch
+    assert len(model.modes) == 30 and all(m == (True, False) for m in model.modes)
+    torch.testing.assert_close(model.net[1].running_mean, stats[0], rtol=0, atol=0)
+    torch.testing.assert_close(model.net[1].running_var, stats[1], rtol=0, atol=0)
+    assert int(model.net[1].num_batches_tracked) == 0
+
+
+def _broken_scores(*args, **kwargs):
+    raise RuntimeError("deliberately broken scores")
+
+
+def test_scoring_failure_warns_once_and_training_continues(monkeypatch):
+    monkeypatch.setattr("lightning_ttp.callbacks.early_give_up.compute_scores", _broken_scores)
+    cb = EarlyGiveUp(checkpoint_epoch=2, verbose=False)
+    with pytest.warns(UserWarning, match="deliberately broken scores") as record:
+        t, _ = fit("pytorch_lightning", cb, "dead", max_epochs=4)
+    assert t.current_epoch == 4  # a dead run, but no scores: not given up, training completed
+    assert sum("EarlyGiveUp: scoring failed" in str(w.message) for w in record) == 1
+    assert not cb.gave_up and cb.decision is not None and cb.decision.kind == "error"
+    assert cb.history == []
+
+
+def test_scoring_failure_raises_when_strict(monkeypatch):
+    monkeypatch.setattr("lightning_ttp.callbacks.early_give_up.compute_scores", _broken_scores)
+    with pytest.raises(RuntimeError, match="deliberately broken scores"):
+        fit("pytorch_lightning", EarlyGiveUp(checkpoint_epoch=2, strict=True), "healthy", max_epochs=3)

@@ -22,11 +22,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from .._modes import preserve_modes
+
 __all__ = [
     "TrainingPlan",
     "collect_plan",
     "lightning_namespace",
     "lr_schedule_for_trainer",
+    "preserve_rng",
     "preserve_state",
     "sample_training_subset",
     "unsupported_strategy",
@@ -97,19 +100,25 @@ def preserve_state(module: torch.nn.Module) -> Iterator[None]:
     """Leave the user's training exactly as it was: RNG streams (torch CPU/CUDA, numpy,
     python), every submodule's train/eval mode, every parameter's ``requires_grad`` and
     ``.grad``, all restored on exit (also on error)."""
-    rng = _collect_rng_states()
-    modes = [(m, m.training) for m in module.modules()]
     params = list(module.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     try:
-        yield
+        with preserve_rng(), preserve_modes(module):
+            yield
     finally:
-        for m, mode in modes:
-            m.training = mode
         for p, flag, grad in zip(params, flags, grads):
             p.requires_grad_(flag)
             p.grad = grad
+
+
+@contextmanager
+def preserve_rng() -> Iterator[None]:
+    """Restore the torch (CPU/CUDA), numpy and python RNG streams on exit (also on error)."""
+    rng = _collect_rng_states()
+    try:
+        yield
+    finally:
         _set_rng_states(rng)
 
 
@@ -365,7 +374,17 @@ def _shuffles(loader: DataLoader) -> bool:
 
 
 def collect_plan(trainer: Any, loader: DataLoader, steps_override: int | None = None) -> TrainingPlan:
-    """Read the planned optimiser steps, batch sizes and learning-rate schedule."""
+    """Read the planned optimiser steps, batch sizes and learning-rate schedule.
+
+    The RNG streams are restored afterwards: reading the first batch of a pre-batched loader
+    (``batch_size=None``) draws the loader's base seed from the global torch generator (and a
+    user's dataset may draw from numpy/python), which would otherwise change the training.
+    """
+    with preserve_rng():
+        return _collect_plan(trainer, loader, steps_override)
+
+
+def _collect_plan(trainer: Any, loader: DataLoader, steps_override: int | None) -> TrainingPlan:
     notes: list[str] = []
     accumulate = int(trainer.accumulate_grad_batches)
     world_size = int(getattr(trainer, "world_size", 1) or 1)

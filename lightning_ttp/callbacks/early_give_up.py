@@ -19,6 +19,7 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from .._modes import preserve_modes
 from ..spectral import GiveUpDecision, Scores, SpectralConfig, compute_scores, decide, spectrum_of
 from ..spectral.spectra import global_avg_pool
 from ._compat import bases
@@ -93,6 +94,8 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         on_give_up: called as ``on_give_up(trainer, pl_module, decision)`` when the rule fires
             (in both modes). Subclasses can override :meth:`on_give_up` instead.
         verbose: print the decision (rank zero) at the checkpoint.
+        strict: raise when computing the scores fails. Default: warn once and keep training
+            (a round whose scores failed is skipped; at the checkpoint the run is not given up).
         spectra_dtype: working precision of the singular values (float32: ~2x faster than
             float64, normalised values within ~1e-4; see :func:`lightning_ttp.spectral.spectrum_of`).
 
@@ -119,6 +122,7 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         on_give_up: GiveUpHook | None = None,
         verbose: bool = True,
         spectra_dtype: torch.dtype = torch.float32,
+        strict: bool = False,
     ) -> None:
         super().__init__()
         if int(checkpoint_epoch) != checkpoint_epoch or checkpoint_epoch < 1:
@@ -154,6 +158,7 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         self._on_give_up_fn = on_give_up
         self.verbose = verbose
         self.spectra_dtype = spectra_dtype
+        self.strict = strict
 
         self.history: list[dict[str, Any]] = []
         self.gave_up = False
@@ -175,6 +180,7 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         self._train_count = 0
         self._noted: set[str] = set()
         self._pending_fv = False
+        self._round_failed = False
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -325,7 +331,10 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
     ) -> None:
         if not self._handles or dataloader_idx != 0 or self.accuracy_metric is not None:
             return
-        self._accumulate_accuracy(batch)
+        try:
+            self._accumulate_accuracy(batch)
+        except Exception as exc:  # noqa: BLE001 - failure policy: warn once and continue
+            self._fail("validation accuracy", exc)
 
     def _accumulate_accuracy(self, batch: Any) -> None:
         logits, self._logits = self._logits, None
@@ -356,14 +365,17 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         if not self._handles:
             return
         self._detach()
-        self._score_round(trainer, pl_module, log_with_module=True)
+        self._score_round_safely(trainer, pl_module)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking or not _fn_is_fit(trainer) or not self._round_pending:
             return
         self._round_pending = False
         if self._pending_fv:
-            self._fill_fv_late(trainer)
+            try:
+                self._fill_fv_late(trainer)
+            except Exception as exc:  # noqa: BLE001 - failure policy: warn once and continue
+                self._fail("scoring s_Fv", exc)
         self._maybe_decide(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -385,18 +397,17 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._fallback or not self._train_inputs:
             return
-        was_training = pl_module.training
         self._attach(pl_module)
         self._capturing_logits = False
         try:
-            pl_module.eval()
-            with torch.no_grad():
+            # every submodule gets its own mode back (a frozen BatchNorm stays in eval mode)
+            with preserve_modes(pl_module), torch.no_grad():
+                pl_module.eval()
                 for x in self._train_inputs:
                     pl_module(x.to(pl_module.device))
         finally:
             self._detach()
-            pl_module.train(was_training)
-        self._score_round(trainer, pl_module, log_with_module=True)
+        self._score_round_safely(trainer, pl_module)
         self._round_pending = False
         self._maybe_decide(trainer, pl_module)
 
@@ -421,6 +432,31 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         if self._total > 0:
             return self._correct / self._total
         return None
+
+    def _fail(self, where: str, error: BaseException) -> None:
+        """Failure policy: raise with ``strict=True``, else warn once per kind and keep training."""
+        if self.strict:
+            raise error
+        key = f"fail:{where}"
+        if key not in self._noted:
+            self._noted.add(key)
+            rank_zero_warn(
+                f"EarlyGiveUp: {where} failed ({type(error).__name__}: {error}). Training continues "
+                "(this round is not scored); pass EarlyGiveUp(strict=True) to make this an error.",
+                category=UserWarning,
+            )
+
+    def _score_round_safely(self, trainer: Any, pl_module: Any) -> None:
+        self._round_failed = False
+        try:
+            self._score_round(trainer, pl_module, log_with_module=True)
+        except Exception as exc:  # noqa: BLE001 - failure policy: warn once and continue
+            self._buffers = [[] for _ in self._modules]
+            self._pending_fv = False
+            self._round_failed = True
+            # the decision below must still run on this rank: the other ranks may call a collective
+            self._round_pending = True
+            self._fail("scoring", exc)
 
     def _note_once(self, key: str, message: str) -> None:
         if key not in self._noted:
@@ -508,19 +544,24 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ decision
     def _maybe_decide(self, trainer: Any, pl_module: Any) -> None:
-        if self.decided or not self.history:
+        failed, self._round_failed = self._round_failed, False
+        if self.decided or not (self.history or failed):
             return
-        entry = self.history[-1]
-        if entry["epoch"] < self.checkpoint_epoch:
+        # the round's epoch, as _score_round counts it (also when its scores failed on this rank)
+        epoch = int(trainer.current_epoch) + 1 if failed else int(self.history[-1]["epoch"])
+        if epoch < self.checkpoint_epoch:
             return
-        scores = Scores(**entry)
-        decision = decide(scores, self.t1, self.target_accuracy, self.keep_above)
+        if failed:
+            # no scores on this rank: it does not give up, but still joins the decision of the others
+            decision = GiveUpDecision(False, "error", f"epoch {epoch}: the scores could not be computed")
+        else:
+            decision = decide(Scores(**self.history[-1]), self.t1, self.target_accuracy, self.keep_above)
         give_up = decision.give_up
         if self.mode == "stop":
             # any rank giving up stops every rank (as Lightning's EarlyStopping)
             give_up = bool(trainer.strategy.reduce_boolean_decision(give_up, all=False))
         if give_up and not decision.give_up:
-            decision = GiveUpDecision(True, "other_rank", f"epoch {entry['epoch']}: another rank gave up")
+            decision = GiveUpDecision(True, "other_rank", f"epoch {epoch}: another rank gave up")
         self.decided = True
         self.decision = decision
         self.gave_up = give_up
@@ -540,7 +581,7 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         min_epochs = getattr(trainer, "min_epochs", None) or 0
         if self.mode == "stop":
             trainer.should_stop = True
-            if entry["epoch"] < min_epochs:
+            if epoch < min_epochs:
                 rank_zero_info(
                     f"EarlyGiveUp: stop deferred by Lightning until min_epochs={min_epochs} are done."
                 )

@@ -228,6 +228,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         self._plan: dict[str, Any] | None = None
         self._what_if_table: list[dict[str, Any]] = []
         self._cost_seconds: float | None = None
+        #: set by load_state_dict (a resume): the next fit keeps the restored prediction
         self._restored = False
         self._disabled_reason: str | None = None
         self._warned: set[str] = set()
@@ -383,6 +384,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        self._disabled_reason = None  # a reused callback: decided again for this Trainer
         reason = unsupported_strategy(trainer)
         if reason is not None:
             if self.strict:
@@ -393,15 +395,17 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_run_state()
         self._fit_start_time = time.perf_counter()
+        restored, self._restored = self._restored, False
         if self._disabled_reason is not None:
             return
-        if self._prediction is not None:
-            # restored from a checkpoint: the weights are no longer the pre-trained ones, so
+        if restored and self._prediction is not None:
+            # resumed from a checkpoint: the weights are no longer the pre-trained ones, so
             # the prediction is kept, not recomputed
-            self._restored = True
             if self.verbose:
                 rank_zero_info("lightning_ttp: prediction restored from the checkpoint (not recomputed).")
             return
+        # a new fit (also a second fit with the same callback): nothing of a previous one is kept
+        self._clear_prediction()
         payload: dict[str, Any] | None = None
         error: BaseException | None = None
         try:
@@ -429,14 +433,27 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             return
         self._load_payload(payload)
         if trainer.is_global_zero:
-            if self.log_curve:
+            self._report_fit_start(trainer)
+
+    def _report_fit_start(self, trainer: Any) -> None:
+        """Log and print the prediction (rank zero); a failure here never stops training."""
+        if self.log_curve:
+            try:
                 self._log_curve(trainer)
-            if self._what_if_table:
+            except Exception as exc:  # noqa: BLE001 - failure policy: warn and continue
+                self._fail("logging to the loggers", exc)
+        if self._what_if_table:
+            try:
                 self._log_what_if(trainer)
-            if self.verbose:
+            except Exception as exc:  # noqa: BLE001
+                self._fail("logging the what-if table", exc)
+        if self.verbose:
+            try:
                 rank_zero_info(self.summary())
                 if self._what_if_table:
                     rank_zero_info(self.what_if_text())
+            except Exception as exc:  # noqa: BLE001
+                self._fail("the fit-start summary", exc)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._prediction is None:
@@ -468,7 +485,10 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             # time budget: wait cost/budget seconds before the next refit
             self._next_refine_time = now + (time.perf_counter() - now) / self.refine_budget
         if trainer.is_global_zero and step % max(1, trainer.log_every_n_steps) == 0:
-            self._log_progress(trainer, step)
+            try:
+                self._log_progress(trainer, step)
+            except Exception as exc:  # noqa: BLE001 - failure policy: warn and continue
+                self._fail("logging to the loggers", exc)  # warned once with the curve
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # optimiser steps are counted from here: global_step changes after each one
@@ -494,6 +514,13 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
+        try:
+            return self._state_dict()
+        except Exception as exc:  # noqa: BLE001 - failure policy: warn and continue
+            self._fail("saving the prediction in the checkpoint", exc)
+            return {}  # the checkpoint is still written; a resume from it recomputes the prediction
+
+    def _state_dict(self) -> dict[str, Any]:
         self._flush()
         return _builtin({
             "prediction": None if self._prediction is None else self._prediction.to_dict(),
@@ -519,6 +546,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         self._what_if_table = list(state_dict.get("what_if") or [])
         self._cost_seconds = state_dict.get("cost_seconds")
         self.observed_losses = [float(x) for x in state_dict.get("observed_losses") or []]
+        self._restored = True
 
     # ------------------------------------------------------------------ computation (rank zero)
     def _split_batch(self, batch: Any) -> tuple[Any, Any]:
@@ -588,6 +616,17 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             "plan": plan_info,
             "cost_seconds": cost,
         }
+
+    def _clear_prediction(self) -> None:
+        self._prediction = None
+        self._converge_cache.clear()
+        self._extended = {}
+        self._refinement = None
+        self._plan = None
+        self._what_if_table = []
+        self._cost_seconds = None
+        self.lr_schedule = None
+        self.observed_losses = []
 
     def _load_payload(self, payload: dict[str, Any]) -> None:
         from ._engine import prediction_from_dict
