@@ -1,7 +1,7 @@
 """Speed, peak memory and accuracy of the empirical-NTK engine.
 
     python benchmarks/kernel_speed.py            # N=256 (MLP, CNN), N=500 (ResNet-18-sized)
-    python benchmarks/kernel_speed.py --quick    # N=64 / N=100, a few minutes on 2 cores
+    python benchmarks/kernel_speed.py --quick    # N=64 / N=32, no dense projections: about a minute
     python benchmarks/kernel_speed.py --models mlp,cnn
 
 Every measurement runs in a fresh process so that its peak memory (max RSS above the
@@ -174,7 +174,9 @@ def trace_approximation_error(trace_path: str, full_path: str, c: int) -> float:
     return ((full - approx).norm() / full.norm()).item()
 
 
-def run_model(name: str, n: int, projection_dim: int, with_reference: bool, workdir: Path) -> list[dict]:
+def run_model(
+    name: str, n: int, projection_dim: int, with_reference: bool, workdir: Path, dense_projections: bool = True
+) -> list[dict]:
     c = MODELS[name][2]
     rows = []
     ref_path = str(workdir / f"{name}-ref.pt")
@@ -184,8 +186,8 @@ def run_model(name: str, n: int, projection_dim: int, with_reference: bool, work
         variants.append(("ours exact", "ours", {}))
         variants.append(("ours trace (N x N)", "ours", {"kernel": "trace"}))
     for projection in ("sparse", "gaussian", "kronecker"):
-        if name == "resnet18" and projection != "kronecker":
-            continue  # a dense D x D' projection of 11M parameters is what kronecker avoids
+        if projection != "kronecker" and (name == "resnet18" or not dense_projections):
+            continue  # a dense D x D' projection costs D' backward passes: what kronecker avoids
         options = {"projection_dim": projection_dim, "projection": projection}
         if name == "resnet18":
             options["memory_budget"] = RESNET_BUDGET
@@ -227,16 +229,16 @@ def print_table(name: str, n: int, rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller N (64 / 100): a few minutes on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="N=64 / 32, no dense projections: about a minute")
     parser.add_argument("--models", default="mlp,cnn,resnet18", help="comma-separated subset of mlp,cnn,resnet18")
     args = parser.parse_args()
     models = args.models.split(",")
-    n_small, n_resnet = (64, 100) if args.quick else (256, 500)
+    n_small, n_resnet, subset = (64, 32, 8) if args.quick else (256, 500, 48)
     workdir = Path("benchmarks/results/kernel")
     workdir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"quick": args.quick}
     for name in [m for m in ("mlp", "cnn") if m in models]:
-        rows = run_model(name, n_small, 1024, True, workdir)
+        rows = run_model(name, n_small, 1024, True, workdir, dense_projections=not args.quick)
         print_table(name, n_small, rows)
         by = {r["label"]: r for r in rows}
         ref, ours = by["torch.func (vmap(jacrev)+einsum)"], by["ours exact"]
@@ -262,7 +264,6 @@ def main() -> None:
         return
     rows = run_model("resnet18", n_resnet, 1024, False, workdir)
     print_table("resnet18", n_resnet, rows)
-    subset = 16 if args.quick else 48
     error = projection_error_on_subset(subset, 1024, workdir)
     print(f"resnet18 kronecker D'=1024 vs our exact on N={subset}: relative error {error:.3f}")
     print(f"memory budget given to the projected ResNet runs: {RESNET_BUDGET / 2**30:.0f} GiB")

@@ -421,11 +421,16 @@ def test_strict_raises(tmp_path):
 
 def test_what_if_reuses_the_kernel(tmp_path):
     x, y = _data()
-    cb = _quiet_predictor(num_samples=64, what_if={"lr": [0.03, 3.0], "momentum": [0.9], "batch_size": [64]})
+    cb = _quiet_predictor(
+        num_samples=64, what_if={"lr": [0.03, 3.0, 1e6], "momentum": [0.9], "batch_size": [64]}
+    )
     trainer = _trainer("pytorch_lightning", tmp_path, max_steps=20, callbacks=[cb])
     trainer.fit(_module("pytorch_lightning"), DataLoader(TensorDataset(x, y), batch_size=16))
     rows = {r["setting"]: r for r in cb.what_if_table}
-    assert set(rows) == {"lr=0.03", "lr=3", "momentum=0.9", "batch_size=64"}
+    assert set(rows) == {"lr=0.03", "lr=3", "lr=1e+06", "momentum=0.9", "batch_size=64"}
+    # a diverging setting is reported as never converging, not as a crash
+    assert all(steps is None for steps in rows["lr=1e+06"]["steps_to_converge"].values())
+    assert "never" in cb.what_if_text()
     # a 10x smaller learning rate converges later (or never within the run)
     slow = rows["lr=0.03"]["final_loss"]
     assert slow > cb.prediction.loss[-1]

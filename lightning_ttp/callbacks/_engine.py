@@ -147,7 +147,7 @@ def predict(
             rows.append(
                 {
                     "setting": f"{key}={value:g}",
-                    "steps_to_converge": {str(e): int(result.training_time(e)) for e in epsilons},
+                    "steps_to_converge": {str(e): result.training_time(e) for e in epsilons},
                     "final_loss": float(np.asarray(result.loss)[-1]),
                 }
             )

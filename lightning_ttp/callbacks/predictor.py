@@ -708,7 +708,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         rows = ["| setting | " + " | ".join(f"T(ε={e:g})" for e in self.epsilons) + " | final loss |",
                 "|---|" + "---|" * (len(self.epsilons) + 1)]
         for row in self._what_if_table:
-            cells = " | ".join(str(row["steps_to_converge"].get(str(e), "?")) for e in self.epsilons)
+            cells = " | ".join(_steps_text(row["steps_to_converge"].get(str(e))) for e in self.epsilons)
             rows.append(f"| {row['setting']} | {cells} | {row.get('final_loss', float('nan')):.4g} |")
         for logger in trainer.loggers:
             if type(logger).__name__ == "TensorBoardLogger":
@@ -755,7 +755,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         lines = ["lightning_ttp what-if (same kernel, predicted optimiser steps to converge):", header]
         for row in self._what_if_table:
             cells = "".join(
-                str(row["steps_to_converge"].get(str(e), row["steps_to_converge"].get(e, "?"))).rjust(12)
+                _steps_text(row["steps_to_converge"].get(str(e))).rjust(12)
                 for e in self.epsilons
             )
             lines.append(f"{row['setting']:<22}{cells}  {row.get('final_loss', float('nan')):.4g}")
@@ -843,3 +843,6 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         return path
 
 
+def _steps_text(steps: int | None) -> str:
+    """A what-if cell: the predicted steps, or "never" for a curve that does not converge."""
+    return "never" if steps is None else str(steps)

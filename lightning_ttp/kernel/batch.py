@@ -24,7 +24,3 @@ def batch_size(inputs: Any) -> int:
 def slice_batch(inputs: Any, start: int, stop: int) -> Any:
     """Samples ``start:stop`` of every tensor leaf; other leaves are passed through."""
     return tree_map(lambda t: t[start:stop] if isinstance(t, torch.Tensor) else t, inputs)
-
-
-def to_device(inputs: Any, device: torch.device) -> Any:
-    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, inputs)

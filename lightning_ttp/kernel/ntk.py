@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_ttp._modes import preserve_modes
 from lightning_ttp.kernel.batch import batch_size, slice_batch
 from lightning_ttp.kernel.fallback import ForwardFn, per_sample_jacobian
 from lightning_ttp.kernel.layers import Capture, LayerAdapter, adapter_for
@@ -249,13 +250,9 @@ def _device(model: nn.Module) -> torch.device:
 
 @contextmanager
 def _eval_mode(model: nn.Module):
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with preserve_modes(model):
+        model.eval()
         yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _check_outputs(out: Any, n: int) -> torch.Tensor:
