@@ -40,10 +40,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tt_accuracy import EPS, TOL, T, load_task, pretrained  # noqa: E402
+from tt_accuracy import EPS, TOL, T, fine_tuning_setups, load_task  # noqa: E402
 
-from lightning_ttp.api import estimate_kernel, simulate  # noqa: E402
-from lightning_ttp.dynamics import OptimizerSpec, epsilon_training_time, smooth_curve  # noqa: E402
+from lightning_ttp.api import simulate  # noqa: E402
+from lightning_ttp.dynamics import epsilon_training_time, smooth_curve  # noqa: E402
 from lightning_ttp.prediction import Prediction  # noqa: E402
 from lightning_ttp.refine import refine_curve  # noqa: E402
 
@@ -104,58 +104,48 @@ def run(args) -> list[dict]:
     momenta = [0.0, 0.9]
     fracs = {"low": [0.3], "high": [1.0]} if args.quick else {"low": [0.1, 0.3], "high": [1.0, 2.5]}
     rows = []
-    for bb in backbones:
-        base = pretrained(bb, pre)
-        for tr in trainables:
-            model = copy.deepcopy(base)
-            if tr == "head":
-                for p in model[0].parameters():
-                    p.requires_grad_(False)
-            params = [p for p in model.parameters() if p.requires_grad]
-            spec0 = OptimizerSpec.from_optimizer(torch.optim.SGD(params, lr=0.1))
-            ke = estimate_kernel(model, x, y, spec0)
-            lr_star = simulate(ke, spec0, 2).diagnostics["max_stable_lr"]
-            for regime, fr in fracs.items():
-                for frac in fr:
-                    for m in momenta:
-                        lr = frac * lr_star * (1 - m)
-                        for b in batches:
-                            kind = "GD" if b >= x.shape[0] else "SGD"
-                            work = copy.deepcopy(model)
-                            wparams = [p for p in work.parameters() if p.requires_grad]
-                            full, observed = real_run(work, wparams, x, y, lr=lr, momentum=m, batch=b, seed=7)
-                            window = 1 if kind == "GD" else 5
-                            real_t = {e: epsilon_training_time(smooth_curve(full, window), e) for e in EPS}
-                            for variant, factor in VARIANTS.items():
-                                # "kernel ×c": the open loop on a kernel scaled by c (emulates the kernel
-                                # drift of a network that is not linear enough), refined the same way
-                                spec = spec0.replace(lr=lr * factor, momentum=m)
-                                # simulated to 2T (the callback does the same): the open loop is the
-                                # prefix 0..T (identical to a T-step simulation), the refinement may
-                                # follow the curve past T when the run is faster than predicted
-                                long = simulate(ke, spec, 2 * T, b, num_paths=8, seed=0)
-                                pred = truncate(long, T)
-                                row = dict(backbone=bb, trainable=tr, regime=regime, frac=frac, momentum=m,
-                                           batch=b, kind=kind, variant=variant)
-                                for f in FRACTIONS:
-                                    k = int(round(f * T))
-                                    tick = time.perf_counter()
-                                    curve = pred
-                                    if k >= 2:
-                                        curve = refine_curve(long.loss, observed[:k], band=long.loss_band, horizon=T)
-                                    row[f"refine_seconds_{f}"] = time.perf_counter() - tick
-                                    for e in EPS:
-                                        pred_t = curve.training_time(e)
-                                        err = rel_err(pred_t, real_t[e])
-                                        row[f"real_{e}"] = real_t[e]
-                                        row[f"pred_{f}_{e}"] = pred_t
-                                        row[f"err_{f}_{e}"] = err
-                                        one_step = pred_t is not None and real_t[e] is not None and abs(
-                                            pred_t - real_t[e]) <= 1
-                                        row[f"ok_{f}_{e}"] = err <= TOL[kind] or one_step
-                                rows.append(row)
-                                if args.verbose:
-                                    print(json.dumps(row))
+    for bb, tr, model, spec0, ke, lr_star in fine_tuning_setups(pre, x, y, backbones, trainables):
+        for regime, fr in fracs.items():
+            for frac in fr:
+                for m in momenta:
+                    lr = frac * lr_star * (1 - m)
+                    for b in batches:
+                        kind = "GD" if b >= x.shape[0] else "SGD"
+                        work = copy.deepcopy(model)
+                        wparams = [p for p in work.parameters() if p.requires_grad]
+                        full, observed = real_run(work, wparams, x, y, lr=lr, momentum=m, batch=b, seed=7)
+                        window = 1 if kind == "GD" else 5
+                        real_t = {e: epsilon_training_time(smooth_curve(full, window), e) for e in EPS}
+                        for variant, factor in VARIANTS.items():
+                            # "kernel ×c": the open loop on a kernel scaled by c (emulates the kernel
+                            # drift of a network that is not linear enough), refined the same way
+                            spec = spec0.replace(lr=lr * factor, momentum=m)
+                            # simulated to 2T (the callback does the same): the open loop is the
+                            # prefix 0..T (identical to a T-step simulation), the refinement may
+                            # follow the curve past T when the run is faster than predicted
+                            long = simulate(ke, spec, 2 * T, b, num_paths=8, seed=0)
+                            pred = truncate(long, T)
+                            row = dict(backbone=bb, trainable=tr, regime=regime, frac=frac, momentum=m,
+                                       batch=b, kind=kind, variant=variant)
+                            for f in FRACTIONS:
+                                k = int(round(f * T))
+                                tick = time.perf_counter()
+                                curve = pred
+                                if k >= 2:
+                                    curve = refine_curve(long.loss, observed[:k], band=long.loss_band, horizon=T)
+                                row[f"refine_seconds_{f}"] = time.perf_counter() - tick
+                                for e in EPS:
+                                    pred_t = curve.training_time(e)
+                                    err = rel_err(pred_t, real_t[e])
+                                    row[f"real_{e}"] = real_t[e]
+                                    row[f"pred_{f}_{e}"] = pred_t
+                                    row[f"err_{f}_{e}"] = err
+                                    one_step = pred_t is not None and real_t[e] is not None and abs(
+                                        pred_t - real_t[e]) <= 1
+                                    row[f"ok_{f}_{e}"] = err <= TOL[kind] or one_step
+                            rows.append(row)
+                            if args.verbose:
+                                print(json.dumps(row))
     return rows
 
 

@@ -57,6 +57,23 @@ TOL = {"GD": 0.13, "SGD": 0.20}
 
 
 # ----------------------------------------------------------------------------- data / models
+def fine_tuning_setups(pre, x, y, backbones, trainables):
+    """Every (backbone, trainable) of the grid: the fine-tuning model (head-only freezes the
+    backbone), a plain-SGD spec, its kernel estimate and the linearised stability limit lr*."""
+    for bb in backbones:
+        base = pretrained(bb, pre)
+        for tr in trainables:
+            model = copy.deepcopy(base)
+            if tr == "head":
+                for p in model[0].parameters():
+                    p.requires_grad_(False)
+            params = [p for p in model.parameters() if p.requires_grad]
+            spec0 = OptimizerSpec.from_optimizer(torch.optim.SGD(params, lr=0.1))
+            ke = estimate_kernel(model, x, y, spec0)
+            lr_star = simulate(ke, spec0, 2).diagnostics["max_stable_lr"]
+            yield bb, tr, model, spec0, ke, lr_star
+
+
 def load_task(seed: int = 0):
     from sklearn.datasets import load_digits
 
@@ -156,49 +173,39 @@ def run(args):
     if args.quick:
         trainables = ["all"]
     rows = []
-    for bb in backbones:
-        base = pretrained(bb, pre)
-        for tr in trainables:
-            model = copy.deepcopy(base)
-            if tr == "head":
-                for p in model[0].parameters():
-                    p.requires_grad_(False)
-            params = [p for p in model.parameters() if p.requires_grad]
-            spec0 = OptimizerSpec.from_optimizer(torch.optim.SGD(params, lr=0.1))
-            ke = estimate_kernel(model, x, y, spec0)
-            lr_star = simulate(ke, spec0, 2).diagnostics["max_stable_lr"]
-            shared = len(momenta) * sum(len(v) for v in fracs.values()) * len(batches)
-            for regime, fr in fracs.items():
-                for frac in fr:
-                    for m in momenta:
-                        lr = frac * lr_star * (1 - m)
-                        for b in batches:
-                            kind = "GD" if b >= x.shape[0] else "SGD"
-                            work = copy.deepcopy(model)
-                            wparams = [p for p in work.parameters() if p.requires_grad]
-                            real, train_s = real_run(work, wparams, x, y, lr=lr, momentum=m, batch=b, seed=7)
-                            spec = spec0.replace(lr=lr, momentum=m)
-                            methods = ["discrete", "ode"] if kind == "GD" else ["mc", "sde", "ode", "discrete"]
-                            window = 1 if kind == "GD" else 5
-                            for meth in methods:
-                                tick = time.perf_counter()
-                                pred = simulate(ke, spec, T, b, method=meth, num_paths=8, seed=0)
-                                sim_s = time.perf_counter() - tick
-                                row = dict(backbone=bb, trainable=tr, regime=regime, frac=frac, momentum=m,
-                                           batch=b, kind=kind, lr=lr, method=meth,
-                                           default=(meth == ("discrete" if kind == "GD" else "mc")),
-                                           rho=pred.diagnostics["rho_max"],
-                                           cost_ratio=(ke.seconds + sim_s) / train_s,
-                                           cost_ratio_amortised=(ke.seconds / shared + sim_s) / train_s,
-                                           real_final=float(real[-1]), pred_final=float(pred.loss[-1]))
-                                for e in EPS:
-                                    tr_, tp_ = tt(real, e, window), pred.training_time(e)
-                                    row[f"real_{e}"], row[f"pred_{e}"] = tr_, tp_
-                                    row[f"ok_{e}"] = within(tp_, tr_, TOL[kind])
-                                    row[f"ok10_{e}"] = within(tp_, tr_, 0.10 if kind == "GD" else 0.15)
-                                rows.append(row)
-                                if args.verbose:
-                                    print(json.dumps(row))
+    for bb, tr, model, spec0, ke, lr_star in fine_tuning_setups(pre, x, y, backbones, trainables):
+        shared = len(momenta) * sum(len(v) for v in fracs.values()) * len(batches)
+        for regime, fr in fracs.items():
+            for frac in fr:
+                for m in momenta:
+                    lr = frac * lr_star * (1 - m)
+                    for b in batches:
+                        kind = "GD" if b >= x.shape[0] else "SGD"
+                        work = copy.deepcopy(model)
+                        wparams = [p for p in work.parameters() if p.requires_grad]
+                        real, train_s = real_run(work, wparams, x, y, lr=lr, momentum=m, batch=b, seed=7)
+                        spec = spec0.replace(lr=lr, momentum=m)
+                        methods = ["discrete", "ode"] if kind == "GD" else ["mc", "sde", "ode", "discrete"]
+                        window = 1 if kind == "GD" else 5
+                        for meth in methods:
+                            tick = time.perf_counter()
+                            pred = simulate(ke, spec, T, b, method=meth, num_paths=8, seed=0)
+                            sim_s = time.perf_counter() - tick
+                            row = dict(backbone=bb, trainable=tr, regime=regime, frac=frac, momentum=m,
+                                       batch=b, kind=kind, lr=lr, method=meth,
+                                       default=(meth == ("discrete" if kind == "GD" else "mc")),
+                                       rho=pred.diagnostics["rho_max"],
+                                       cost_ratio=(ke.seconds + sim_s) / train_s,
+                                       cost_ratio_amortised=(ke.seconds / shared + sim_s) / train_s,
+                                       real_final=float(real[-1]), pred_final=float(pred.loss[-1]))
+                            for e in EPS:
+                                tr_, tp_ = tt(real, e, window), pred.training_time(e)
+                                row[f"real_{e}"], row[f"pred_{e}"] = tr_, tp_
+                                row[f"ok_{e}"] = within(tp_, tr_, TOL[kind])
+                                row[f"ok10_{e}"] = within(tp_, tr_, 0.10 if kind == "GD" else 0.15)
+                            rows.append(row)
+                            if args.verbose:
+                                print(json.dumps(row))
     if args.adam:
         rows += adam_rows(pre, x, y, args)
     return rows
