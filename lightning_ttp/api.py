@@ -36,6 +36,8 @@ from .dynamics import (
     summarize_paths,
 )
 from .dynamics.adam import simulate_adam
+from .kernel.batch import batch_size as sample_count
+from .kernel.batch import index_batch
 from .prediction import Prediction
 
 __all__ = [
@@ -216,7 +218,7 @@ def _adam_second_moments(model, inputs, targets, loss: Loss, params, output_fn, 
                           seed: int) -> list[torch.Tensor]:
     """v_d ≈ E_B[g_{B,d}²] at w0, per parameter tensor, over up to 8 batches of ``batch_size``."""
     fwd = _model_output_fn(output_fn)
-    n = _num(inputs)
+    n = sample_count(inputs)
     rng = np.random.default_rng(seed)
     nb = 1 if batch_size >= n else min(8, max(1, n // batch_size))
     sq = [torch.zeros_like(p, dtype=torch.float64) for p in params]
@@ -224,7 +226,7 @@ def _adam_second_moments(model, inputs, targets, loss: Loss, params, output_fn, 
         for _ in range(nb):
             idx = np.arange(n) if batch_size >= n else np.sort(rng.choice(n, batch_size, replace=False))
             idx_t = torch.as_tensor(idx)
-            f = fwd(model, _index(inputs, idx_t))
+            f = fwd(model, index_batch(inputs, idx_t))
             yb = targets[idx_t].to(f.device)
             if isinstance(loss, CallableLoss):
                 val = loss._call(f, yb)
@@ -249,26 +251,6 @@ def _blocks(groups: list[list[torch.nn.Parameter]], max_blocks: int = 16) -> lis
         for s in range(0, len(g), per):
             out.append((gi, g[s : s + per]))
     return out
-
-
-def _num(inputs) -> int:
-    if torch.is_tensor(inputs):
-        return int(inputs.shape[0])
-    if isinstance(inputs, dict):
-        return _num(next(iter(inputs.values())))
-    if isinstance(inputs, (list, tuple)):
-        return _num(inputs[0])
-    raise TypeError(f"cannot find the sample dimension of inputs of type {type(inputs).__name__}")
-
-
-def _index(inputs, idx):
-    if torch.is_tensor(inputs):
-        return inputs[idx]
-    if isinstance(inputs, dict):
-        return {k: _index(v, idx) for k, v in inputs.items()}
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(_index(v, idx) for v in inputs)
-    return inputs
 
 
 def _check_params_in_model(model: torch.nn.Module, params: Sequence[Sequence[torch.nn.Parameter]]) -> None:
@@ -322,13 +304,13 @@ def estimate_kernel(
     if spec.params is None:
         raise ValueError("the OptimizerSpec carries no parameters: build it with OptimizerSpec.from_optimizer")
     _check_params_in_model(model, spec.params)
-    n = _num(inputs)
+    n = sample_count(inputs)
     if n == 0:
         raise ValueError("no samples to estimate the kernel on: the data is empty")
     loss_obj = get_loss(loss)
     fwd = _model_output_fn(output_fn)
     with _EvalMode(model), torch.no_grad():
-        c = int(fwd(model, _index(inputs, torch.arange(min(n, 2)))).shape[1])
+        c = int(fwd(model, index_batch(inputs, torch.arange(min(n, 2)))).shape[1])
     if kernel == "auto":
         kernel = "full" if n * c <= FULL_KERNEL_MAX else "trace"
     adam = spec.kind in ("adam", "adamw")
@@ -595,11 +577,11 @@ def _collect(data, num_samples, target_fn, batch_size, seed):
         with torch.random.fork_rng(devices=[]):
             for batch in loader:
                 x, y = _split_batch(batch, target_fn)
-                k = _num(x)
+                k = sample_count(x)
                 if bs is None:
                     bs = k
                 take = min(k, want - got)
-                xs.append(_index(x, torch.arange(take)))
+                xs.append(index_batch(x, torch.arange(take)))
                 ys.append(torch.as_tensor(y)[:take])
                 got += take
                 if got >= want:
@@ -613,7 +595,7 @@ def _collect(data, num_samples, target_fn, batch_size, seed):
         return _cat(xs), torch.cat(ys), n_total, bs, drop_last, shuffle
     if isinstance(data, (list, tuple)) and len(data) == 2:
         x, y = data
-        n = _num(x)
+        n = sample_count(x)
         if n == 0:
             raise ValueError("the data is empty (0 samples)")
         y = torch.as_tensor(y)
@@ -621,7 +603,7 @@ def _collect(data, num_samples, target_fn, batch_size, seed):
             raise ValueError(f"x has {n} samples but y has {y.shape[0]}")
         if num_samples and num_samples < n:
             idx = torch.as_tensor(np.sort(np.random.default_rng(seed).choice(n, num_samples, replace=False)))
-            x, y = _index(x, idx), y[idx]
+            x, y = index_batch(x, idx), y[idx]
         return x, y, n, batch_size or n, False, True
     raise TypeError("data must be a torch DataLoader or an (inputs, targets) pair")
 

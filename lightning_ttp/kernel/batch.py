@@ -21,6 +21,11 @@ def batch_size(inputs: Any) -> int:
     return int(sizes.pop())
 
 
+def index_batch(inputs: Any, index: slice | torch.Tensor) -> Any:
+    """Samples ``index`` (a slice or an index tensor) of every tensor leaf; other leaves pass through."""
+    return tree_map(lambda t: t[index] if isinstance(t, torch.Tensor) else t, inputs)
+
+
 def slice_batch(inputs: Any, start: int, stop: int) -> Any:
     """Samples ``start:stop`` of every tensor leaf; other leaves are passed through."""
-    return tree_map(lambda t: t[start:stop] if isinstance(t, torch.Tensor) else t, inputs)
+    return index_batch(inputs, slice(start, stop))
