@@ -31,6 +31,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -42,10 +43,12 @@ from lightning_ttp.spectral import (  # noqa: E402
     SpectralConfig,
     compute_scores,
     effective_rank,
+    final_score_with_accuracy,
 )
 
 CHECKPOINTS = (10, 20, 30)
 DEFAULT_GAMMA = SpectralConfig().gamma_scale
+CALIBRATION_GAMMAS = (0.01, 0.05, 0.2, 1.0)
 CKPT = 10
 MAX_SUCCESS_KILLED = 0.05
 
@@ -109,12 +112,12 @@ def presets(name: str) -> list[PopulationSpec]:
                 "adam",
                 1e-4,
                 (0.3, 3.0),
-                40,
-                8000,
+                100,
+                4000,
                 1000,
                 300,
-                32,
-                success=0.57,
+                48,
+                success=0.555,
             ),
             PopulationSpec(
                 "shell-DA-II",
@@ -124,12 +127,12 @@ def presets(name: str) -> list[PopulationSpec]:
                 "rmsprop",
                 1e-4,
                 (0.3, 3.0),
-                40,
-                8000,
+                100,
+                4000,
                 1000,
                 300,
-                32,
-                success=0.55,
+                48,
+                success=0.565,
             ),
             PopulationSpec(
                 "digits-MLP",
@@ -139,11 +142,11 @@ def presets(name: str) -> list[PopulationSpec]:
                 "adam",
                 (3e-5, 3e-3),
                 (0.01, 3.0),
-                40,
+                100,
                 0,
                 0,
                 300,
-                48,
+                64,
                 success=0.93,
             ),
         ]
@@ -198,6 +201,20 @@ def presets(name: str) -> list[PopulationSpec]:
 
 
 # ---------------------------------------------------------------- scores on a population
+def num_classes(pop: Population) -> int:
+    return 2 if pop.spec.dataset == "shell" else 10
+
+
+def s_fv_for_gamma(tab: dict[str, np.ndarray], j: int, v: np.ndarray, epoch: int, cfg: SpectralConfig):
+    """s_Fv (eq. 8) of the tabulated s_o, s_s for another gamma_scale, without re-scoring the spectra."""
+    return np.array(
+        [
+            final_score_with_accuracy(float(o), float(sh), float(a), epoch, cfg)
+            for o, sh, a in zip(tab["s_o"][:, j], tab["s_s"][:, j], v, strict=True)
+        ]
+    )
+
+
 def score_table(pop: Population, cfg: SpectralConfig, epochs: tuple[int, ...]) -> dict[str, np.ndarray]:
     """s_o, s_s, s_F, s_Fv, saturated, dead/nonfinite flags for every run at the given epochs.
 
@@ -318,20 +335,28 @@ def calibration_grid() -> list[SpectralConfig]:
     return grid
 
 
+def _quantiles(values: np.ndarray, n: int) -> list[float]:
+    finite = values[np.isfinite(values)]
+    return sorted({float(q) for q in np.round(np.nanquantile(finite, np.linspace(0, 1, n)), 4)}) if finite.size else []
+
+
 def calibrate_ours(cal: Population, success: np.ndarray, epochs: int, keeps: tuple):
+    """Per population (may use v_t): grid point, target rank (1 or classes - 1), gamma_scale, t1
+    and a target on s_Fv, both from the calibration scores' quantiles (the same 21 quantiles the
+    val-acc threshold gets)."""
     cands = []
-    for cfg in calibration_grid():
-        tab = score_table(cal, cfg, (CKPT,))
-        s_F = tab["s_F"][:, 0]
-        t1s = (
-            sorted({0.0, *np.round(np.nanquantile(s_F[np.isfinite(s_F)], np.linspace(0, 1, 11)), 4)})
-            if np.isfinite(s_F).any()
-            else [0.0]
-        )
-        v = cal.val_acc[:, CKPT]
-        for t1, target, keep in itertools.product(t1s, (None, 0.3, 0.5, 0.7, 0.8, 0.9), keeps):
-            kill = ours_kill(tab, 0, float(t1), target, CKPT, keep, v)
-            cands.append(((cfg, float(t1), target, keep), kill))
+    v = cal.val_acc[:, CKPT]
+    grid = [replace(c, target_rank=q) for q in (None, num_classes(cal) - 1) for c in calibration_grid()]
+    for base in grid:
+        tab = score_table(cal, base, (CKPT,))
+        t1s = [0.0, *_quantiles(tab["s_F"][:, 0], 11)]
+        for gamma in CALIBRATION_GAMMAS:
+            cfg = replace(base, gamma_scale=gamma)
+            tab_g = dict(tab, s_Fv=s_fv_for_gamma(tab, 0, v, CKPT, cfg)[:, None])
+            targets = [None, *_quantiles(tab_g["s_Fv"][:, 0], 21)]
+            for t1, target, keep in itertools.product(t1s, targets, keeps):
+                kill = ours_kill(tab_g, 0, float(t1), target, CKPT, keep, v)
+                cands.append(((cfg, float(t1), target, keep), kill))
     return _feasible_best(cands, success, epochs)
 
 
@@ -423,6 +448,7 @@ def evaluate(ev: Population, cal: Population, log=print) -> dict:
     tabs = {
         "paper": score_table(ev, paper_cfg, eps),
         "default": score_table(ev, default_cfg, eps),
+        "classes": score_table(ev, replace(default_cfg, target_rank=num_classes(ev) - 1), eps),
         "calibrated": score_table(ev, cal_cfg, eps),
     }
     res: dict = {
@@ -440,6 +466,7 @@ def evaluate(ev: Population, cal: Population, log=print) -> dict:
             "s_F(paper)": spearman(tabs["paper"]["s_F"][:, j], final),
             "s_Fv(paper)": spearman(tabs["paper"]["s_Fv"][:, j], final),
             "s_F(default)": spearman(tabs["default"]["s_F"][:, j], final),
+            "s_F(q=k-1)": spearman(tabs["classes"]["s_F"][:, j], final),
             "s_Fv(default)": spearman(tabs["default"]["s_Fv"][:, j], final),
             "s_Fv(calibrated)": spearman(tabs["calibrated"]["s_Fv"][:, j], final),
             "val_acc": spearman(ev.val_acc[:, e], final),
@@ -491,6 +518,7 @@ def evaluate(ev: Population, cal: Population, log=print) -> dict:
         "t2": cal_cfg.t2,
         "delta": cal_cfg.delta,
         "gamma_scale": cal_cfg.gamma_scale,
+        "target_rank": cal_cfg.target_rank,
         "t1": cal_t1,
         "target": cal_target,
         "keep_above": cal_keep,
@@ -663,7 +691,9 @@ def joint_defaults(cals: list[Population]) -> dict:
 def _populations(spec: PopulationSpec, seed: int, cache: str | None) -> tuple[Population, Population]:
     path = None if cache is None else os.path.join(cache, f"{spec.name}-{spec.runs}-{spec.epochs}-{seed}.pt")
     if path and os.path.exists(path):
-        return torch.load(path, weights_only=False)
+        ev, cal = torch.load(path, weights_only=False)
+        ev.spec = cal.spec = spec  # evaluation settings (the success threshold) from the current preset
+        return ev, cal
     pops = (simulate(spec, seed), simulate(spec, seed + 1000))
     if path:
         os.makedirs(cache, exist_ok=True)
@@ -681,7 +711,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--overhead-only", action="store_true")
     ap.add_argument("--no-overhead", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--cache", default=None, help="directory to keep simulated populations in")
+    ap.add_argument(
+        "--cache",
+        default=None,
+        help="directory to keep simulated populations in (keyed by name, runs, epochs, seed: "
+        "clear it after changing other simulation settings of a preset)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="evaluation seed; calibration uses seed + 1000")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

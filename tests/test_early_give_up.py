@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ttp.callbacks import EarlyGiveUp
-from lightning_ttp.spectral import SpectralConfig
+from lightning_ttp.spectral import SpectralConfig, compute_scores
 
 NAMESPACES = ["pytorch_lightning", "lightning.pytorch"]
 
@@ -117,7 +117,7 @@ def test_dead_init_is_stopped_at_the_checkpoint_and_healthy_is_not(ns, caplog):
     cb = EarlyGiveUp(checkpoint_epoch=3)
     with caplog.at_level(logging.INFO):
         t, _ = fit(ns, cb, "dead", max_epochs=6)
-    assert cb.gave_up and cb.decision is not None and cb.decision.kind in ("dead", "saturated")
+    assert cb.gave_up and cb.decision is not None and cb.decision.kind in ("dead", "saturated", "fail")
     assert t.current_epoch == 3  # stopped after the 3rd epoch, not at max_epochs=6
     assert cb.reason and cb.reason in caplog.text
     assert [h["epoch"] for h in cb.history] == [1, 2, 3]
@@ -221,6 +221,15 @@ def test_bad_layer_name_and_bad_arguments():
         EarlyGiveUp(layers="net.0")  # type: ignore[arg-type]
 
 
+def test_target_rank_of_the_config_is_used():
+    cb = EarlyGiveUp(checkpoint_epoch=10, config=SpectralConfig(target_rank=9))
+    fit("pytorch_lightning", cb, "healthy", max_epochs=3)
+    ours = compute_scores(cb._spectra, 3, None, SpectralConfig(target_rank=9), cb._units)
+    rank_one = compute_scores(cb._spectra, 3, None, SpectralConfig(), cb._units)
+    assert cb.history[-1]["s_o"] == pytest.approx(ours.s_o)
+    assert ours.s_o != pytest.approx(rank_one.s_o)
+
+
 def test_explicit_layers_are_monitored_post_activation_default():
     cb = EarlyGiveUp(checkpoint_epoch=10)
     fit("pytorch_lightning", cb, "healthy", max_epochs=1)
@@ -268,8 +277,8 @@ def test_ddp_spawn_stops_both_ranks_together(tmp_path):
     (it would continue). Both must stop at the checkpoint."""
     vx = VAL[0].clone()
     vx[1::2] = float("nan")  # DistributedSampler(shuffle=False): rank 1 gets the odd indices
-    # t2 above the largest possible s_o: rank 0 cannot be 'saturated' on its own
-    cb = _RecordingGiveUp(str(tmp_path), checkpoint_epoch=2, config=SpectralConfig(t2=10.0))
+    # t2 above the largest possible s_o and t1 below any s_F: rank 0 cannot give up on its own
+    cb = _RecordingGiveUp(str(tmp_path), checkpoint_epoch=2, t1=-1e9, config=SpectralConfig(t2=10.0))
     torch.manual_seed(0)
     t = trainer("pytorch_lightning", [cb], 5, strategy="ddp_spawn", devices=2)
     train, vl = loaders(val_x=vx)

@@ -125,6 +125,41 @@ def test_eq4_rank_mode_uses_compression_fraction():
     assert layer_shift(H3, SpectralConfig(t0=5)) == pytest.approx(expected)
 
 
+def _top(width: int, k: int) -> torch.Tensor:
+    """k singular values of 1, the rest 0: effective dimension d = Σσ = k."""
+    s = torch.zeros(width, dtype=torch.float64)
+    s[:k] = 1.0
+    return s
+
+
+def test_target_rank_one_is_the_rank_mode_formula():
+    assert layer_compression(H3, SpectralConfig(t0=5, target_rank=1)) == pytest.approx(
+        layer_compression(H3, SpectralConfig(t0=5))
+    )
+    assert layer_shift(H3, SpectralConfig(t0=5, target_rank=1)) == pytest.approx(
+        layer_shift(H3, SpectralConfig(t0=5))
+    )
+
+
+def test_target_rank_compression_peaks_at_the_target():
+    cfg = SpectralConfig(t0=5, target_rank=9)
+    # d = q: full compression; d = r (flat): none
+    assert layer_compression([_top(64, 9)], cfg) == pytest.approx(math.e)
+    assert layer_compression([torch.ones(64)], cfg) == pytest.approx(1.0)
+    # d = 3 < q = 9: c = 1 - log 3 / log(64/9) = 0.4388..., more collapsed than the target
+    c3 = 1 - math.log(9 / 3) / math.log(64 / 9)
+    assert layer_compression([_top(64, 3)], cfg) == pytest.approx(math.exp(c3))
+    # rank one: c = 1 - log 9 / log(64/9) < 0 is clipped to 0 (as far off as a flat spectrum) ...
+    assert 1 - math.log(9) / math.log(64 / 9) < 0
+    assert layer_compression([_top(64, 1)], cfg) == pytest.approx(1.0)
+    # ... but moving from rank one towards the target is progress (the unclipped c, eq. 4)
+    c1 = 1 - math.log(9) / math.log(64 / 9)
+    assert layer_shift([_top(64, 1), _top(64, 3)], cfg) == pytest.approx(c3 - c1)
+    assert layer_shift([_top(64, 9), _top(64, 3)], cfg) == pytest.approx(c3 - 1.0)
+    # q is capped at r - 1: an 8-unit layer with target 9 compresses towards 7
+    assert layer_compression([_top(8, 7)], cfg) == pytest.approx(math.e)
+
+
 def test_eq4_needs_two_rounds():
     assert math.isnan(layer_shift(H3[:1], PAPER))
     assert math.isnan(shift_score([[H3[0]]], PAPER))
@@ -196,6 +231,10 @@ def test_config_errors_say_what_to_change():
         SpectralConfig(normalize="width")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="beta must be > 0"):
         SpectralConfig(beta=0.0)
+    with pytest.raises(ValueError, match="target_rank must be an integer >= 1"):
+        SpectralConfig(target_rank=0)
+    with pytest.raises(ValueError, match="needs normalize='rank'"):
+        SpectralConfig.paper(target_rank=9)
 
 
 # ---------------------------------------------------------------- the decision on scripted spectra
