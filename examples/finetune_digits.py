@@ -127,7 +127,7 @@ def run_phase(pl, name: str, module, train, val, args, *, steps: int, what_if=No
 
     predictor = TrainingTimePredictor(epsilons=(0.1, 0.01), num_samples=args.kernel_samples, what_if=what_if)
     callbacks = [predictor, ETAProgressBar(refresh_rate=10)]
-    if give_up and hasattr(ttp_callbacks, "EarlyGiveUp"):  # the other half of lightning_ttp
+    if give_up:
         callbacks.append(ttp_callbacks.EarlyGiveUp(mode="warn", checkpoint_epoch=5))
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
