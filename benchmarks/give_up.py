@@ -24,6 +24,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -47,7 +48,6 @@ from lightning_ttp.spectral import (  # noqa: E402
 )
 
 CHECKPOINTS = (10, 20, 30)
-DEFAULT_GAMMA = SpectralConfig().gamma_scale
 CALIBRATION_GAMMAS = (0.01, 0.05, 0.2, 1.0)
 CKPT = 10
 MAX_SUCCESS_KILLED = 0.05
@@ -331,7 +331,7 @@ def calibration_grid() -> list[SpectralConfig]:
     ):
         # δ = 1e-4 first: on ties it wins over δ = 0, where float rounding of a frozen
         # spectrum (s_s = ±1e-9) would decide whether the saturation rule fires
-        grid.append(SpectralConfig(t0=t0, eta=eta, t2=t2, delta=delta, gamma_scale=DEFAULT_GAMMA))
+        grid.append(SpectralConfig(t0=t0, eta=eta, t2=t2, delta=delta))
     return grid
 
 
@@ -346,7 +346,8 @@ def calibrate_ours(cal: Population, success: np.ndarray, epochs: int, keeps: tup
     val-acc threshold gets)."""
     cands = []
     v = cal.val_acc[:, CKPT]
-    grid = [replace(c, target_rank=q) for q in (None, num_classes(cal) - 1) for c in calibration_grid()]
+    ranks = (None,) if num_classes(cal) == 2 else (None, num_classes(cal) - 1)
+    grid = [replace(c, target_rank=q) for q in ranks for c in calibration_grid()]
     for base in grid:
         tab = score_table(cal, base, (CKPT,))
         t1s = [0.0, *_quantiles(tab["s_F"][:, 0], 11)]
@@ -689,10 +690,12 @@ def joint_defaults(cals: list[Population]) -> dict:
 
 
 def _populations(spec: PopulationSpec, seed: int, cache: str | None) -> tuple[Population, Population]:
-    path = None if cache is None else os.path.join(cache, f"{spec.name}-{spec.runs}-{spec.epochs}-{seed}.pt")
+    # the key covers every simulation setting; the success threshold only enters the evaluation
+    key = hashlib.sha1(repr(replace(spec, success=0.0)).encode()).hexdigest()[:10]
+    path = None if cache is None else os.path.join(cache, f"{spec.name}-{key}-{seed}.pt")
     if path and os.path.exists(path):
         ev, cal = torch.load(path, weights_only=False)
-        ev.spec = cal.spec = spec  # evaluation settings (the success threshold) from the current preset
+        ev.spec = cal.spec = spec
         return ev, cal
     pops = (simulate(spec, seed), simulate(spec, seed + 1000))
     if path:
@@ -714,8 +717,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--cache",
         default=None,
-        help="directory to keep simulated populations in (keyed by name, runs, epochs, seed: "
-        "clear it after changing other simulation settings of a preset)",
+        help="directory to keep simulated populations in (keyed by every simulation setting and the seed)",
     )
     ap.add_argument("--seed", type=int, default=0, help="evaluation seed; calibration uses seed + 1000")
     args = ap.parse_args(argv)

@@ -39,9 +39,10 @@ Choices where the paper is ambiguous (also in ``docs/give_up.md``)
   success. Opt-in, ``SpectralConfig(target_rank=classes − 1)``: with target rank q and the effective dimension
   d = Σ_i σ_i = r · mean σ (σ_1 = 1), the compression fraction becomes
   c = 1 − |log(d / q)| / log(r / q), which is 1 at d = q and 0 at a flat spectrum; for q = 1
-  it is exactly log(1 / mean σ) / log r. q is capped at r − 1. A layer more collapsed than
-  its target has c < 0: eq. (2) clips it to 0 (as far from the target as a flat spectrum), eq. (4)
-  uses the unclipped c so that moving towards the target counts as progress.
+  it is exactly log(1 / mean σ) / log r. q is capped at r − 1. A layer far more collapsed than
+  its target (d < q² / r) has c < 0: eq. (2) clips it to 0 (as far from the target as a flat
+  spectrum), eq. (4) uses c clamped to [−1, 1] so that moving towards the target counts as
+  progress but a narrow layer (r < 2q, where c is unbounded below) cannot dominate s_t.
 * **t2 and δ** (eq. 7) are not given in the paper. Calibrated on the benchmark's held-out
   seeds (``benchmarks/give_up.py``), see :class:`SpectralConfig`.
 * Dead layers (σ_1 = 0) and non-finite spectra are left out of the layer averages (eq. 3,
@@ -123,7 +124,8 @@ class SpectralConfig:
         if self.normalize not in ("paper", "rank"):
             raise ValueError(f"SpectralConfig.normalize must be 'paper' or 'rank', got {self.normalize!r}")
         if self.target_rank is not None:
-            if int(self.target_rank) != self.target_rank or self.target_rank < 1:
+            q = self.target_rank
+            if isinstance(q, bool) or not isinstance(q, int | float) or not math.isfinite(q) or int(q) != q or q < 1:
                 raise ValueError(
                     f"SpectralConfig.target_rank must be an integer >= 1 (classes - 1) or None, "
                     f"got {self.target_rank!r}"
@@ -205,14 +207,16 @@ def _window(spectra: Sequence[torch.Tensor], t0: int) -> list[torch.Tensor]:
 
 
 def _compression_fraction(means: torch.Tensor, rank: int, target_rank: int | None) -> torch.Tensor:
-    """c = 1 − |log(d / q)| / log(r / q) with d = r · mean σ and q = min(target_rank, r − 1).
+    """c = 1 − |log(d / q)| / log(r / q) with d = r · mean σ and q = min(target_rank, r − 1),
+    clamped to [−1, 1].
 
-    For q = 1 this is log(1 / mean σ) / log r: 0 for a flat spectrum, 1 for rank one. NaN if r < 2.
+    For q = 1 this is log(1 / mean σ) / log r ∈ [0, 1]: 0 for a flat spectrum, 1 for rank one.
+    NaN if r < 2.
     """
     if rank < 2:
         return torch.full_like(means, float("nan"))
     q = min(target_rank or 1, rank - 1)
-    return 1.0 - torch.log(means * rank / q).abs() / math.log(rank / q)
+    return (1.0 - torch.log(means * rank / q).abs() / math.log(rank / q)).clamp(min=-1.0)
 
 
 def layer_compression(
