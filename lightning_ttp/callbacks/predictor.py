@@ -551,26 +551,16 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
     # ------------------------------------------------------------------ computation (rank zero)
     def _split_batch(self, batch: Any) -> tuple[Any, Any]:
         """(what output_fn / the model gets, targets) of the subset batch."""
-        if self.target_fn is not None:
-            targets = self.target_fn(batch)
-        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
-            targets = batch[1]
-        else:
-            raise TypeError(
-                f"TrainingTimePredictor cannot find the targets in a batch of type {type(batch).__name__}: the "
-                "default expects (x, y) batches with logits = pl_module(x). Pass "
-                "TrainingTimePredictor(output_fn=lambda module, batch: ..., target_fn=lambda batch: ...)."
-            )
-        if self.output_fn is not None:
-            inputs = batch
-        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
-            inputs = batch[0]
-        else:
-            raise TypeError(
-                f"TrainingTimePredictor cannot find the model inputs in a batch of type {type(batch).__name__}: "
-                "the default expects (x, y) batches with logits = pl_module(x). Pass "
-                "output_fn=lambda module, batch: module(...) (and target_fn=lambda batch: ...)."
-            )
+        targets = (
+            self.target_fn(batch)
+            if self.target_fn is not None
+            else _xy_part(batch, 1, "targets", "output_fn=lambda module, batch: ..., target_fn=lambda batch: ...")
+        )
+        inputs = (
+            batch
+            if self.output_fn is not None
+            else _xy_part(batch, 0, "model inputs", "output_fn=lambda module, batch: module(...) (and target_fn=...)")
+        )
         return inputs, targets
 
     def _compute(self, trainer: Any, pl_module: Any, loader: Any, plan: TrainingPlan) -> dict[str, Any]:
@@ -846,3 +836,13 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
 def _steps_text(steps: int | None) -> str:
     """A what-if cell: the predicted steps, or "never" for a curve that does not converge."""
     return "never" if steps is None else str(steps)
+
+
+def _xy_part(batch: Any, index: int, what: str, fix: str) -> Any:
+    """``batch[index]`` of an (x, y) batch; otherwise a TypeError that says which callables to pass."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[index]
+    raise TypeError(
+        f"TrainingTimePredictor cannot find the {what} in a batch of type {type(batch).__name__}: the default "
+        f"expects (x, y) batches with logits = pl_module(x). Pass TrainingTimePredictor({fix})."
+    )
