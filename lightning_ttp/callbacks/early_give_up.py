@@ -171,7 +171,9 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         if mode not in ("stop", "warn"):
             raise ValueError(f"mode must be 'stop' (set trainer.should_stop) or 'warn' (log only), got {mode!r}")
         if int(num_samples) != num_samples or num_samples < 2:
-            raise ValueError(f"num_samples must be an integer >= 2 (rows of the activation matrix), got {num_samples!r}")
+            raise ValueError(
+                f"num_samples must be an integer >= 2 (rows of the activation matrix), got {num_samples!r}"
+            )
         if target_accuracy is not None and not 0.0 <= target_accuracy <= 1.0:
             raise ValueError(
                 f"target_accuracy is a predicted accuracy in [0, 1], got {target_accuracy!r} (pass 0.65, not 65)"
@@ -412,7 +414,9 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         if self._subset is None:
             loader = trainer.train_dataloader
             if not isinstance(loader, torch.utils.data.DataLoader):
-                self._warn_once("loader", "EarlyGiveUp: no single training DataLoader to take a subset from; no scores.")
+                self._warn_once(
+                    "loader", "EarlyGiveUp: no single training DataLoader to take a subset from; no scores."
+                )
                 return False
             self._subset, _ = sample_subset(loader, self.num_samples, seed=0)
         self._recorder.num_samples = self.num_samples

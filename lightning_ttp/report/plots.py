@@ -151,7 +151,8 @@ def plot_give_up(
     bottom.set_ylabel("|log s_o|")
     bottom.set_xlabel("epoch (validation round)")
     for ax in (top, bottom):
-        ax.axvline(checkpoint_epoch, color="black", linestyle=":", linewidth=1.0, label=f"checkpoint ({checkpoint_epoch})")
+        ax.axvline(checkpoint_epoch, color="black", linestyle=":", linewidth=1.0,
+                   label=f"checkpoint ({checkpoint_epoch})")
         if decision_epoch is not None:
             ax.axvline(decision_epoch, color="tab:red", linewidth=1.2, alpha=0.7,
                        label=f"decision @ {decision_epoch}: {decision}")

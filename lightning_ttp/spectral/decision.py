@@ -47,7 +47,7 @@ class GiveUpDecision:
 
 def decide(
     scores: Scores,
-    config: SpectralConfig = SpectralConfig(),
+    config: SpectralConfig,
     target: float | None = None,
     keep_above: float | None = None,
 ) -> GiveUpDecision:

@@ -364,7 +364,9 @@ def is_stalled(s_s: float, delta: float, drift: float, drift_tol: float) -> bool
     return bool(math.isfinite(s_s) and math.isfinite(drift) and abs(s_s) <= delta and drift <= drift_tol)
 
 
-def final_score(s_o: float, s_s: float, config: SpectralConfig = SpectralConfig(), drift: float = float("nan")) -> float:
+def final_score(
+    s_o: float, s_s: float, config: SpectralConfig = SpectralConfig(), drift: float = float("nan")
+) -> float:
     """s_F, eq. (7): 0 if saturated (s_ot >= t2 and s_st <= δ, not drifting), else s_t."""
     if is_saturated(s_o, s_s, config.t2, config.delta, drift, config.drift_tol):
         return 0.0
