@@ -6,8 +6,9 @@ optimiser (Adam or SGD with momentum) and learning rate is trained *as one vecto
 runs them, every run gets its own mini-batch order, and the element-wise optimisers update
 each run with its own learning rate, so the batched update is exactly N independent runs.
 
-Every epoch each run's validation accuracy is recorded, and its representation on the first
-m validation samples is taken by the same :class:`lightning_ttp.spectral.ActivationRecorder`
+Every epoch each run's validation accuracy is recorded, and (up to ``spectra_until``, the
+rounds the rule needs to decide at the checkpoint) its representation on the first m
+validation samples is taken by the same :class:`lightning_ttp.spectral.ActivationRecorder`
 the ``EarlyGiveUp`` callback uses (it finds the layers the same way), then turned into
 normalised spectra and scales by the same :func:`lightning_ttp.spectral.spectrum_of`.
 
@@ -47,7 +48,8 @@ class PopulationSpec:
     sgd_share: float  # fraction of runs trained with SGD (momentum 0.9)
     success: float  # final val acc threshold
     m: int = 300
-    batch: int = 32
+    batch: int = 64
+    spectra_until: int = 16  # the rule needs the rounds up to the decision; later only divergence counts
 
 
 @dataclass
@@ -55,7 +57,8 @@ class Population:
     spec: PopulationSpec
     seed: int
     val_acc: np.ndarray  # (N, E+1): epoch 0 (init) .. E
-    spectra: list  # spectra[n][e][l] -> 1-D float64 tensor, e = 0..E
+    nonfinite: np.ndarray  # (N, E+1): the run's validation outputs hold NaN/inf
+    spectra: list  # spectra[n][e][l] -> 1-D float64 tensor, e = 0 .. min(E, spectra_until)
     scales: list  # scales[n][e][l] -> float
     units: list[int]
     gains: np.ndarray
@@ -176,6 +179,7 @@ def simulate(spec: PopulationSpec, seed: int, log=print) -> Population:
         return v.view(-1, *([1] * (ref.dim() - 1)))
 
     val_acc = np.zeros((n, spec.epochs + 1))
+    nonfinite = np.zeros((n, spec.epochs + 1), dtype=bool)
     spectra: list[list] = [[] for _ in range(n)]
     scales: list[list] = [[] for _ in range(n)]
     recorder = ActivationRecorder(spec.m)
@@ -186,6 +190,9 @@ def simulate(spec: PopulationSpec, seed: int, log=print) -> Population:
             logits = predict(params, buffers, xva)
             finite = torch.isfinite(logits).all(-1)
             val_acc[:, epoch] = ((logits.argmax(-1) == yva[None]) & finite).float().mean(1).numpy()
+            nonfinite[:, epoch] = (~finite).any(1).numpy()
+            if epoch > spec.spectra_until:
+                return
             for r in range(n):
                 recorder.attach(probe)
                 recorder.start_batch(len(xm))
@@ -226,7 +233,7 @@ def simulate(spec: PopulationSpec, seed: int, log=print) -> Population:
                 f" ({time.perf_counter() - t_start:.0f}s)"
             )
     return Population(
-        spec, seed, val_acc, spectra, scales, [len(s) for s in spectra[0][0]] if spectra[0] else [],
+        spec, seed, val_acc, nonfinite, spectra, scales, [layer.units for layer in recorder.layers or []],
         gains.numpy(), lrs.numpy(), sgd.numpy(), [layer.label for layer in recorder.layers or []],
         time.perf_counter() - t_start, t_train / (spec.epochs * n),
     )

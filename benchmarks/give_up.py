@@ -22,7 +22,7 @@ real Trainer.
 Usage:
     python benchmarks/give_up.py --quick              # <= 10 min on 2 cores
     python benchmarks/give_up.py --smoke              # a few minutes, for development
-    python benchmarks/give_up.py --full               # larger populations (~1 h)
+    python benchmarks/give_up.py --full               # 64 runs, 100 epochs per population (~1 h)
     python benchmarks/give_up.py --quick --cache /tmp/giveup-cache   # reuse simulated populations
 JSON summary: benchmarks/results/give_up_<preset>.json.
 """
@@ -56,7 +56,7 @@ DEAD = 1.0 / CLASSES + 0.1
 
 
 def presets(name: str) -> list[PopulationSpec]:
-    runs, epochs = {"smoke": (10, 20), "quick": (20, 40), "full": (60, 60)}[name]
+    runs, epochs = {"smoke": (8, 20), "quick": (24, 60), "full": (64, 100)}[name]
     return [
         PopulationSpec("digits-MLP", "mlp", runs, epochs, gain=(0.05, 20.0), adam_lr=(3e-5, 3e-3),
                        sgd_lr=(1e-3, 1.0), sgd_share=0.4, success=0.93),
@@ -89,6 +89,10 @@ class Replay:
         E = self.pop.spec.epochs
         decided = False
         for e in range(1, E + 1):
+            if e >= len(self.pop.spectra[r]):  # no spectra recorded: only divergence (from the outputs)
+                if self.pop.nonfinite[r, e]:
+                    return float(e)
+                continue
             if e < ckpt and not _nonfinite(self.pop, r, e):
                 continue
             if decided and not _nonfinite(self.pop, r, e):
@@ -114,9 +118,7 @@ def _nonfinite(pop: Population, r: int, e: int) -> bool:
 
 
 def dead_or_diverged(pop: Population) -> np.ndarray:
-    E = pop.spec.epochs
-    bad = np.array([any(_nonfinite(pop, r, e) for e in range(1, E + 1)) for r in range(len(pop.spectra))])
-    return bad | (pop.val_acc[:, E] <= DEAD)
+    return pop.nonfinite[:, 1:].any(axis=1) | (pop.val_acc[:, pop.spec.epochs] <= DEAD)
 
 
 # ---------------------------------------------------------------- peers and metrics
@@ -337,10 +339,13 @@ def evaluate(ev: Population, cal: Population, pooled: SpectralConfig) -> dict:
         f"Optuna ThresholdPruner({q_val:.3f})": optuna_kill(ev.val_acc, cal.val_acc, "threshold", q_val),
         f"RankMe {'<' if sign_rm > 0 else '>'} {q_rm:.3f} @{CKPT}": kill_at((sign_rm * rm) < (sign_rm * q_rm), CKPT),
     }
+    late = success & (ev.val_acc[:, CKPT] < 0.5)  # successes that are far from it at the checkpoint
+    res["late_learners"] = int(late.sum())
     res["methods"] = {}
     for k, kill in methods.items():
         m = metrics(kill, success, E, ev.val_acc, spec.success)
         m["dead_stopped_by_checkpoint"] = float(np.mean(kill[bad] <= CKPT)) if bad.any() else float("nan")
+        m["late_learners_killed"] = int(np.isfinite(kill[late]).sum())
         res["methods"][k] = m
     kinds: dict[str, int] = {}
     for r in range(len(final)):
@@ -355,18 +360,22 @@ def evaluate(ev: Population, cal: Population, pooled: SpectralConfig) -> dict:
 def print_population(res: dict) -> None:
     print(
         f"\n=== {res['population']}: {res['runs']} runs, {res['successes']} successes (final val acc >= "
-        f"{res['success_threshold']}), {res['dead_or_diverged']} dead/diverged, {res['epochs']} epochs, "
+        f"{res['success_threshold']}; {res['late_learners']} below 0.5 at the checkpoint), "
+        f"{res['dead_or_diverged']} dead/diverged, {res['epochs']} epochs, "
         f"layers {res['layers']} ==="
     )
     print("Spearman with the final val acc at the checkpoint:")
     for k, v in res["spearman@10"].items():
         print(f"  {k:<28}{v:>8.3f}")
     print(f"  s_Fv at >= 0.999: {res['s_Fv@10 at >= 0.999']} (paper's cap: {res['s_Fv(paper)@10 at >= 0.999']})")
-    print(f"  {'method':<36}{'saved':>8}{'succ.killed':>13}{'dead stopped':>14}{'precision':>11}{'killed':>8}")
+    print(
+        f"  {'method':<36}{'saved':>8}{'succ.killed':>13}{'late killed':>12}{'dead stopped':>14}{'precision':>11}"
+        f"{'killed':>8}"
+    )
     for k, m in res["methods"].items():
         print(
-            f"  {k:<36}{m['saved']:>8.1%}{m['success_killed']:>13.1%}{m['dead_stopped_by_checkpoint']:>14.1%}"
-            f"{m['precision']:>11.1%}{m['killed']:>8}"
+            f"  {k:<36}{m['saved']:>8.1%}{m['success_killed']:>13.1%}{m['late_learners_killed']:>12}"
+            f"{m['dead_stopped_by_checkpoint']:>14.1%}{m['precision']:>11.1%}{m['killed']:>8}"
         )
     print(f"  package defaults stopped runs as: {res['package_default_kill_kinds']}")
 
@@ -506,7 +515,7 @@ def main(argv: list[str] | None = None) -> dict:
     g.add_argument("--full", action="store_true", help="larger populations (~1 h)")
     ap.add_argument("--only", default=None, help="comma-separated population names")
     ap.add_argument("--no-overhead", action="store_true")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", default=None, help="directory to keep simulated populations in")
     ap.add_argument("--seed", type=int, default=0, help="evaluation seed; calibration uses seed + 1000")
     args = ap.parse_args(argv)

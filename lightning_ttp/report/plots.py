@@ -160,7 +160,7 @@ def plot_give_up(
     for ax, twin in ((top, acc), (bottom, shift)):
         handles = ax.get_legend_handles_labels()
         extra = twin.get_legend_handles_labels() if twin.axison else ([], [])
-        ax.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=7, loc="best")
+        ax.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=7, loc="lower right", framealpha=0.85)
     top.set_title(title)
     fig.tight_layout()
     return fig
