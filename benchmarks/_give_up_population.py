@@ -1,7 +1,9 @@
 """Populations of training runs for ``benchmarks/give_up.py``, simulated fast in plain torch.
 
 A population of N networks that share an architecture but differ in initialisation scale,
-optimiser (Adam or SGD with momentum) and learning rate is trained *as one vectorised model*:
+optimiser (Adam or SGD with momentum) and learning rate is trained (a share of the runs in the
+plateau regime — small initialisation, SGD, moderate learning rate — whose accuracy sits at
+chance for a while and then rises late, or never) *as one vectorised model*:
 ``torch.func.stack_module_state`` stacks the N parameter sets, ``vmap(functional_call)``
 runs them, every run gets its own mini-batch order, and the element-wise optimisers update
 each run with its own learning rate, so the batched update is exactly N independent runs.
@@ -14,7 +16,7 @@ normalised spectra and scales by the same :func:`lightning_ttp.spectral.spectrum
 
 Three families, all on scikit-learn's 8x8 digits (1797 images, 10 classes):
 
-* ``mlp``: MLP 64-64-32-10;
+* ``mlp``: MLP 64-64-64-32-10;
 * ``cnn``: conv 8 - conv 16 - pool - Linear head (a backbone and one head);
 * ``finetune``: the same CNN, pre-trained on digits 0-4 (once, seeded), fine-tuned on digits
   5-9 with a new head; the backbone's initial weights are the pre-trained ones, scaled by the
@@ -47,6 +49,9 @@ class PopulationSpec:
     sgd_lr: tuple[float, float]  # log-uniform
     sgd_share: float  # fraction of runs trained with SGD (momentum 0.9)
     success: float  # final val acc threshold
+    late_share: float = 0.0  # fraction of runs in the plateau regime: SGD, small init, moderate lr
+    late_gain: tuple[float, float] = (0.03, 0.3)
+    late_lr: tuple[float, float] = (3e-3, 1e-1)
     m: int = 300
     batch: int = 64
     spectra_until: int = 16  # the rule needs the rounds up to the decision; later only divergence counts
@@ -83,7 +88,9 @@ def _digits(gen: torch.Generator):
 class MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.net = nn.Sequential(
+            nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -161,6 +168,11 @@ def simulate(spec: PopulationSpec, seed: int, log=print) -> Population:
     gains = loguniform(spec.gain)
     sgd = torch.rand(n, generator=gen) < spec.sgd_share
     lrs = torch.where(sgd, loguniform(spec.sgd_lr), loguniform(spec.adam_lr))
+    # the plateau regime (small init, SGD): runs that sit at chance for a while, then learn or never do
+    late = torch.arange(n) < round(spec.late_share * n)
+    gains = torch.where(late, loguniform(spec.late_gain), gains)
+    lrs = torch.where(late, loguniform(spec.late_lr), lrs)
+    sgd = sgd | late
     models = _models(spec, gains, gen, x_all, y_all)
     params, buffers = stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")

@@ -557,3 +557,12 @@ def test_give_up_plot_is_saved(tmp_path):
     cb = EarlyGiveUp(checkpoint_epoch=3, plot=True, verbose=False)
     fit("pytorch_lightning", cb, "healthy", max_epochs=4, default_root_dir=str(tmp_path))
     assert (tmp_path / "give_up_scores.png").stat().st_size > 10_000
+
+
+def test_bf16_mixed_precision_is_scored_in_float64():
+    """Measured: a healthy fine-tuning under bf16-mixed was stopped as 'saturated'. The recorded
+    bf16 activations are scored in float64 and a run above keep_above='auto' is never stuck-killed."""
+    cb = EarlyGiveUp(checkpoint_epoch=3, verbose=False)
+    t, _ = fit("lightning.pytorch", cb, "healthy", max_epochs=4, precision="bf16-mixed")
+    assert all(math.isfinite(h["s_o"]) for h in cb.history) and t.current_epoch == 4
+    assert not cb.gave_up and cb.decision.kind in ("continue", "converged")
