@@ -123,7 +123,9 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
             targets of the batch (``lightning_ttp.data.split_batch``); otherwise s_Fv is omitted.
         config: :class:`~lightning_ttp.spectral.SpectralConfig` (t0, β, η, t2, δ, γ, drift_tol, ...).
         keep_above: never give up on a stuck run whose v_t is at least this (kind
-            ``converged``). ``"auto"``: halfway between chance (1 / classes) and 1. ``None``: off.
+            ``converged``). ``"auto"``: halfway between chance (1 / classes, the classes read off
+            the logits when the callback measures v_t itself; off with ``accuracy_metric``) and 1.
+            ``None``: off.
         trial: an ``optuna.trial.Trial``: every round s_Fv (v_t where s_Fv is undefined) is reported,
             and on give-up (``mode="stop"``) ``optuna.TrialPruned`` is raised.
         on_give_up: called as ``on_give_up(trainer, pl_module, decision)`` when the rule fires
