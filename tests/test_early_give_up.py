@@ -559,6 +559,22 @@ def test_give_up_plot_is_saved(tmp_path):
     assert (tmp_path / "give_up_scores.png").stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_give_up_plot_is_logged_to_tensorboard(ns, tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pl = importlib.import_module(ns)
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="run")
+    cb = EarlyGiveUp(checkpoint_epoch=2, plot=True, verbose=False)
+    fit(ns, cb, "dead", max_epochs=4, logger=logger)
+    assert os.path.getsize(os.path.join(logger.log_dir, "give_up_scores.png")) > 10_000
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    assert "give_up/scores" in events.Tags()["images"]
+
+
 def test_bf16_mixed_precision_is_scored_in_float64():
     """Measured: a healthy fine-tuning under bf16-mixed was stopped as 'saturated'. The recorded
     bf16 activations are scored in float64 and a run above keep_above='auto' is never stuck-killed."""
