@@ -157,6 +157,11 @@ def plot_give_up(
             ax.axvline(decision_epoch, color="tab:red", linewidth=1.2, alpha=0.7,
                        label=f"decision @ {decision_epoch}: {decision}")
         ax.grid(alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (top, bottom, shift):
+        ax.ticklabel_format(axis="y", useOffset=False)
     for ax, twin in ((top, acc), (bottom, shift)):
         handles = ax.get_legend_handles_labels()
         extra = twin.get_legend_handles_labels() if twin.axison else ([], [])
