@@ -306,7 +306,7 @@ def pooled_defaults(cals: list[Population], log=print) -> tuple[SpectralConfig, 
                         "worst_success_killed_on_calibration_stricter_neighbour": round(worst_strict, 4)}
     assert best is not None
     rho = {}
-    for gs in (0.01, 0.05, 0.2, 1.0):
+    for gs in (0.001, 0.003, 0.01, 0.05, 0.2, 1.0):
         c = replace(best, gamma_scale=gs)
         rho[gs] = float(np.mean([spearman(Replay(p, c).column("s_Fv"), p.val_acc[:, p.spec.epochs]) for p in cals]))
     best = replace(best, gamma_scale=max(rho, key=lambda k: rho[k]))

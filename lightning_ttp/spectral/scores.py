@@ -123,7 +123,7 @@ class SpectralConfig:
     seeds: the grid point and t1 with the most mean compute saved such that on every calibration
     population, for it and for a stricter neighbour (t1 + 0.1, δ and drift_tol doubled), at most
     5 % of the successful runs are killed → t0 = 3, η = 5, t2 = 2.2, δ = 3e-3, drift_tol = 0.01,
-    t1 = 0; then gamma_scale = 0.01 (best mean Spearman of s_Fv at epoch 10). t1 = 0 means the
+    t1 = 0; then gamma_scale = 0.001 (best mean Spearman of s_Fv at epoch 10). t1 = 0 means the
     calibrated rule gives up on dead, diverged, saturated and stalled runs only (eq. 7 and our
     guards): every t1 > 0 either failed the 5 % test (itself or its stricter neighbour) or saved
     less on the calibration seeds. See ``docs/give_up.md``.
@@ -134,7 +134,7 @@ class SpectralConfig:
     eta: float = 5.0
     t2: float = 2.2
     delta: float = 3e-3
-    gamma_scale: float = 0.01
+    gamma_scale: float = 0.001
     normalize: Normalize = "rank"
     t1: float = 0.0
     target_rank: int | None = None
