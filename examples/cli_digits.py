@@ -22,7 +22,9 @@ from torch.utils.data import DataLoader, TensorDataset
 class DigitsData(LightningDataModule):
     """scikit-learn's 8×8 digits, pixels scaled to [0, 1], a seeded train/validation split."""
 
-    def __init__(self, batch_size: int = 32, val_size: int = 400, seed: int = 0) -> None:
+    def __init__(
+        self, batch_size: int = 32, val_size: int = 400, seed: int = 0
+    ) -> None:
         super().__init__()
         self.batch_size, self.val_size, self.seed = batch_size, val_size, seed
 
@@ -32,7 +34,9 @@ class DigitsData(LightningDataModule):
         digits = load_digits()
         x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
         y = torch.tensor(digits.target)
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
+        order = torch.randperm(
+            len(y), generator=torch.Generator().manual_seed(self.seed)
+        )
         val, train = order[: self.val_size], order[self.val_size :]
         self.train_set = TensorDataset(x[train], y[train])
         self.val_set = TensorDataset(x[val], y[val])
@@ -47,11 +51,17 @@ class DigitsData(LightningDataModule):
 class DigitsClassifier(LightningModule):
     """An MLP 64-hidden-hidden-10 trained with SGD; logs ``val_acc`` for ``EarlyGiveUp``."""
 
-    def __init__(self, hidden: int = 64, lr: float = 0.05, momentum: float = 0.9) -> None:
+    def __init__(
+        self, hidden: int = 64, lr: float = 0.05, momentum: float = 0.9
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(
-            nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+            nn.Linear(64, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 10),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,12 +80,16 @@ class DigitsClassifier(LightningModule):
         self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+        return torch.optim.SGD(
+            self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum
+        )
 
 
 def main(args: list[str] | None = None) -> LightningCLI:
     """Run the CLI (``args=None``: the command line); returns it so callers can read the callbacks."""
-    return LightningCLI(DigitsClassifier, DigitsData, args=args, save_config_kwargs={"overwrite": True})
+    return LightningCLI(
+        DigitsClassifier, DigitsData, args=args, save_config_kwargs={"overwrite": True}
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,13 @@ class DigitsMLP(LightningModule):
     def __init__(self, lr: float = 0.05) -> None:
         super().__init__()
         self.lr = lr
-        self.net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        self.net = nn.Sequential(
+            nn.Linear(64, 64),
+            nn.ReLU(),
+            nn.Linear(64, 64),
+            nn.ReLU(),
+            nn.Linear(64, 10),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -48,11 +54,23 @@ class DigitsMLP(LightningModule):
     def on_fit_end(self) -> None:
         # runs in every spawned process; the callbacks' results are printed by rank zero
         if self.trainer.is_global_zero:
-            predictor = next(c for c in self.trainer.callbacks if isinstance(c, TrainingTimePredictor))
-            give_up = next(c for c in self.trainer.callbacks if isinstance(c, EarlyGiveUp))
-            steps = predictor.prediction.training_time(0.1) if predictor.prediction else None
-            print(f"[ddp] world size {self.trainer.world_size}: predicted ε=0.1 at step {steps}, "
-                  f"real {predictor.real_training_time(0.1)}; give-up: {give_up.reason}")
+            predictor = next(
+                c
+                for c in self.trainer.callbacks
+                if isinstance(c, TrainingTimePredictor)
+            )
+            give_up = next(
+                c for c in self.trainer.callbacks if isinstance(c, EarlyGiveUp)
+            )
+            steps = (
+                predictor.prediction.training_time(0.1)
+                if predictor.prediction
+                else None
+            )
+            print(
+                f"[ddp] world size {self.trainer.world_size}: predicted ε=0.1 at step {steps}, "
+                f"real {predictor.real_training_time(0.1)}; give-up: {give_up.reason}"
+            )
 
 
 def loaders() -> tuple[DataLoader, DataLoader]:
@@ -79,18 +97,27 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # two processes on a CPU: one thread each
     seed_everything(0, verbose=False)
     trainer = Trainer(
-        strategy="ddp_spawn", accelerator="cpu", devices=2,  # gloo is the CPU backend
-        max_epochs=args.epochs, default_root_dir=args.out, log_every_n_steps=5,
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,  # gloo is the CPU backend
+        max_epochs=args.epochs,
+        default_root_dir=args.out,
+        log_every_n_steps=5,
         callbacks=[
             TrainingTimePredictor(num_samples=128),
-            EarlyGiveUp(checkpoint_epoch=args.checkpoint_epoch, accuracy_metric="val_acc"),
+            EarlyGiveUp(
+                checkpoint_epoch=args.checkpoint_epoch, accuracy_metric="val_acc"
+            ),
             ETAProgressBar(refresh_rate=10),
         ],
-        enable_checkpointing=False, enable_model_summary=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
     )
     train, val = loaders()
     trainer.fit(DigitsMLP(), train, val)
 
 
-if __name__ == "__main__":  # required by ddp_spawn: the spawned processes import this file
+if (
+    __name__ == "__main__"
+):  # required by ddp_spawn: the spawned processes import this file
     main()
