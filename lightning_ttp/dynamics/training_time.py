@@ -1,6 +1,6 @@
 """ε-training-time and threshold times on loss / error curves.
 
-Definition (DESIGN.md, the paper's Section 5 / Algorithm 1): for a curve L_0..L_T,
+Definition (the paper's Section 5 / Algorithm 1): for a curve L_0..L_T,
 
     T_ε = min { t : |L_s − L_T| ≤ ε (L_0 − L_T)  for every s ≥ t }
 
