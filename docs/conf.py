@@ -53,12 +53,18 @@ if _mathjax is not None and _mathjax.origin is not None:
 # Generated from the package, one page per public module (api.md, _templates/autosummary):
 # a new public module gets its page without editing the docs.
 autosummary_generate = True
-autodoc_default_options = {"members": True, "show-inheritance": True, "member-order": "bysource"}
+autodoc_default_options = {
+    "members": True,
+    "undoc-members": True,  # every name in __all__, also a constant without a doc comment
+    "show-inheritance": True,
+    "member-order": "bysource",
+}
 autodoc_typehints = "description"
 autodoc_typehints_description_target = "documented_params"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+napoleon_use_ivar = True  # "Attributes:" as a field list: undoc-members lists the attributes themselves
 
 
 def _public_modules() -> list:
@@ -132,10 +138,12 @@ _LIGHTNING = tuple(ns + "." for ns in callbacks_compat.NAMESPACES)
 
 
 def _qualified_bases(app, name, obj, options, bases: list) -> None:
-    """``Bases: pytorch_lightning.Callback, lightning.pytorch.Callback`` rather than ``Callback, Callback``."""
+    """``Bases: pytorch_lightning.Callback, lightning.pytorch.Callback`` rather than ``Callback, Callback``;
+    no ``Bases: object`` line."""
     bases[:] = [
         f"``{_public_path(b)}``" if isinstance(b, type) and b.__module__.startswith(_LIGHTNING) else b
         for b in bases
+        if b is not object
     ]
 
 

@@ -98,7 +98,7 @@ def test_ddp_spawn_on_two_cpu_processes(ddp_run):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="TrainingTimePredictor._save_plot reads trainer.log_dir (a broadcast) on rank zero only: "
+    reason="callbacks/_report.py save_plot reads trainer.log_dir (a broadcast) on rank zero only: "
     "under ddp_spawn the end-of-fit report fails and no plot is saved",
 )
 def test_ddp_spawn_saves_the_prediction_plot(ddp_run):
