@@ -25,7 +25,8 @@ from .kernel.batch import index_batch
 
 __all__ = ["FULL_KERNEL_MAX", "KernelEstimate", "estimate_kernel", "model_outputs"]
 
-FULL_KERNEL_MAX = 2500  # N·C above which "auto" uses the trace kernel
+#: N·C above which ``kernel="auto"`` uses the trace kernel.
+FULL_KERNEL_MAX = 2500
 ADAM_V_FLOOR = 1e-2  # v_d >= ADAM_V_FLOOR * mean(v) per tensor in the Adam preconditioner
 
 
