@@ -49,7 +49,7 @@ class DigitsData(LightningDataModule):
 
 
 class DigitsClassifier(LightningModule):
-    """An MLP 64-hidden-hidden-10 trained with SGD; logs ``val_acc`` for ``EarlyGiveUp``."""
+    """An MLP 64-hidden-hidden-10, SGD; logs ``val_acc`` for ``EarlyGiveUp``."""
 
     def __init__(
         self, hidden: int = 64, lr: float = 0.05, momentum: float = 0.9
@@ -86,7 +86,7 @@ class DigitsClassifier(LightningModule):
 
 
 def main(args: list[str] | None = None) -> LightningCLI:
-    """Run the CLI (``args=None``: the command line); returns it so callers can read the callbacks."""
+    """Run the CLI (``args=None``: the command line); returns it (tests read it)."""
     return LightningCLI(
         DigitsClassifier, DigitsData, args=args, save_config_kwargs={"overwrite": True}
     )
