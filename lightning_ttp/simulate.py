@@ -228,7 +228,7 @@ def simulate(
     if len(ke.grams) != spec.num_groups:
         raise ValueError(f"the kernel has {len(ke.grams)} param groups, the optimiser {spec.num_groups}")
     run = _Run(ke, spec, _lr_schedule(spec, steps, lr_schedule), b, n, drop_last, shuffle, num_paths, seed,
-               sde_noise, list(spec.warnings))
+               sde_noise, list(ke.info.get("notes", [])) + list(spec.warnings))
     if chosen is Method.AUTO:
         chosen = Method.DISCRETE if run.full_batch else Method.MC
     res = _SIMULATORS[chosen](run)

@@ -101,8 +101,8 @@ def _plain(obj: Any) -> Any:
 def _epsilons(epsilons: float | Sequence[float]) -> tuple[float, ...]:
     values = (epsilons,) if isinstance(epsilons, (int, float)) and not isinstance(epsilons, bool) else epsilons
     try:
-        eps = tuple(float(e) for e in values)  # type: ignore[union-attr]
-    except TypeError:
+        eps = () if isinstance(values, str) else tuple(float(e) for e in values)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
         eps = ()
     if not eps or any(not 0.0 < e < 1.0 for e in eps):
         raise ValueError(f"epsilons must be a value or a sequence of values in (0, 1), e.g. (0.1, 0.01); "
@@ -274,7 +274,14 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
 
     @property
     def planned_steps(self) -> int | None:
-        return None if self.state.plan is None else int(self.state.plan["steps"])
+        """The run's planned length in ``trainer.global_step`` units."""
+        return None if self.state.plan is None else int(self.state.plan["steps"]) * self.step_unit
+
+    @property
+    def step_unit(self) -> int:
+        """``global_step`` per predicted optimiser step (> 1 under manual optimisation with
+        several optimisers); predicted steps are multiplied by it for the bar and the loggers."""
+        return int((self.state.plan or {}).get("global_steps_per_step", 1))
 
     @property
     def cost_seconds(self) -> float | None:
@@ -299,7 +306,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             return None
         if eps not in self._converge_cache:  # O(T): once per prediction/refinement, not per step
             value = source.training_time(eps)
-            self._converge_cache[eps] = None if value is None else int(value)
+            self._converge_cache[eps] = None if value is None else int(value) * self.step_unit
         return self._converge_cache[eps]
 
     def seconds_per_step(self) -> float | None:
@@ -370,7 +377,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
 
     def run_complete(self) -> bool:
         """Whether a loss was observed for every planned optimiser step."""
-        steps = self.planned_steps
+        steps = None if self.state.plan is None else int(self.state.plan["steps"])
         return steps is not None and len(self.observed_losses) >= steps > 0
 
     def real_curve(self) -> np.ndarray:
@@ -458,7 +465,8 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         start = time.perf_counter()
         with preserve_state(pl_module):
             subset, n = sample_subset(loader, self.num_samples, self.seed)
-            subset = move_data_to_device(subset, pl_module.device)
+            # the dtype and device Lightning gives training batches (e.g. precision="64-true", "bf16-true")
+            subset = trainer.precision_plugin.convert_input(move_data_to_device(subset, pl_module.device))
             prediction, kernel, spec = predict_run(
                 pl_module, subset, trainer.optimizers[0], plan, loss=self.loss, output_fn=self.output_fn,
                 target_fn=self.target_fn, projection_dim=self.projection_dim, method=self.method,
@@ -471,7 +479,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         return state.to_dict()
 
     def _schedule_refits(self) -> None:
-        steps = self.planned_steps or 0
+        steps = self.planned_steps or 0  # global_step units, like the step the hook sees
         self._refits_due = sorted({max(2, int(round(f * steps))) for f in LIVE_FRACTIONS if f * steps >= 2})
 
     def _report_fit_start(self, trainer: Any) -> None:
