@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
-from ..api import predict_run
+from ..api import DEFAULT_BUDGET, predict_run
 from ..data import sample_subset
 from ..dynamics import get_loss
 from ..prediction import Prediction
@@ -158,6 +158,9 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         refine_every: after the fixed early refits (2, 5, 10, 25, 50 % of the run), refit every
             this many optimiser steps (default: ~2 % of the run), within ``refine_budget``.
         refine_budget: maximal share of the wall clock spent on the periodic refits.
+        budget: keep the fit-start prediction within this share of the run's predicted cost
+            (default 5 %, never below ~2 s) by a smaller kernel subset or the trace kernel
+            (:mod:`lightning_ttp.budget`); ``None``: always the full ``num_samples`` exact kernel.
         warmup_steps: optimiser steps ignored when measuring seconds per step.
         log_curve: write the predicted curve to the loggers at fit start.
         max_curve_points: at most this many points of the predicted curve are logged.
@@ -183,6 +186,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         refine: bool = True,
         refine_every: int | None = None,
         refine_budget: float = 0.0025,
+        budget: float | None = DEFAULT_BUDGET,
         warmup_steps: int = 3,
         log_curve: bool = True,
         max_curve_points: int = 5000,
@@ -210,6 +214,10 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
                 raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}.")
         if not isinstance(refine_budget, (int, float)) or not 0.0 < refine_budget <= 1.0:
             raise ValueError(f"refine_budget must be in (0, 1], got {refine_budget!r}.")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not 0 < budget <= 10):
+            raise ValueError(f"budget must be None or a share of the run's cost in (0, 10], e.g. 0.05; got {budget!r}.")
+        self.budget = budget
         self._what_if = check_what_if(what_if)
         self.loss = loss
         self.num_samples = num_samples
@@ -470,7 +478,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             prediction, kernel, spec = predict_run(
                 pl_module, subset, trainer.optimizers[0], plan, loss=self.loss, output_fn=self.output_fn,
                 target_fn=self.target_fn, projection_dim=self.projection_dim, method=self.method,
-                num_paths=self.num_paths, seed=self.seed)
+                num_paths=self.num_paths, seed=self.seed, budget=self.budget)
             rows = what_if(kernel, spec, plan, self._what_if, self.epsilons, method=self.method,
                            num_paths=self.num_paths, seed=self.seed) if self._what_if else []
         plan_info = plan.describe()
