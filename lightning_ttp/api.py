@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 
+from .budget import MIN_SAMPLES, choose_kernel
 from .data import sample_subset, split_batch
 from .dynamics import Loss, OptimizerSpec
 from .estimate import KernelEstimate, estimate_kernel
+from .kernel.batch import index_batch
 from .plan import RunPlan, plan_run
 from .prediction import Prediction
 from .schedules import lr_schedule_from_scheduler
@@ -43,6 +45,7 @@ __all__ = [
 ]
 
 DEFAULT_NUM_SAMPLES = 256
+DEFAULT_BUDGET = 0.05  # the prediction's share of the run's predicted cost
 
 
 def predict_run(
@@ -59,18 +62,39 @@ def predict_run(
     num_paths: int = 8,
     seed: int = 0,
     continuation: float = 2.0,
+    budget: float | None = DEFAULT_BUDGET,
 ) -> tuple[Prediction, KernelEstimate, OptimizerSpec]:
     """Estimate the kernel on ``subset`` (one collated batch) and simulate ``plan`` on it.
 
-    The common core of :func:`predict_training_time` and the Lightning callback. Returns the
-    prediction, the kernel estimate and the optimiser spec (for :func:`what_if`).
+    The common core of :func:`predict_training_time` and the Lightning callback. With a
+    ``budget`` (a share of the run's predicted cost, default 5 %) and no ``projection_dim``,
+    the kernel subset and kind are chosen to fit it (:func:`lightning_ttp.budget.choose_kernel`;
+    the choice is in ``prediction.diagnostics["budget"]``); ``budget=None`` uses the whole
+    subset. Returns the prediction, the kernel estimate and the optimiser spec (for
+    :func:`what_if`).
     """
     spec = OptimizerSpec.from_optimizer(optimizer)
     inputs, targets = split_batch(subset, output_fn=output_fn, target_fn=target_fn)
-    kernel = estimate_kernel(model, inputs, targets, spec, loss=loss, output_fn=output_fn,
+    targets = torch.as_tensor(targets)
+    choice, kind, available = None, "auto", int(targets.shape[0])
+    if budget is not None and projection_dim is None and targets.shape[0] > MIN_SAMPLES:
+        order = torch.randperm(targets.shape[0], generator=torch.Generator().manual_seed(seed))
+        order = order.to(targets.device)
+        choice = choose_kernel(model, index_batch(inputs, order), targets[order], spec, steps=plan.steps,
+                               batch_size=plan.effective_batch_size, budget=budget, loss=loss, output_fn=output_fn,
+                               seed=seed)
+        if choice.num_samples < targets.shape[0]:
+            keep = order[: choice.num_samples].sort().values
+            inputs, targets = index_batch(inputs, keep), targets[keep]
+        kind = choice.kernel
+    kernel = estimate_kernel(model, inputs, targets, spec, loss=loss, output_fn=output_fn, kernel=kind,
                              projection_dim=projection_dim, seed=seed, batch_size=plan.effective_batch_size)
     prediction = simulate_plan(kernel, spec, plan, method=method, num_paths=num_paths, seed=seed,
                                continuation=continuation)
+    if choice is not None:
+        prediction.diagnostics.extra["budget"] = choice.to_dict()
+        if choice.num_samples < available or choice.kernel == "trace":
+            prediction.diagnostics.warnings.append(f"cost budget: {choice.reason}.")
     return prediction, kernel, spec
 
 
@@ -93,6 +117,7 @@ def predict_training_time(
     target_fn: Callable | None = None,
     batch_size: int | None = None,
     accumulate: int = 1,
+    budget: float | None = DEFAULT_BUDGET,
 ) -> Prediction:
     """Predict the training-loss curve and ε-training-time of fine-tuning ``model``.
 
@@ -122,6 +147,8 @@ def predict_training_time(
             ``model(batch[0])`` (tuples, dicts and ``ModelOutput.logits`` are handled without it).
         target_fn: ``target_fn(batch) -> targets`` for batches that are not ``(x, y, ...)``.
         batch_size: overrides the loader's batch size; accumulate: micro-batches per step.
+        budget: keep the kernel's cost within this share of the run's predicted cost (default
+            5 %, never below ~2 s) by a smaller subset or the trace kernel; ``None``: no budget.
     Returns:
         :class:`~lightning_ttp.prediction.Prediction` (with its continuation to 2T).
     """
@@ -135,6 +162,7 @@ def predict_training_time(
         plan.dataset_size = taken
     prediction, _, _ = predict_run(model, subset, optimizer, plan, loss=loss, output_fn=output_fn,
                                    target_fn=target_fn, projection_dim=projection_dim, method=method,
-                                   num_paths=num_paths, seed=seed)
+                                   num_paths=num_paths, seed=seed, budget=budget)
     return prediction
+
 

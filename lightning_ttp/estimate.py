@@ -20,6 +20,7 @@ import torch
 from ._modes import preserve_modes
 from .data import logits_of
 from .dynamics import CallableLoss, Loss, OptimizerSpec, get_loss
+from .dynamics.losses import token_loss
 from .kernel.batch import batch_size as sample_count
 from .kernel.batch import index_batch
 
@@ -112,6 +113,21 @@ class _Preconditioned(torch.nn.Module):
 
         params = {n: w + s * z for n, w, s, z in zip(self.names, self.w0, self.s, self.z, strict=True)}
         return functional_call(self.inner, params, (inputs,), strict=False)
+
+
+def _probe_outputs(model: torch.nn.Module, inputs: Any,
+                   output_fn: Callable | None) -> tuple[tuple[int, ...], list[str]]:
+    """The shape of the model's logits on a couple of samples, and a note when they had to be
+    taken out of a tuple, a dict or a ``ModelOutput``."""
+    with _eval_mode(model), torch.no_grad():
+        raw = output_fn(model, inputs) if output_fn is not None else model(inputs)
+    logits = logits_of(raw)
+    notes = []
+    if logits is not raw:
+        where = "'logits'" if getattr(raw, "logits", None) is logits or isinstance(raw, dict) else "the first tensor"
+        notes.append(f"the model returns a {type(raw).__name__}; its {where} is taken as the logits "
+                     "(pass output_fn=... to choose another).")
+    return tuple(logits.shape), notes
 
 
 def _outputs_with(model: torch.nn.Module, inputs: Any, *, output_fn: Callable | None) -> torch.Tensor:
@@ -242,8 +258,13 @@ def estimate_kernel(
     if n == 0:
         raise ValueError("no samples to estimate the kernel on: the data is empty")
     loss_obj = get_loss(loss)
-    with _eval_mode(model), torch.no_grad():
-        c = int(model_outputs(model, index_batch(inputs, torch.arange(min(n, 2))), output_fn).shape[1])
+    targets = torch.as_tensor(targets)
+    shape, notes = _probe_outputs(model, index_batch(inputs, torch.arange(min(n, 2))), output_fn)
+    c = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    if len(shape) == 3 and targets.dim() == 2 and not targets.is_floating_point():
+        loss_obj = token_loss(loss_obj, int(shape[2]))
+        notes.append(f"token-level task: outputs (N, {shape[1]}, {shape[2]}) with (N, {shape[1]}) targets; every "
+                     f"token is a sample of the loss, targets equal to {loss_obj.ignore_index} are ignored.")
     if kernel == "auto":
         kernel = "full" if n * c <= FULL_KERNEL_MAX else "trace"
     adam = spec.kind in ("adam", "adamw")
@@ -281,7 +302,7 @@ def estimate_kernel(
         raw = [g / c for g in raw]
     info: dict[str, Any] = {"kernel_seconds": ntk.seconds, "num_parameters": [int(sum(p.numel() for p in g))
                                                                                for g in groups],
-                            "projection_dim": projection_dim, "num_outputs": c, "num_samples": n}
+                            "projection_dim": projection_dim, "num_outputs": c, "num_samples": n, "notes": notes}
     adam_blocks = None
     if adam:
         grams = [torch.zeros_like(raw[0]) for _ in groups]

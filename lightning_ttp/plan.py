@@ -46,6 +46,9 @@ class RunPlan:
         drop_last: whether the loader drops the last incomplete batch.
         shuffle: whether the data is reshuffled every epoch.
         iterable: the data is an ``IterableDataset``.
+        global_steps_per_step: the run's step counter advances this much per predicted optimiser
+            step (Lightning's ``global_step`` counts every optimiser's steps under manual
+            optimisation with several optimisers); curves and ETAs are reported in its units.
         notes: what the plan had to assume, as sentences.
     """
 
@@ -59,6 +62,7 @@ class RunPlan:
     drop_last: bool = False
     shuffle: bool = True
     iterable: bool = False
+    global_steps_per_step: int = 1
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -91,6 +95,7 @@ class RunPlan:
             "drop_last": self.drop_last,
             "iterable": self.iterable,
             "shuffle": self.shuffle,
+            "global_steps_per_step": self.global_steps_per_step,
             "notes": list(self.notes) + list(self.schedule.notes),
         }
 

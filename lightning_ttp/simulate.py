@@ -229,7 +229,7 @@ def simulate(
     if len(ke.grams) != spec.num_groups:
         raise ValueError(f"the kernel has {len(ke.grams)} param groups, the optimiser {spec.num_groups}")
     run = _Run(ke, spec, _lr_schedule(spec, steps, lr_schedule), b, n, drop_last, shuffle, num_paths, seed,
-               sde_noise, list(spec.warnings))
+               sde_noise, list(ke.info.get("notes", [])) + list(spec.warnings))
     if chosen is Method.AUTO:
         chosen = Method.DISCRETE if run.full_batch else Method.MC
     res = _SIMULATORS[chosen](run)
@@ -243,10 +243,15 @@ def simulate(
         error, error_band = summarize_paths(res.error, band) if res.error.shape[0] > 1 else (res.error[0], None)
     stab = stability_report(ke.outputs, ke.targets, ke.grams, ke.loss, spec, run.lrs[:horizon],
                             cache=ke.stability_cache)
+    diverged = not np.all(np.isfinite(loss[: horizon + 1]))
     if stab["message"]:
-        run.notes.append(stab["message"])
-        warnings.warn(stab["message"], stacklevel=2)
-    if not np.all(np.isfinite(loss[: horizon + 1])):
+        outcome = ("the simulated loss diverged" if diverged else
+                   "the simulation stayed finite (the loss's curvature falls as it trains), but the real network "
+                   "is far from its linearisation at this lr: expect it to train at a different speed")
+        message = f"{stab['message']}; {outcome}."
+        run.notes.append(message)
+        warnings.warn(message, stacklevel=2)
+    elif diverged:
         run.notes.append("the predicted loss diverges (non-finite values)")
     diagnostics = Diagnostics(
         method=chosen.value, optimizer=spec.name, optimizer_kind=spec.kind, kernel=ke.kernel, kernel_samples=n0,

@@ -100,7 +100,7 @@ def log_curve(predictor: Any, trainer: Any) -> None:
                 metrics["ttp/predicted_loss_high"] = float(pred.loss_band[1][i])
             if pred.error is not None:
                 metrics["ttp/predicted_error"] = float(pred.error[i])
-            logger.log_metrics(metrics, step=int(pred.steps[i]))
+            logger.log_metrics(metrics, step=int(pred.steps[i]) * predictor.step_unit)
         logger.save()
 
 

@@ -170,14 +170,29 @@ def plan_from_trainer(trainer: Any, loader: DataLoader, steps_override: int | No
         return _plan_from_trainer(trainer, loader, steps_override)
 
 
-def _planned_steps(trainer: Any, steps_override: int | None) -> int:
+def _planned_steps(trainer: Any, steps_override: int | None, per_batch: int) -> int:
+    """Planned steps of the first optimiser. Under manual optimisation with ``per_batch``
+    optimisers, ``max_steps`` (and ``steps_override``) count Lightning's ``global_step``, which
+    advances ``per_batch`` times per batch, while epochs count batches."""
     if steps_override is not None:
-        return int(steps_override)
+        return max(1, int(steps_override) // per_batch)
+    if per_batch > 1:
+        limits = []
+        if trainer.max_steps not in (None, -1):
+            limits.append(int(trainer.max_steps) // per_batch)
+        batches = float(trainer.num_training_batches)
+        if trainer.max_epochs not in (None, -1) and math.isfinite(batches):
+            limits.append(int(trainer.max_epochs) * int(batches))
+        if limits:
+            return min(limits)
     estimated = trainer.estimated_stepping_batches
     if estimated is None or not math.isfinite(estimated) or estimated < 0:
-        reason = ("the training data has no length (an IterableDataset) and Trainer(max_steps=...) is not set"
-                  if trainer.max_steps in (None, -1) and not math.isfinite(float(trainer.num_training_batches))
-                  else "the Trainer cannot tell how many optimiser steps it will take")
+        if not math.isfinite(float(trainer.num_training_batches)):
+            reason = "the training data has no length (an IterableDataset) and Trainer(max_steps=...) is not set"
+        elif any(is_instance(cb, "callbacks.Timer") for cb in trainer.callbacks):
+            reason = "the Trainer stops on a time limit (max_time), not on a number of steps"
+        else:
+            reason = "the Trainer has neither max_steps nor a finite max_epochs"
         raise ValueError(f"the number of planned optimiser steps is unknown: {reason}. Set Trainer(max_steps=...) "
                          "or TrainingTimePredictor(steps=...).")
     return int(estimated)
@@ -198,14 +213,19 @@ def _plan_from_trainer(trainer: Any, loader: DataLoader, steps_override: int | N
         dataset_size = len(loader.dataset)  # type: ignore[arg-type]
     num_batches = trainer.num_training_batches
     batches = int(num_batches) if num_batches is not None and math.isfinite(num_batches) and num_batches > 0 else None
-    steps = _planned_steps(trainer, steps_override)
-    if steps <= 0:
-        raise ValueError(f"the Trainer plans {steps} optimiser steps; nothing to predict.")
     optimizers = trainer.optimizers
     if not optimizers:
         raise ValueError("the LightningModule configured no optimiser.")
+    per_batch = 1
     if len(optimizers) > 1:
         notes.append(f"{len(optimizers)} optimisers; the prediction follows the first one.")
+        if not getattr(trainer.lightning_module, "automatic_optimization", True):
+            per_batch = len(optimizers)
+            notes.append(f"manual optimisation: assuming each of the {per_batch} optimisers steps once per batch, "
+                         f"so global_step advances {per_batch} per batch; steps are reported in global_step units.")
+    steps = _planned_steps(trainer, steps_override, per_batch)
+    if steps <= 0:
+        raise ValueError(f"the Trainer plans {steps} optimiser steps; nothing to predict.")
     schedulers = [SchedulerSpec(c.scheduler, c.interval, int(c.frequency)) for c in trainer.lr_scheduler_configs
                   if c.scheduler is not None and not c.reduce_on_plateau]
     if any(c.reduce_on_plateau for c in trainer.lr_scheduler_configs):
@@ -214,4 +234,4 @@ def _plan_from_trainer(trainer: Any, loader: DataLoader, steps_override: int | N
     return RunPlan(steps=steps, batch_size=batch_size, schedule=schedule, accumulate=accumulate,
                    world_size=int(getattr(trainer, "world_size", 1) or 1), dataset_size=dataset_size,
                    batches_per_epoch=batches, drop_last=bool(getattr(loader, "drop_last", False)),
-                   shuffle=loader_shuffles(loader), iterable=iterable, notes=notes)
+                   shuffle=loader_shuffles(loader), iterable=iterable, global_steps_per_step=per_batch, notes=notes)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
-from ..api import predict_run
+from ..api import DEFAULT_BUDGET, predict_run
 from ..data import sample_subset
 from ..dynamics import get_loss
 from ..prediction import Prediction
@@ -101,8 +101,8 @@ def _plain(obj: Any) -> Any:
 def _epsilons(epsilons: float | Sequence[float]) -> tuple[float, ...]:
     values = (epsilons,) if isinstance(epsilons, (int, float)) and not isinstance(epsilons, bool) else epsilons
     try:
-        eps = tuple(float(e) for e in values)  # type: ignore[union-attr]
-    except TypeError:
+        eps = () if isinstance(values, str) else tuple(float(e) for e in values)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
         eps = ()
     if not eps or any(not 0.0 < e < 1.0 for e in eps):
         raise ValueError(f"epsilons must be a value or a sequence of values in (0, 1), e.g. (0.1, 0.01); "
@@ -158,6 +158,9 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         refine_every: after the fixed early refits (2, 5, 10, 25, 50 % of the run), refit every
             this many optimiser steps (default: ~2 % of the run), within ``refine_budget``.
         refine_budget: maximal share of the wall clock spent on the periodic refits.
+        budget: keep the fit-start prediction within this share of the run's predicted cost
+            (default 5 %, never below ~2 s) by a smaller kernel subset or the trace kernel
+            (:mod:`lightning_ttp.budget`); ``None``: always the full ``num_samples`` exact kernel.
         warmup_steps: optimiser steps ignored when measuring seconds per step.
         log_curve: write the predicted curve to the loggers at fit start.
         max_curve_points: at most this many points of the predicted curve are logged.
@@ -183,6 +186,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         refine: bool = True,
         refine_every: int | None = None,
         refine_budget: float = 0.0025,
+        budget: float | None = DEFAULT_BUDGET,
         warmup_steps: int = 3,
         log_curve: bool = True,
         max_curve_points: int = 5000,
@@ -210,6 +214,10 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
                 raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}.")
         if not isinstance(refine_budget, (int, float)) or not 0.0 < refine_budget <= 1.0:
             raise ValueError(f"refine_budget must be in (0, 1], got {refine_budget!r}.")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not 0 < budget <= 10):
+            raise ValueError(f"budget must be None or a share of the run's cost in (0, 10], e.g. 0.05; got {budget!r}.")
+        self.budget = budget
         self._what_if = check_what_if(what_if)
         self.loss = loss
         self.num_samples = num_samples
@@ -274,7 +282,14 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
 
     @property
     def planned_steps(self) -> int | None:
-        return None if self.state.plan is None else int(self.state.plan["steps"])
+        """The run's planned length in ``trainer.global_step`` units."""
+        return None if self.state.plan is None else int(self.state.plan["steps"]) * self.step_unit
+
+    @property
+    def step_unit(self) -> int:
+        """``global_step`` per predicted optimiser step (> 1 under manual optimisation with
+        several optimisers); predicted steps are multiplied by it for the bar and the loggers."""
+        return int((self.state.plan or {}).get("global_steps_per_step", 1))
 
     @property
     def cost_seconds(self) -> float | None:
@@ -299,7 +314,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             return None
         if eps not in self._converge_cache:  # O(T): once per prediction/refinement, not per step
             value = source.training_time(eps)
-            self._converge_cache[eps] = None if value is None else int(value)
+            self._converge_cache[eps] = None if value is None else int(value) * self.step_unit
         return self._converge_cache[eps]
 
     def seconds_per_step(self) -> float | None:
@@ -370,7 +385,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
 
     def run_complete(self) -> bool:
         """Whether a loss was observed for every planned optimiser step."""
-        steps = self.planned_steps
+        steps = None if self.state.plan is None else int(self.state.plan["steps"])
         return steps is not None and len(self.observed_losses) >= steps > 0
 
     def real_curve(self) -> np.ndarray:
@@ -458,11 +473,12 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         start = time.perf_counter()
         with preserve_state(pl_module):
             subset, n = sample_subset(loader, self.num_samples, self.seed)
-            subset = move_data_to_device(subset, pl_module.device)
+            # the dtype and device Lightning gives training batches (e.g. precision="64-true", "bf16-true")
+            subset = trainer.precision_plugin.convert_input(move_data_to_device(subset, pl_module.device))
             prediction, kernel, spec = predict_run(
                 pl_module, subset, trainer.optimizers[0], plan, loss=self.loss, output_fn=self.output_fn,
                 target_fn=self.target_fn, projection_dim=self.projection_dim, method=self.method,
-                num_paths=self.num_paths, seed=self.seed)
+                num_paths=self.num_paths, seed=self.seed, budget=self.budget)
             rows = what_if(kernel, spec, plan, self._what_if, self.epsilons, method=self.method,
                            num_paths=self.num_paths, seed=self.seed) if self._what_if else []
         plan_info = plan.describe()
@@ -471,7 +487,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         return state.to_dict()
 
     def _schedule_refits(self) -> None:
-        steps = self.planned_steps or 0
+        steps = self.planned_steps or 0  # global_step units, like the step the hook sees
         self._refits_due = sorted({max(2, int(round(f * steps))) for f in LIVE_FRACTIONS if f * steps >= 2})
 
     def _report_fit_start(self, trainer: Any) -> None:
