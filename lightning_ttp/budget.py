@@ -35,6 +35,7 @@ from .estimate import estimate_kernel, model_outputs
 
 __all__ = ["MIN_SAMPLES", "KernelChoice", "choose_kernel", "time_training_step"]
 
+#: The smallest kernel subset the budget halves down to.
 MIN_SAMPLES = 32
 
 
