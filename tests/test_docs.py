@@ -78,6 +78,10 @@ def test_how_it_works_renders_the_papers_equations_offline(site):
     page = (site / "how_it_works.html").read_text()
     for tag in ("\\tag{1}", "\\tag{2}", "\\tag{4, 5}", "\\tag{6}", "\\tag{7}", "\\tag{8}"):
         assert tag in page
+    # MathJax refuses \tag inside the split environment Sphinx wraps multi-line $$ blocks in
+    for block in page.split("\\begin{split}")[1:]:
+        assert "\\tag" not in block.split("\\end{split}")[0]
+    assert 'class="eqno"' not in page  # the papers' numbers only, no Sphinx numbering beside them
     # MathJax is served by the site itself (no CDN): the page loads _static/tex-svg.js and it is there
     assert '_static/tex-svg.js' in page and (site / "_static" / "tex-svg.js").stat().st_size > 100_000
     # the detail pages of docs/ are part of the site, and the limits page includes their sections
