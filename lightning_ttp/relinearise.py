@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .api import KernelEstimate, estimate_kernel
+from .api import ADAM_V_FLOOR, KernelEstimate, estimate_kernel
 from .dynamics import BatchSampler, OptimizerSpec, simulate_discrete
 from .dynamics.training_time import epsilon_training_time
 from .refine import default_smoothing_window, smooth_losses
@@ -58,6 +58,7 @@ __all__ = [
 ]
 
 DEFAULT_FRACTIONS = (0.02, 0.05, 0.10, 0.20, 0.40)
+FROZEN_RMS = 1e-4  # Adam: a tensor whose rms √v̂ is below this × the median tensor's gets no gradient
 
 
 # ---------------------------------------------------------------------------- drift measures
@@ -225,7 +226,11 @@ def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch
 
     SGD: the kernel of the model's param groups, B_g = J_g b_g from ``momentum_buffer``.
     Adam(W): the kernel of w = w_k + s ⊙ z with s = (√v̂_k + ε)^{-1/2} from the optimiser's
-    ``exp_avg_sq`` (v̂ bias-corrected; parameters without state are frozen, s = 0) and
+    ``exp_avg_sq`` (v̂ bias-corrected and floored at ``ADAM_V_FLOOR`` × its tensor mean like the
+    fit-start kernel: a coordinate whose batch gradients cancel has a tiny v̂ but not a tiny
+    Jacobian; tensors without state or whose rms √v̂ is below ``FROZEN_RMS`` × the median
+    tensor's — no gradient reaches them in training, e.g. a bias before BatchNorm — are frozen,
+    s = 0) and
     B_g = J_g diag(s²) m_g = J_{z,g} (s ⊙ m_g) from ``exp_avg``.
     """
     groups = [list(g) for g in spec.params]
@@ -238,17 +243,25 @@ def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch
         return ke, bufs, 0
     flat = [p for g in groups for p in g]
     group_of = {id(p): gi for gi, g in enumerate(groups) for p in g}
-    scales, steps = [], [0]
+    v_hats, steps = [], [0]
     for p in flat:
         st = state.get(p, {})
         if "exp_avg_sq" not in st:
-            scales.append(torch.zeros_like(p))
+            v_hats.append(None)
             continue
         gs = spec.groups[group_of[id(p)]]
         step = int(float(st["step"]))
         steps.append(step)
-        v_hat = st["exp_avg_sq"].detach() / (1 - gs.betas[1] ** step)
-        scales.append((v_hat.sqrt() + gs.eps).rsqrt().to(p.dtype))
+        v_hats.append(st["exp_avg_sq"].detach() / (1 - gs.betas[1] ** step))
+    rms = [float(v.mean().sqrt()) for v in v_hats if v is not None]
+    typical = float(np.median(rms)) if rms else 0.0
+    scales = []
+    for p, v_hat in zip(flat, v_hats, strict=True):
+        if v_hat is None or float(v_hat.mean().sqrt()) < FROZEN_RMS * typical:
+            scales.append(torch.zeros_like(p))  # no gradient reaches it in training (e.g. a bias before BN)
+            continue
+        v_hat = torch.maximum(v_hat, ADAM_V_FLOOR * v_hat.mean())  # as at fit start (estimate_kernel)
+        scales.append((v_hat.sqrt() + spec.groups[group_of[id(p)]].eps).rsqrt().to(p.dtype))
     wrapper = _Reparametrised(model, flat, scales, output_fn)
     z_of = dict(zip(map(id, flat), wrapper.z, strict=True))
     s_of = dict(zip(map(id, flat), scales, strict=True))
