@@ -42,9 +42,9 @@ import numpy as np
 import torch
 
 from .api import ADAM_V_FLOOR, KernelEstimate, estimate_kernel
-from .dynamics import BatchSampler, OptimizerSpec, simulate_discrete
+from .dynamics import BatchSampler, OptimizerSpec, simulate_discrete, stability_report
 from .dynamics.training_time import epsilon_training_time
-from .refine import default_smoothing_window, smooth_losses
+from .refine import default_smoothing_window, refine_curve, smooth_losses
 
 __all__ = [
     "DEFAULT_FRACTIONS",
@@ -339,7 +339,7 @@ def relinearised_prediction(
     start: KernelEstimate,
     *,
     lr_schedule: np.ndarray | None = None,
-    history: Sequence[KernelDrift] = (),
+    history: Sequence[LivePrediction] = (),
     loss: Any = "cross_entropy",
     batch_size: int | None = None,
     dataset_size: int | None = None,
@@ -348,6 +348,9 @@ def relinearised_prediction(
     projection_dim: int | None = None,
     extrapolate_drift: bool = True,
     max_drift: float = 3.0,
+    stability_cap: bool = True,
+    calibrate: bool = True,
+    calibration_prior: float = 1.0,
     num_paths: int = 4,
     seed: int = 0,
 ) -> LivePrediction:
@@ -363,7 +366,8 @@ def relinearised_prediction(
         start: the fit-start kernel estimate on the same subset (the open loop's), the
             reference of the drift measures.
         lr_schedule: (T, G) or (T,) lrs of the whole run; default: the spec's constant lrs.
-        history: the drifts measured at earlier steps (the scale trend is fitted to them).
+        history: the live predictions of earlier calls on this run (the scale trend is
+            fitted to their drifts; the last one calibrates the speed, ``calibrate``).
         batch_size, dataset_size: the optimiser-step batch and the training-set size; with
             batch_size < dataset_size the continuation is the mean of ``num_paths`` Monte Carlo
             mini-batch paths, else full-batch GD.
@@ -372,6 +376,12 @@ def relinearised_prediction(
         projection_dim: random projection of the gradients (large models; cheaper kernels).
         extrapolate_drift: multiply the remaining lrs by the extrapolated kernel scale m(t)
             (False: the kernel is held at Θ^{(k)}).
+        stability_cap: clip the kernel's eigenvalues at the stability limit of the remaining
+            lrs (the real network self-stabilises at the edge of stability; its linearisation
+            would diverge).
+        calibrate: time-warp the continuation by the speed of the real run relative to the
+            previous call's continuation (:func:`lightning_ttp.refine.refine_curve` fitted to
+            the losses observed since then); ``calibration_prior`` is the prior sd of log a.
     """
     started = time.perf_counter()
     obs = np.asarray(observed, dtype=np.float64).reshape(-1)
@@ -394,23 +404,59 @@ def relinearised_prediction(
     kernel_seconds = time.perf_counter() - kernel_started
     drift = kernel_drift(start.grams, ke.grams, start.targets, lrs[step], num_outputs=start.num_outputs, step=step)
     if extrapolate_drift:
-        mult = drift_multiplier([*history, drift], step, total_steps, max_drift=max_drift)
+        mult = drift_multiplier([*(p.drift for p in history), drift], step, total_steps, max_drift=max_drift)
     else:
         mult = np.ones(total_steps - step)
     remaining = lrs[step:total_steps] * mult[:, None]
+    grams, capped = (_stability_capped(ke, spec, remaining) if stability_cap else (ke.grams, 1.0))
     weights, paths = None, 1
     if not full_batch:
         sampler = BatchSampler(n0, b, num_paths, n_total=n, seed=seed + step)
         weights, paths = sampler.weights, num_paths
-    res = simulate_discrete(ke.outputs, ke.targets, ke.grams, ke.loss, spec, remaining, jvp_w0=ke.jvp_w0,
+    res = simulate_discrete(ke.outputs, ke.targets, grams, ke.loss, spec, remaining, jvp_w0=ke.jvp_w0,
                             weights=weights, num_paths=paths, initial_buffers=bufs, start_step=adam_step)
     cont = res.loss.mean(axis=0)
     level = _level(obs, step, window)
     joined = level * cont / cont[0] if cont[0] > 0 else cont + (level - cont[0])
+    warp = _speed(history[-1], obs, calibration_prior) if calibrate and history else 1.0
+    if warp != 1.0:
+        tau = np.arange(joined.size, dtype=np.float64)
+        joined = np.interp(warp * tau, tau, joined)
     prefix = smooth_losses(np.where(np.isfinite(obs), obs, np.nan), window) if window > 1 else obs.copy()
     curve = np.concatenate([prefix, joined])
     return LivePrediction(step, curve, cont, level, drift, mult, time.perf_counter() - started, kernel_seconds,
-                          {"smoothing_window": window, "num_paths": paths, "adam_step": adam_step})
+                          {"smoothing_window": window, "num_paths": paths, "adam_step": adam_step,
+                           "warp": warp, "stability_cap": capped})
+
+
+def _stability_capped(ke: KernelEstimate, spec: OptimizerSpec, lrs: np.ndarray) -> tuple[list, float]:
+    """Grams with eigenvalues clipped so that the remaining dynamics stay at ρ ≤ 1.
+
+    ρ is the stability measure of :func:`lightning_ttp.dynamics.stability_report` at f_k; with
+    ρ_max > 1 every group's eigenvalues above λmax(Θ_g)/ρ_max are clipped to it (the top
+    directions only: a network at the edge of stability keeps its sharpness at the limit
+    while the rest of the spectrum trains at full speed). Returns (grams, ρ_max).
+    """
+    report = stability_report(ke.outputs, ke.targets, ke.grams, ke.loss, spec, lrs)
+    rho = float(report["rho_max"])
+    if rho <= 1.0:
+        return ke.grams, rho
+    capped = []
+    for g in ke.grams:
+        evals, evecs = torch.linalg.eigh(torch.as_tensor(g, dtype=torch.float64))
+        evals = evals.clamp(min=0.0, max=float(evals[-1]) / rho)
+        capped.append((evecs * evals) @ evecs.T)
+    return capped, rho
+
+
+def _speed(previous: LivePrediction, observed: np.ndarray, prior: float) -> float:
+    """Time warp a of the real run against ``previous``'s continuation since its step (MAP fit,
+    log a ~ N(0, prior²), evidence gate 1; 1 without evidence of a difference)."""
+    k0 = previous.step
+    seen = observed[k0:]
+    if np.isfinite(seen).sum() < 3:
+        return 1.0
+    return refine_curve(previous.loss[k0:], seen, warp_prior=prior, gate=1.0).warp
 
 
 def checkpoint_steps(total_steps: int, fractions: Sequence[float] = DEFAULT_FRACTIONS, *,
@@ -440,7 +486,7 @@ class ClosedLoop:
                observed: Sequence[float] | np.ndarray) -> LivePrediction:
         """Re-predict at step k = ``len(observed)`` and remember the drift."""
         live = relinearised_prediction(model, optimizer, self.spec, self.inputs, self.targets, observed,
-                                       self.total_steps, self.start, history=[p.drift for p in self.history],
+                                       self.total_steps, self.start, history=self.history,
                                        **self.options)
         self.history.append(live)
         return live
