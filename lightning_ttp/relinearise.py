@@ -430,23 +430,29 @@ def relinearised_prediction(
 
 
 def _stability_capped(ke: KernelEstimate, spec: OptimizerSpec, lrs: np.ndarray) -> tuple[list, float]:
-    """Grams with eigenvalues clipped so that the remaining dynamics stay at ρ ≤ 1.
+    """Grams with their top eigenvalues clipped so that the remaining dynamics stay at ρ ≤ 1.
 
-    ρ is the stability measure of :func:`lightning_ttp.dynamics.stability_report` at f_k; with
-    ρ_max > 1 every group's eigenvalues above λmax(Θ_g)/ρ_max are clipped to it (the top
-    directions only: a network at the edge of stability keeps its sharpness at the limit
-    while the rest of the spectrum trains at full speed). Returns (grams, ρ_max).
+    ρ is the stability measure of :func:`lightning_ttp.dynamics.stability_report` at f_k (the
+    kernel scaled by the loss curvature). With ρ_max > 1 every group's eigenvalues above
+    λmax(Θ_g)/ρ_max are clipped to it, and again until ρ ≤ 1 (the curvature-weighted top
+    direction need not be Θ's own): the top directions only, as a network at the edge of
+    stability keeps its sharpness at the limit while the rest of its spectrum trains at full
+    speed. Returns (grams, the uncapped ρ_max).
     """
     report = stability_report(ke.outputs, ke.targets, ke.grams, ke.loss, spec, lrs)
-    rho = float(report["rho_max"])
+    first = rho = float(report["rho_max"])
     if rho <= 1.0:
         return ke.grams, rho
-    capped = []
-    for g in ke.grams:
-        evals, evecs = torch.linalg.eigh(torch.as_tensor(g, dtype=torch.float64))
-        evals = evals.clamp(min=0.0, max=float(evals[-1]) / rho)
-        capped.append((evecs * evals) @ evecs.T)
-    return capped, rho
+    eig = [torch.linalg.eigh(torch.as_tensor(g, dtype=torch.float64)) for g in ke.grams]
+    caps = [float(vals[-1]) for vals, _ in eig]
+    grams = ke.grams
+    for _ in range(20):
+        if rho <= 1.0 + 1e-9:
+            break
+        caps = [cap / rho for cap in caps]
+        grams = [(vecs * vals.clamp(0.0, cap)) @ vecs.T for (vals, vecs), cap in zip(eig, caps, strict=True)]
+        rho = float(stability_report(ke.outputs, ke.targets, grams, ke.loss, spec, lrs)["rho_max"])
+    return grams, first
 
 
 def _speed(previous: LivePrediction, observed: np.ndarray, prior: float) -> float:
