@@ -1,12 +1,12 @@
 """Re-linearised closed loop: re-predict the rest of a run from its current state.
 
 The open-loop prediction linearises the network once, at the fit-start weights w0. When
-fine-tuning moves the features, the empirical NTK drifts (it typically grows and aligns
-with the targets) and the real run trains faster than its linearisation. At a few steps k
-of the run (geometric: 2, 5, 10, 20, 40 % of T) the closed loop
+fine-tuning moves the features, the empirical NTK drifts and the real run leaves its
+linearisation (faster or slower). At a few steps k of the run (geometric: 2, 5, 10, 20,
+40 % of T; :func:`checkpoint_steps`) the closed loop
 
 1. re-estimates the empirical NTK Θ^{(k)} at the current weights w_k on the *same* kernel
-   subset (:func:`lightning_ttp.api.estimate_kernel`), and the outputs f_k;
+   subset (:func:`lightning_ttp.api.estimate_kernel`, eval mode), and the outputs f_k;
 2. measures the drift against the fit-start kernel Θ^{(0)}: the scale
    s_k = Σ_g η_g tr Θ_g^{(k)} / Σ_g η_g tr Θ_g^{(0)} and the centred kernel-target alignment
    A(K) = ⟨K_c, (YYᵀ)_c⟩_F / (‖K_c‖_F ‖(YYᵀ)_c‖_F), K_c = HKH, H = I − 11ᵀ/N
@@ -16,17 +16,25 @@ of the run (geometric: 2, 5, 10, 20, 40 % of T) the closed loop
    B_g = J_g^{(k)} P_k m_g with P_k = diag(1/(√v̂_k + ε)) from the optimiser's own second
    moment (the kernel is then J P_k Jᵀ), each by one ``torch.func.jvp``;
 4. simulates the remaining steps k..T in function space from f_k
-   (:func:`lightning_ttp.dynamics.simulate_discrete`, buffers and Adam's step count carried)
-   with the lr schedule multiplied by the extrapolated kernel scale
-   m(t) = ŝ(t)/ŝ(k), ŝ(t) = α + β log(1 + t) fitted to (0, 1), (k_j, s_{k_j}) by least squares
-   (scaling Θ by m is scaling η by m), m clipped to [1/``max_drift``, ``max_drift``];
+   (:func:`lightning_ttp.dynamics.simulate_discrete`, buffers and Adam's step count carried;
+   Monte Carlo mini-batch paths for SGD), with the kernel's top eigenvalues clipped at the
+   stability limit of the remaining lrs when the linearisation would diverge (the real
+   network self-stabilises at the edge of stability) and, optionally, the lrs multiplied by
+   the extrapolated kernel scale m(t) = ŝ(t)/ŝ(k), ŝ(t) = α + β log(1 + t) fitted to (0, 1),
+   (k_j, s_{k_j}) (scaling Θ by m is scaling η by m), m clipped to [1/``max_drift``, ``max_drift``];
 5. joins the simulated curve S_τ (τ = t − k) to the observed prefix multiplicatively at the
    observed level ℓ_k (a straight line through the last observed losses, evaluated at k):
-   L̂_t = ℓ_k S_{t−k}/S_0 for t ≥ k, the smoothed observed losses before k.
+   L̂_t = ℓ_k S_{t−k}/S_0 for t ≥ k, the smoothed observed losses before k;
+6. calibrates the speed: from the second call on, the previous call's curve is fitted to the
+   losses observed since its step with :func:`lightning_ttp.refine.refine_curve` (time warp
+   a, log a ~ N(0, 1), evidence gate 1) and the new continuation is warped,
+   L̂_{k+τ} ← L̂_{k+aτ}: how much faster (a > 1) or slower the real run went than its last
+   linearisation.
 
 For a model that is linear in its parameters steps 1–4 are exact: the continuation equals
 real ``torch.optim.SGD`` training from step k, momentum included (tests check it step by
-step). Adam's second moment is held at its value at step k (an approximation).
+step), and steps 5–6 change nothing. Adam's second moment is held at its value at step k
+(an approximation).
 
 This module is pure torch/numpy/scipy: no Lightning.
 """
@@ -346,7 +354,7 @@ def relinearised_prediction(
     smoothing_window: int | None = None,
     output_fn: Callable | None = None,
     projection_dim: int | None = None,
-    extrapolate_drift: bool = True,
+    extrapolate_drift: bool = False,
     max_drift: float = 3.0,
     stability_cap: bool = True,
     calibrate: bool = True,
@@ -375,12 +383,13 @@ def relinearised_prediction(
             :func:`lightning_ttp.refine.default_smoothing_window`).
         projection_dim: random projection of the gradients (large models; cheaper kernels).
         extrapolate_drift: multiply the remaining lrs by the extrapolated kernel scale m(t)
-            (False: the kernel is held at Θ^{(k)}).
+            (default False: the kernel is held at Θ^{(k)}; on ``benchmarks/fidelity.py`` the
+            extrapolation did not measurably help, see docs/prediction.md).
         stability_cap: clip the kernel's eigenvalues at the stability limit of the remaining
             lrs (the real network self-stabilises at the edge of stability; its linearisation
             would diverge).
         calibrate: time-warp the continuation by the speed of the real run relative to the
-            previous call's continuation (:func:`lightning_ttp.refine.refine_curve` fitted to
+            previous call's curve (:func:`lightning_ttp.refine.refine_curve` fitted to
             the losses observed since then); ``calibration_prior`` is the prior sd of log a.
     """
     started = time.perf_counter()
@@ -418,7 +427,7 @@ def relinearised_prediction(
     cont = res.loss.mean(axis=0)
     level = _level(obs, step, window)
     joined = level * cont / cont[0] if cont[0] > 0 else cont + (level - cont[0])
-    warp = _speed(history[-1], obs, calibration_prior) if calibrate and history else 1.0
+    warp = _speed(history[-1].loss, history[-1].step, obs, calibration_prior) if calibrate and history else 1.0
     if warp != 1.0:
         tau = np.arange(joined.size, dtype=np.float64)
         joined = np.interp(warp * tau, tau, joined)
@@ -455,14 +464,14 @@ def _stability_capped(ke: KernelEstimate, spec: OptimizerSpec, lrs: np.ndarray) 
     return grams, first
 
 
-def _speed(previous: LivePrediction, observed: np.ndarray, prior: float) -> float:
-    """Time warp a of the real run against ``previous``'s continuation since its step (MAP fit,
-    log a ~ N(0, prior²), evidence gate 1; 1 without evidence of a difference)."""
-    k0 = previous.step
-    seen = observed[k0:]
+def _speed(previous: np.ndarray, since: int, observed: np.ndarray, prior: float) -> float:
+    """Time warp a of the real run against a previous prediction ``previous`` (steps 0..T) over the
+    losses observed since step ``since`` (MAP fit, log a ~ N(0, prior²), evidence gate 1; 1 without
+    evidence of a difference)."""
+    seen = observed[since:]
     if np.isfinite(seen).sum() < 3:
         return 1.0
-    return refine_curve(previous.loss[k0:], seen, warp_prior=prior, gate=1.0).warp
+    return refine_curve(np.asarray(previous)[since:], seen, warp_prior=prior, gate=1.0).warp
 
 
 def checkpoint_steps(total_steps: int, fractions: Sequence[float] = DEFAULT_FRACTIONS, *,

@@ -16,7 +16,6 @@ from lightning_ttp.dynamics import OptimizerSpec, stability_report
 from lightning_ttp.relinearise import (
     ClosedLoop,
     KernelDrift,
-    LivePrediction,
     _current_state,
     _speed,
     _stability_capped,
@@ -231,11 +230,10 @@ def test_stability_cap_brings_rho_to_one():
 
 def test_speed_calibration_recovers_a_time_warp():
     t = np.arange(61, dtype=np.float64)
-    previous = LivePrediction(10, np.exp(-t / 20), np.exp(-t[10:] / 20), 1.0, KernelDrift(10, 1, 0, 0),
-                              np.ones(50), 0.0, 0.0)
+    previous = np.exp(-t / 20)
     observed = np.exp(-(10 + 2.0 * (t[:40] - 10).clip(0)) / 20)  # twice as fast from step 10 on
-    assert _speed(previous, observed, prior=1.0) == pytest.approx(2.0, rel=0.05)
-    assert _speed(previous, observed[:12], prior=1.0) == 1.0  # too few observations: no evidence
+    assert _speed(previous, 10, observed, prior=1.0) == pytest.approx(2.0, rel=0.05)
+    assert _speed(previous, 10, observed[:12], prior=1.0) == 1.0  # too few observations: no evidence
 
 
 def test_checkpoints_and_errors():
