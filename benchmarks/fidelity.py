@@ -221,6 +221,10 @@ def summarise(runs: list[dict]) -> dict:
                            paired=True, n_resamples=2000, method="percentile", random_state=0).confidence_interval
             row["relin_minus_power"] = {"median_diff": float(np.median(a) - np.median(b)),
                                         "ci95": [float(ci.low), float(ci.high)]}
+        flagged = [rel_err(r["eps"][e]["live"][str(f)]["relin"], r["eps"][e]["real"]) for r, e in ok if r["flagged"]]
+        row["relin_flagged"] = stats(flagged) if flagged else None
+        row["relin_unflagged"] = stats([rel_err(r["eps"][e]["live"][str(f)]["relin"], r["eps"][e]["real"])
+                                        for r, e in ok if not r["flagged"]])
         fl = np.array([(np.log(max(r["final_loss"][str(f)]["relin"], 1e-12) / r["real_final_loss"]))
                        for r in runs])
         row["relin_final_loss_median_abs_log_ratio"] = float(np.median(np.abs(fl)))
@@ -263,6 +267,9 @@ def print_table(summary: dict) -> None:
         d = row.get("relin_minus_power")
         diff = "" if d is None else f"{d['median_diff']:+6.1%} [{d['ci95'][0]:+6.1%}, {d['ci95'][1]:+6.1%}]"
         print(f"  {float(f):4.0%} | {cells} | {diff:24} | {row['relin_final_loss_median_abs_log_ratio']:.3f}")
+    print("relin on runs the stability diagnostic flags / does not flag (median):  " + "  ".join(
+        f"{float(f):.0%}: {'n/a' if row['relin_flagged'] is None else format(row['relin_flagged']['median'], '.1%')}"
+        f" / {row['relin_unflagged']['median']:.1%}" for f, row in summary["fractions"].items()))
     nf = summary["noise_floor_median_rel_spread"]
     print(f"noise floor (median relative spread of the real T_eps across seeds): "
           f"{'n/a' if nf is None else f'{nf:.1%}'}")

@@ -122,7 +122,8 @@ def test_closed_loop_stays_exact_over_several_calls():
     model = random_features_model(3)
     opt = optimizer("momentum", [p for p in model.parameters() if p.requires_grad])
     spec = spec_of(opt)
-    loop = ClosedLoop(spec, x, y, T, estimate_kernel(model, x, y, spec), fractions=(0.1, 0.3, 0.6))
+    loop = ClosedLoop(spec, x, y, T, estimate_kernel(model, x, y, spec), fractions=(0.1, 0.3, 0.6),
+                      extrapolate_drift=True)
     assert loop.steps == [3, 9, 18]
     preds = []
     real = train(model, opt, x, y, T, at=loop.steps, callback=lambda t, losses: preds.append(loop.update(model, opt,
