@@ -238,8 +238,7 @@ def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch
     fit-start kernel: a coordinate whose batch gradients cancel has a tiny v̂ but not a tiny
     Jacobian; tensors without state or whose rms √v̂ is below ``FROZEN_RMS`` × the median
     tensor's — no gradient reaches them in training, e.g. a bias before BatchNorm — are frozen,
-    s = 0) and
-    B_g = J_g diag(s²) m_g = J_{z,g} (s ⊙ m_g) from ``exp_avg``.
+    s = 0) and B_g = J_g diag(s²) m_g = J_{z,g} (s ⊙ m_g) from ``exp_avg``.
     """
     groups = [list(g) for g in spec.params]
     state = optimizer.state
@@ -277,10 +276,9 @@ def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch
     kernel_spec = OptimizerSpec.from_optimizer(torch.optim.SGD([{"params": g} for g in z_groups], lr=1.0))
     ke = estimate_kernel(wrapper, inputs, targets, kernel_spec, loss=loss, kernel=kernel,
                          projection_dim=projection_dim, seed=seed)
-    m_of = {id(p): state[p]["exp_avg"].detach() for p in flat if "exp_avg" in state.get(p, {})}
-    p_of = {id(z_of[id(p)]): p for p in flat}
-    bufs = _buffers(wrapper, inputs, z_groups,
-                    lambda z: None if id(p_of[id(z)]) not in m_of else s_of[id(p_of[id(z)])] * m_of[id(p_of[id(z)])])
+    tangent_of = {id(z_of[id(p)]): s_of[id(p)] * state[p]["exp_avg"].detach()
+                  for p in flat if "exp_avg" in state.get(p, {})}
+    bufs = _buffers(wrapper, inputs, z_groups, lambda z: tangent_of.get(id(z)))
     if spec.has_weight_decay:
         ke.jvp_w0 = _buffers(forward, inputs, groups, lambda p: p.detach())
     return ke, bufs, max(steps)
@@ -300,6 +298,8 @@ class LivePrediction:
         drift: the kernel drift at k.
         multiplier: m(t), the extrapolated kernel scale applied to the lrs at steps k..T−1.
         seconds: wall time of this call; ``kernel_seconds`` the part spent in the kernel.
+        info: smoothing width, Monte Carlo paths, Adam's step, the speed warp a and the
+            stability measure ρ_max of the remaining steps before the cap.
     """
 
     step: int
@@ -417,7 +417,7 @@ def relinearised_prediction(
     else:
         mult = np.ones(total_steps - step)
     remaining = lrs[step:total_steps] * mult[:, None]
-    grams, capped = (_stability_capped(ke, spec, remaining) if stability_cap else (ke.grams, 1.0))
+    grams, rho = _stability_capped(ke, spec, remaining) if stability_cap else (ke.grams, float("nan"))
     weights, paths = None, 1
     if not full_batch:
         sampler = BatchSampler(n0, b, num_paths, n_total=n, seed=seed + step)
@@ -431,11 +431,12 @@ def relinearised_prediction(
     if warp != 1.0:
         tau = np.arange(joined.size, dtype=np.float64)
         joined = np.interp(warp * tau, tau, joined)
-    prefix = smooth_losses(np.where(np.isfinite(obs), obs, np.nan), window) if window > 1 else obs.copy()
+    t_obs, finite = np.arange(step), np.isfinite(obs)
+    prefix = smooth_losses(np.interp(t_obs, t_obs[finite], obs[finite]), window)  # missing losses interpolated
     curve = np.concatenate([prefix, joined])
     return LivePrediction(step, curve, cont, level, drift, mult, time.perf_counter() - started, kernel_seconds,
                           {"smoothing_window": window, "num_paths": paths, "adam_step": adam_step,
-                           "warp": warp, "stability_cap": capped})
+                           "warp": warp, "rho_max": rho})
 
 
 def _stability_capped(ke: KernelEstimate, spec: OptimizerSpec, lrs: np.ndarray) -> tuple[list, float]:

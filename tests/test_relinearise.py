@@ -249,6 +249,8 @@ def test_checkpoints_and_errors():
         relinearised_prediction(model, opt, spec, x, y, [], T, start)
     with pytest.raises(ValueError, match="fewer than total_steps"):
         relinearised_prediction(model, opt, spec, x, y, [1.0, 0.9], T, start, lr_schedule=np.ones(5))
+    with_gap = relinearised_prediction(model, opt, spec, x, y, [1.2, np.nan, 1.0, 0.9], T, start)
+    np.testing.assert_allclose(with_gap.loss[:4], [1.2, 1.1, 1.0, 0.9])  # a missing loss is interpolated
     with pytest.raises(TypeError, match="own drift history"):
         ClosedLoop(spec, x, y, T, start, history=[])
 
