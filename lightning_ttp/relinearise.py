@@ -49,9 +49,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .api import ADAM_V_FLOOR, KernelEstimate, estimate_kernel
 from .dynamics import BatchSampler, OptimizerSpec, simulate_discrete, stability_report
 from .dynamics.training_time import epsilon_training_time
+from .estimate import ADAM_V_FLOOR, KernelEstimate, estimate_kernel
 from .refine import default_smoothing_window, refine_curve, smooth_losses
 
 __all__ = [
