@@ -255,20 +255,28 @@ def test_checkpoints_and_errors():
         ClosedLoop(spec, x, y, T, start, history=[])
 
 
-def test_model_and_optimizer_left_unchanged():
+@pytest.mark.parametrize("name", ["momentum", "adamw"])
+def test_model_and_optimizer_left_unchanged(name):
     x, y = data()
     model = random_features_model()
-    opt = optimizer("momentum", [p for p in model.parameters() if p.requires_grad])
+    opt = optimizer(name, [p for p in model.parameters() if p.requires_grad])
     spec = spec_of(opt)
     start = estimate_kernel(model, x, y, spec)
     observed = train(model, opt, x, y, 5)[:-1]
     model.train()
+    F.cross_entropy(model(x), y).backward()  # a pending gradient, as inside a training step
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     before_w = copy.deepcopy(model.state_dict())
     before_s = copy.deepcopy(opt.state_dict())
+    rng = torch.get_rng_state()
     relinearised_prediction(model, opt, spec, x, y, observed, T, start)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(p.grad, g) for p, g in zip([p for p in model.parameters() if p.requires_grad], grads,
+                                                        strict=True))
     assert model.training and all(m.training for m in model.modules())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before_w[k])
     after_s = opt.state_dict()
     for k, st in before_s["state"].items():
-        assert torch.equal(st["momentum_buffer"], after_s["state"][k]["momentum_buffer"])
+        for key, value in st.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(after_s["state"][k][key]))
