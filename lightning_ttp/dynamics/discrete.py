@@ -26,6 +26,12 @@ Adam(W) (kind ``"adam"``/``"adamw"``): the caller passes the *preconditioned* Gr
 bias-corrected EMA  B ← β1 B + (1 − β1) d,  upd = B / (1 − β1^{t+1}). This is an
 approximation (Adam's second moment evolves; the update is not linear in the gradient).
 
+Starting mid-run (the closed loop, :mod:`lightning_ttp.relinearise`): ``f0`` are the outputs
+at the current weights w_k, the Grams and ``jvp_w0`` are taken at w_k, ``initial_buffers``
+are the images B_g = J_g b_g of the optimiser's buffers at step k (SGD: the momentum
+buffer; Adam: the preconditioned first moment J_g P m) and ``start_step = k`` continues
+Adam's bias correction 1 − β1^{k+t+1}.
+
 The batch gradient is ∇_f L_B = w_t ⊙ G(f_t) with per-sample gradients G (see ``losses``)
 and batch weights w_t (1/N for gradient descent; see ``montecarlo`` for mini-batches).
 A leading "path" dimension P lets Monte Carlo simulate many batch sequences at once.
@@ -127,6 +133,8 @@ def simulate_discrete(
     weights: Callable[[int], torch.Tensor] | None = None,
     num_paths: int = 1,
     dtype: torch.dtype = torch.float64,
+    initial_buffers: Sequence[torch.Tensor | None] | None = None,
+    start_step: int = 0,
 ) -> SimulationResult:
     """Iterate the linearised model in function space for ``len(lr_schedule)`` steps.
 
@@ -142,6 +150,9 @@ def simulate_discrete(
         jvp_w0: per group J_g · w_{0,g} as (N, C); needed only with weight decay.
         weights: ``weights(t) -> (P, N)`` batch weights at step t; default 1/N (full batch).
         num_paths: P, the number of paths simulated together.
+        initial_buffers: per group the image J_g b_g (N, C) of the optimiser's buffer when
+            continuing a run (None: empty buffer, as at the first step).
+        start_step: optimiser steps already taken (Adam's bias correction continues from it).
     Returns:
         :class:`SimulationResult` with the loss L_0..L_T on all N samples.
     """
@@ -169,6 +180,11 @@ def simulate_discrete(
         u = [torch.zeros(num_paths, n, c, dtype=dtype) for _ in grams]
     f = f0.expand(num_paths, n, c).clone()
     bufs: list[torch.Tensor | None] = [None] * ngroups
+    if initial_buffers is not None:
+        if len(initial_buffers) != ngroups:
+            raise ValueError(f"got {len(initial_buffers)} initial buffers for {ngroups} parameter groups")
+        bufs = [None if b is None else torch.as_tensor(b).to(dtype).reshape(n, c).expand(num_paths, n, c).clone()
+                for b in initial_buffers]
     adam = spec.kind in ("adam", "adamw")
     losses = np.empty((num_paths, steps + 1))
     errs = None
@@ -199,7 +215,7 @@ def simulate_discrete(
             if adam:
                 b1 = gs.betas[0]
                 bufs[gi] = (1 - b1) * d if bufs[gi] is None else b1 * bufs[gi] + (1 - b1) * d
-                upd = bufs[gi] / (1 - b1 ** (t + 1))
+                upd = bufs[gi] / (1 - b1 ** (start_step + t + 1))
             elif gs.momentum:
                 if bufs[gi] is None:
                     bufs[gi] = d.clone()
