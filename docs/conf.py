@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import pkgutil
 import re
 from pathlib import Path
+
+from sphinx.pycode import ModuleAnalyzer
 
 import lightning_ttp
 from lightning_ttp.callbacks import _compat as callbacks_compat
@@ -97,7 +100,25 @@ def _packages_to_expand() -> list[str]:
     ]
 
 
-autosummary_context = {"top_level_targets": _top_level_targets(), "expand": _packages_to_expand()}
+def _undocumented_constants() -> dict[str, list[str]]:
+    """Per public module, the constants of its ``__all__`` without a ``#:`` doc comment: autodoc
+    lists module data only with one, so the template adds an ``autodata`` for each."""
+    found: dict[str, list[str]] = {}
+    for module in _public_modules():
+        documented = {name for (_, name) in ModuleAnalyzer.for_module(module.__name__).find_attr_docs()}
+        found[module.__name__] = [
+            name
+            for name in getattr(module, "__all__", ())
+            if name not in documented and not callable(value := getattr(module, name)) and not inspect.ismodule(value)
+        ]
+    return found
+
+
+autosummary_context = {
+    "top_level_targets": _top_level_targets(),
+    "expand": _packages_to_expand(),
+    "undocumented_constants": _undocumented_constants(),
+}
 
 # Docstrings write absolute values as plain-text maths, |x|, which reST reads as a substitution.
 _ABSOLUTE_VALUE = re.compile(r"(?<![\\|])\|(?=[^\s|])([^|\n]*?[^\s|\\])\|(?!\|)")
