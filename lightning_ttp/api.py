@@ -16,6 +16,7 @@ settings on it (:func:`~lightning_ttp.simulate.what_if`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ __all__ = [
     "KernelEstimate",
     "Method",
     "RunPlan",
+    "RunPrediction",
     "estimate_kernel",
     "lr_schedule_from_scheduler",
     "plan_run",
@@ -46,6 +48,19 @@ __all__ = [
 
 DEFAULT_NUM_SAMPLES = 256
 DEFAULT_BUDGET = 0.05  # the prediction's share of the run's predicted cost
+
+
+@dataclass
+class RunPrediction:
+    """What :func:`predict_run` computed: the prediction, and what a caller needs to simulate
+    more on the same kernel (:func:`what_if`) or to re-linearise later
+    (:class:`lightning_ttp.relinearise.ClosedLoop`)."""
+
+    prediction: Prediction
+    kernel: KernelEstimate
+    spec: OptimizerSpec
+    inputs: Any
+    targets: torch.Tensor
 
 
 def predict_run(
@@ -63,15 +78,14 @@ def predict_run(
     seed: int = 0,
     continuation: float = 2.0,
     budget: float | None = DEFAULT_BUDGET,
-) -> tuple[Prediction, KernelEstimate, OptimizerSpec]:
+) -> RunPrediction:
     """Estimate the kernel on ``subset`` (one collated batch) and simulate ``plan`` on it.
 
     The common core of :func:`predict_training_time` and the Lightning callback. With a
     ``budget`` (a share of the run's predicted cost, default 5 %) and no ``projection_dim``,
     the kernel subset and kind are chosen to fit it (:func:`lightning_ttp.budget.choose_kernel`;
     the choice is in ``prediction.diagnostics["budget"]``); ``budget=None`` uses the whole
-    subset. Returns the prediction, the kernel estimate and the optimiser spec (for
-    :func:`what_if`).
+    subset.
     """
     spec = OptimizerSpec.from_optimizer(optimizer)
     inputs, targets = split_batch(subset, output_fn=output_fn, target_fn=target_fn)
@@ -95,7 +109,7 @@ def predict_run(
         prediction.diagnostics.extra["budget"] = choice.to_dict()
         if choice.num_samples < available or choice.kernel == "trace":
             prediction.diagnostics.warnings.append(f"cost budget: {choice.reason}.")
-    return prediction, kernel, spec
+    return RunPrediction(prediction, kernel, spec, inputs, targets)
 
 
 def predict_training_time(
@@ -148,7 +162,7 @@ def predict_training_time(
         target_fn: ``target_fn(batch) -> targets`` for batches that are not ``(x, y, ...)``.
         batch_size: overrides the loader's batch size; accumulate: micro-batches per step.
         budget: keep the kernel's cost within this share of the run's predicted cost (default
-            5 %, never below ~2 s) by a smaller subset or the trace kernel; ``None``: no budget.
+            5 %, never below 10 s) by a smaller subset or the trace kernel; ``None``: no budget.
     Returns:
         :class:`~lightning_ttp.prediction.Prediction` (with its continuation to 2T).
     """
@@ -160,9 +174,8 @@ def predict_training_time(
     subset, taken = sample_subset(data, num_samples or DEFAULT_NUM_SAMPLES, seed)
     if plan.dataset_size is None:  # a stream without len(): assume it holds what was read
         plan.dataset_size = taken
-    prediction, _, _ = predict_run(model, subset, optimizer, plan, loss=loss, output_fn=output_fn,
-                                   target_fn=target_fn, projection_dim=projection_dim, method=method,
-                                   num_paths=num_paths, seed=seed, budget=budget)
-    return prediction
+    return predict_run(model, subset, optimizer, plan, loss=loss, output_fn=output_fn, target_fn=target_fn,
+                       projection_dim=projection_dim, method=method, num_paths=num_paths, seed=seed,
+                       budget=budget).prediction
 
 

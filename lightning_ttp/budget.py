@@ -8,7 +8,7 @@ model a 256-sample kernel can cost as much as a short fine-tune. Before computin
 2. time the kernel estimate itself on two small pilot subsets n₁ < n₂ and fit
    t(n) = a·n + b·n² (the per-sample Jacobian work and the Gram contraction);
 3. choose the largest subset N ≤ ``num_samples`` (halving, down to ``MIN_SAMPLES``) whose
-   predicted kernel time fits ``budget`` × run cost (or a floor of a couple of seconds); when
+   predicted kernel time fits ``budget`` × run cost (or a 10 s floor); when
    even that does not fit, the trace kernel (Θ ≈ K ⊗ I_C, C times cheaper to contract) at
    ``MIN_SAMPLES``.
 
@@ -33,10 +33,12 @@ from .data import take
 from .dynamics import Loss, OptimizerSpec, get_loss
 from .estimate import estimate_kernel, model_outputs
 
-__all__ = ["MIN_SAMPLES", "KernelChoice", "choose_kernel", "time_training_step"]
+__all__ = ["FLOOR_SECONDS", "MIN_SAMPLES", "KernelChoice", "choose_kernel", "time_training_step"]
 
 #: The smallest kernel subset the budget halves down to.
 MIN_SAMPLES = 32
+#: the budget never asks for less than this: a 10 s prediction is cheap whatever the run
+FLOOR_SECONDS = 10.0
 
 
 @dataclass
@@ -111,13 +113,13 @@ def choose_kernel(
     steps: int,
     batch_size: int,
     budget: float,
-    floor_seconds: float = 2.0,
+    floor_seconds: float = FLOOR_SECONDS,
     loss: str | Loss | Callable = "cross_entropy",
     output_fn: Callable | None = None,
     seed: int = 0,
 ) -> KernelChoice:
     """The largest kernel subset (then the trace kernel) whose cost fits ``budget`` × the run,
-    or ``floor_seconds`` when that is more (nobody waits for a 2 s prediction of a 10 s run).
+    or ``floor_seconds`` when that is more (a 10 s prediction is cheap whatever the run).
 
     ``inputs``/``targets`` hold the candidate subset (N_max samples, already a seeded random
     draw); the chosen N are its first N samples, so the caller should pass them shuffled.

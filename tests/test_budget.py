@@ -46,13 +46,14 @@ def test_predict_run_uses_the_choice_on_a_seeded_random_part_of_the_subset(monke
     plan = plan_run((x, y), opt, 20)
     chosen = KernelChoice(40, "full", 0.1, 0.05, 1.0, 0.01, "exact kernel on 40 samples (test)")
     monkeypatch.setattr(api, "choose_kernel", lambda *a, **k: chosen)
-    pred, kernel, _ = predict_run(model, (x, y), opt, plan, budget=0.05, num_paths=1)
+    run = predict_run(model, (x, y), opt, plan, budget=0.05, num_paths=1)
+    pred, kernel = run.prediction, run.kernel
     assert kernel.num_samples == 40 and pred.diagnostics["budget"]["num_samples"] == 40
     assert any("cost budget" in w for w in pred.diagnostics.warnings)
     order = torch.randperm(96, generator=torch.Generator().manual_seed(0))[:40].sort().values
     assert torch.equal(kernel.targets, y[order])  # a random part, not the first 40 samples
-    unbudgeted, full, _ = predict_run(model, (x, y), opt, plan, budget=None, num_paths=1)
-    assert full.num_samples == 96 and "budget" not in unbudgeted.diagnostics
+    full = predict_run(model, (x, y), opt, plan, budget=None, num_paths=1)
+    assert full.kernel.num_samples == 96 and "budget" not in full.prediction.diagnostics
 
 
 def test_training_step_timing_leaves_no_gradients_and_keeps_modes():

@@ -21,6 +21,7 @@ import lightning_ttp
 from lightning_ttp.callbacks import TrainingTimePredictor
 from lightning_ttp.callbacks import predictor as predictor_module
 from lightning_ttp.callbacks._trainer_state import unsupported_strategy
+from lightning_ttp.dynamics import epsilon_training_time
 
 NAMESPACES = ["pytorch_lightning", "lightning.pytorch"]
 
@@ -218,14 +219,15 @@ def test_prediction_leaves_training_bit_identical(ns, tmp_path):
         module = _module(ns, dropout=0.2, momentum=0.9)
         module.net[2].eval()  # a submodule in eval mode must stay so
         loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
-        cbs = [_quiet_predictor(num_samples=32)] if with_predictor else []
-        trainer = _trainer(ns, tmp_path, max_steps=8, callbacks=cbs)
+        # an unlimited re-linearisation budget: the closed loop runs inside the fit too
+        cbs = [_quiet_predictor(num_samples=32, relinearise_budget=1e3)] if with_predictor else []
+        trainer = _trainer(ns, tmp_path, max_steps=30, callbacks=cbs)
         trainer.fit(module, loader)
         return module, (torch.rand(1).item(), np.random.rand(), random.random()), cbs  # noqa: NPY002
 
     plain, rng_plain, _ = run(False)
     with_cb, rng_cb, cbs = run(True)
-    assert cbs[0].prediction is not None
+    assert cbs[0].prediction is not None and cbs[0].state.live_step == 12
     for a, b in zip(plain.parameters(), with_cb.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert rng_plain == rng_cb
@@ -635,3 +637,22 @@ def test_stability_diagnostics_describe_the_run_not_the_continuation(tmp_path):
     diagnostics = cb.prediction.diagnostics
     assert diagnostics["unstable_steps"] == 10 and diagnostics["simulated_steps"] == 20
     assert any("10 of 10 steps" in w for w in diagnostics["warnings"])
+
+
+def test_closed_loop_relinearises_within_its_budget_and_survives_a_checkpoint(tmp_path):
+    x, y = _data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)  # full batch: every step is the real GD step
+    free = _quiet_predictor(num_samples=64, relinearise_budget=1e3)
+    _trainer("pytorch_lightning", tmp_path, max_steps=100, callbacks=[free]).fit(_module("pytorch_lightning"), loader)
+    state = free.state
+    assert state.live_step == 40 and len(state.live_loss) == 101 and state.live_seconds > 0
+    # before the re-linearisation step the live curve is the observed (full-batch, unsmoothed) loss
+    np.testing.assert_allclose(state.live_loss[:40], free.observed_losses[:40], rtol=1e-12)
+    assert free.converge_step(0.1) == epsilon_training_time(free.current_curve(), 0.1)
+    restored = _quiet_predictor(num_samples=64)
+    restored.load_state_dict(free.state_dict())
+    assert restored.state.live_loss == state.live_loss and restored.converge_step(0.1) == free.converge_step(0.1)
+
+    none = _quiet_predictor(num_samples=64, relinearise_budget=0.0)
+    _trainer("pytorch_lightning", tmp_path, max_steps=100, callbacks=[none]).fit(_module("pytorch_lightning"), loader)
+    assert none.state.live_step is None and none.state.live_seconds == 0.0

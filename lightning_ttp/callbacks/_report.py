@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from lightning_utilities.core.rank_zero import rank_zero_info
 
-from ..dynamics import still_falling
+from ..dynamics import epsilon_training_time, still_falling
 from ._compat import is_instance
 from .eta import format_duration
 
@@ -115,8 +115,8 @@ def final_summary(predictor: Any) -> str:
     for eps in predictor.epsilons:
         predicted = pred.training_time(eps)
         row = f"  ε={eps:g}: predicted {_predicted_text(pred, eps)}"
-        if predictor.refinement is not None:
-            row += f", refined {steps_text(predictor.refinement.training_time(eps))}"
+        if predictor.state.live_loss is not None or predictor.refinement is not None:
+            row += f", closed loop {steps_text(epsilon_training_time(predictor.current_curve(), eps))}"
         if real_curve is None:
             row += ", real n/a (the run stopped before its planned steps)"
         elif still_falling(real_curve, eps):
@@ -127,6 +127,12 @@ def final_summary(predictor: Any) -> str:
             if real is not None and predicted is not None and pred.converged_within_run(eps):
                 row += f" (open-loop error {abs(predicted - real) / max(real, 1):.0%})"
         lines.append(row)
+    state = predictor.state
+    if state.live_step is not None:
+        lines.append(f"  closed loop: re-linearised last at step {state.live_step} ({state.live_seconds:.2f} s in all)")
+    elif predictor.refine:
+        lines.append(f"  closed loop: not re-linearised (each call would exceed {predictor.relinearise_budget:.0%} of "
+                     "this run's time); the curve was refitted to the observed losses")
     sps = predictor.seconds_per_step()
     if sps is not None and predictor.fit_seconds() is not None:
         lines.append(f"  measured {sps * 1000:.1f} ms/step; fit took {format_duration(predictor.fit_seconds())}")

@@ -25,6 +25,7 @@ from ..data import sample_subset
 from ..dynamics import get_loss
 from ..prediction import Prediction
 from ..refine import Refinement, default_smoothing_window, epsilon_training_time, refine_curve, smooth_losses
+from ..relinearise import ClosedLoop
 from ..simulate import Method, check_what_if, what_if
 from . import _report
 from ._compat import bases
@@ -51,6 +52,9 @@ class PredictorState:
         what_if: rows of the what-if study.
         cost_seconds: wall-clock of the fit-start prediction.
         observed_losses: the real training loss of every optimiser step so far.
+        live_loss: the latest re-linearised prediction of the whole curve (steps 0..T), made at
+            optimiser step ``live_step`` (:mod:`lightning_ttp.relinearise`).
+        live_seconds: wall-clock spent re-linearising so far.
     """
 
     prediction: Prediction | None = None
@@ -59,6 +63,9 @@ class PredictorState:
     what_if: list[dict[str, Any]] = field(default_factory=list)
     cost_seconds: float | None = None
     observed_losses: list[float] = field(default_factory=list)
+    live_loss: list[float] | None = None
+    live_step: int | None = None
+    live_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python containers only, so a checkpoint loads with ``weights_only=True``."""
@@ -69,6 +76,9 @@ class PredictorState:
             "what_if": self.what_if,
             "cost_seconds": self.cost_seconds,
             "observed_losses": [float(x) for x in self.observed_losses],
+            "live_loss": self.live_loss,
+            "live_step": self.live_step,
+            "live_seconds": self.live_seconds,
         })
 
     @classmethod
@@ -85,6 +95,9 @@ class PredictorState:
             what_if=list(data["what_if"]),
             cost_seconds=data["cost_seconds"],
             observed_losses=[float(x) for x in data["observed_losses"]],
+            live_loss=data["live_loss"],
+            live_step=data["live_step"],
+            live_seconds=float(data["live_seconds"]),
         )
 
 
@@ -154,12 +167,20 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         what_if: alternative settings to predict with the same kernel, e.g.
             ``{"lr": [0.01, 0.1], "batch_size": [16, 64], "momentum": [0.0, 0.9]}``
             (one key varied at a time); table printed at fit start, see :attr:`what_if_table`.
-        refine: refine the prediction from the observed losses (closed loop).
-        refine_every: after the fixed early refits (2, 5, 10, 25, 50 % of the run), refit every
-            this many optimiser steps (default: ~2 % of the run), within ``refine_budget``.
+        refine: refine the prediction while training (closed loop): re-linearise the model at
+            2, 5, 10, 20 and 40 % of the run (:class:`lightning_ttp.relinearise.ClosedLoop`:
+            the kernel re-estimated on the same subset at the current weights, the optimiser's
+            state carried into function space, the rest of the run re-simulated from the
+            current outputs) within ``relinearise_budget``, and refit the latest curve to the
+            observed losses (:func:`lightning_ttp.refine.refine_curve`) at 2, 5, 10, 25 and
+            50 % of the run and then every ``refine_every`` steps within ``refine_budget``.
+        refine_every: after the fixed early refits, refit every this many optimiser steps
+            (default: ~2 % of the run).
         refine_budget: maximal share of the wall clock spent on the periodic refits.
+        relinearise_budget: maximal share of the run's wall clock spent re-linearising (a call
+            is skipped when it would exceed it; the refits go on).
         budget: keep the fit-start prediction within this share of the run's predicted cost
-            (default 5 %, never below ~2 s) by a smaller kernel subset or the trace kernel
+            (default 5 %, never below 10 s) by a smaller kernel subset or the trace kernel
             (:mod:`lightning_ttp.budget`); ``None``: always the full ``num_samples`` exact kernel.
         warmup_steps: optimiser steps ignored when measuring seconds per step.
         log_curve: write the predicted curve to the loggers at fit start.
@@ -186,6 +207,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         refine: bool = True,
         refine_every: int | None = None,
         refine_budget: float = 0.0025,
+        relinearise_budget: float = 0.02,
         budget: float | None = DEFAULT_BUDGET,
         warmup_steps: int = 3,
         log_curve: bool = True,
@@ -212,8 +234,12 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         for name, fn in (("output_fn", output_fn), ("target_fn", target_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}.")
-        if not isinstance(refine_budget, (int, float)) or not 0.0 < refine_budget <= 1.0:
-            raise ValueError(f"refine_budget must be in (0, 1], got {refine_budget!r}.")
+        shares = (("refine_budget", refine_budget, 1.0), ("relinearise_budget", relinearise_budget, 1e6))
+        for name, share, top in shares:
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= top:
+                raise ValueError(f"{name} must be a share of the run's wall clock in [0, {top:g}], got {share!r}.")
+        if refine_budget == 0:
+            raise ValueError("refine_budget must be > 0 (pass refine=False to turn the closed loop off).")
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
                                    or not 0 < budget <= 10):
             raise ValueError(f"budget must be None or a share of the run's cost in (0, 10], e.g. 0.05; got {budget!r}.")
@@ -230,6 +256,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         self.refine = refine
         self.refine_every = refine_every
         self.refine_budget = float(refine_budget)
+        self.relinearise_budget = float(relinearise_budget)
         self.warmup_steps = warmup_steps
         self.log_curve = log_curve
         self.max_curve_points = max_curve_points
@@ -258,6 +285,8 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         self._status_cache: tuple[Any, int, float, str | None] = (None, -1, 0.0, None)
         self._converge_cache: dict[float, int | None] = {}
         self._fit_start_time: float | None = None
+        self._loop: ClosedLoop | None = None  # rank zero, this fit only: holds the fit-start kernel
+        self._loop_cost: float | None = None  # predicted seconds of the next re-linearisation
 
     # ------------------------------------------------------------------ public API
     @property
@@ -309,13 +338,23 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
     def converge_step(self, eps: float | None = None) -> int | None:
         """Predicted ε-training-time (refined when available) in optimiser steps."""
         eps = self.epsilons[0] if eps is None else eps
-        source = self.state.refinement if self.state.refinement is not None else self.state.prediction
-        if source is None:
+        if self.state.prediction is None:
             return None
         if eps not in self._converge_cache:  # O(T): once per prediction/refinement, not per step
-            value = source.training_time(eps)
+            value = epsilon_training_time(self.current_curve(), eps)
             self._converge_cache[eps] = None if value is None else int(value) * self.step_unit
         return self._converge_cache[eps]
+
+    def current_curve(self) -> np.ndarray:
+        """The best current estimate of the run's loss curve (steps 0..T): the refit of the
+        latest re-linearised curve (or of the open-loop prediction) to the observed losses."""
+        if self.state.refinement is not None:
+            return self.state.refinement.loss
+        if self.state.live_loss is not None:
+            return np.asarray(self.state.live_loss)
+        if self.state.prediction is None:
+            raise RuntimeError("no prediction yet")
+        return self.state.prediction.loss
 
     def seconds_per_step(self) -> float | None:
         """Median seconds per optimiser step after the warm-up steps (None before)."""
@@ -348,7 +387,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         """
         if self.state.prediction is None:
             return None
-        key = (id(self.state.refinement), self.seconds_per_step())
+        key = (id(self.state.refinement), self.state.live_step, self.seconds_per_step())
         now = time.perf_counter()
         cached_key, cached_step, cached_time, cached_text = self._status_cache
         if cached_key == key and (cached_step == global_step or now - cached_time < 0.25):
@@ -475,15 +514,25 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             subset, n = sample_subset(loader, self.num_samples, self.seed)
             # the dtype and device Lightning gives training batches (e.g. precision="64-true", "bf16-true")
             subset = trainer.precision_plugin.convert_input(move_data_to_device(subset, pl_module.device))
-            prediction, kernel, spec = predict_run(
+            run = predict_run(
                 pl_module, subset, trainer.optimizers[0], plan, loss=self.loss, output_fn=self.output_fn,
                 target_fn=self.target_fn, projection_dim=self.projection_dim, method=self.method,
                 num_paths=self.num_paths, seed=self.seed, budget=self.budget)
-            rows = what_if(kernel, spec, plan, self._what_if, self.epsilons, method=self.method,
+            rows = what_if(run.kernel, run.spec, plan, self._what_if, self.epsilons, method=self.method,
                            num_paths=self.num_paths, seed=self.seed) if self._what_if else []
+        if self.refine:
+            full_batch = plan.dataset_size is not None and plan.effective_batch_size >= plan.dataset_size
+            self._loop = ClosedLoop(
+                run.spec, run.inputs, run.targets, plan.steps, run.kernel, lr_schedule=plan.lr_schedule,
+                loss=self.loss, batch_size=plan.effective_batch_size, dataset_size=plan.dataset_size,
+                smoothing_window=default_smoothing_window(plan.steps_per_epoch, full_batch),
+                output_fn=self.output_fn, projection_dim=self.projection_dim, num_paths=min(self.num_paths, 4),
+                seed=self.seed)
+            diag = run.prediction.diagnostics
+            self._loop_cost = float(diag.kernel_seconds or 0.0) + float(diag.simulation_seconds or 0.0)
         plan_info = plan.describe()
         plan_info["num_samples"] = n
-        state = PredictorState(prediction, None, plan_info, rows, time.perf_counter() - start)
+        state = PredictorState(run.prediction, None, plan_info, rows, time.perf_counter() - start)
         return state.to_dict()
 
     def _schedule_refits(self) -> None:
@@ -523,10 +572,13 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             observed = self.observed_losses
             if len(observed) < 2:
                 return
-            # the continuation past T lets a faster-than-predicted run follow the curve beyond T
             self._converge_cache.clear()
-            self.state.refinement = refine_curve(pred.extended_loss(), observed, band=pred.extended_band(),
-                                                 horizon=pred.num_steps, start=self.state.refinement)
+            if self.state.live_loss is not None:  # refit the re-linearised curve to what came after it
+                self.state.refinement = refine_curve(np.asarray(self.state.live_loss), observed,
+                                                     start=self.state.refinement)
+            else:  # the continuation past T lets a faster-than-predicted run follow the curve beyond T
+                self.state.refinement = refine_curve(pred.extended_loss(), observed, band=pred.extended_band(),
+                                                     horizon=pred.num_steps, start=self.state.refinement)
         except Exception as exc:  # noqa: BLE001
             self._fail("closed-loop refinement", exc)
 
@@ -558,6 +610,8 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             self._micro = []
         self._timer.step(now)
         if self.refine:
+            if self._loop is not None:
+                self._maybe_relinearise(trainer, pl_module, step)
             self._maybe_refine(step, now)
         if trainer.is_global_zero and step % max(1, trainer.log_every_n_steps) == 0:
             try:
@@ -578,6 +632,37 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         self._last_refined_at = step
         self._refine_now()
         self._next_refine_time = now + (time.perf_counter() - now) / self.refine_budget
+
+    def _maybe_relinearise(self, trainer: Any, pl_module: Any, step: int) -> None:
+        """Re-linearise at the loop's steps (2, 5, 10, 20, 40 % of the run) when the call fits
+        the budget: the loop's total cost stays within ``relinearise_budget`` of the run."""
+        loop, k = self._loop, step // self.step_unit
+        assert loop is not None
+        if k not in loop.steps:
+            return
+        observed = self.observed_losses
+        sps = self.seconds_per_step()
+        if len(observed) != k or sps is None or self._loop_cost is None:
+            return  # a resumed or partly observed run, or no timing yet: the refits go on alone
+        allowed = self.relinearise_budget * (self.planned_steps or 0) * sps
+        if self.state.live_seconds + self._loop_cost > allowed:
+            return
+        try:
+            with preserve_state(pl_module):
+                live = loop.update(pl_module, trainer.optimizers[0], observed)
+        except Exception as exc:  # noqa: BLE001 - failure policy: warn and continue
+            self._loop = None
+            self._fail("re-linearising the model", exc)
+            return
+        self.state.live_seconds += live.seconds
+        self._loop_cost = live.seconds
+        self.state.live_loss, self.state.live_step = live.loss.tolist(), k
+        self.state.refinement = None  # the next refit starts from the new curve
+        self._converge_cache.clear()
+        if trainer.is_global_zero and trainer.loggers:
+            metrics = {"ttp/kernel_scale": float(live.drift.scale), "ttp/kernel_alignment": float(live.drift.alignment)}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
 
     def _log_progress(self, trainer: Any, step: int) -> None:
         if not trainer.loggers:
