@@ -96,11 +96,6 @@ def test_ddp_spawn_on_two_cpu_processes(ddp_run):
     assert "give-up: epoch 2:" in log  # EarlyGiveUp decided (across both ranks) at the checkpoint
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="callbacks/_report.py save_plot reads trainer.log_dir (a broadcast) on rank zero only: "
-    "under ddp_spawn the end-of-fit report fails and no plot is saved",
-)
 def test_ddp_spawn_saves_the_prediction_plot(ddp_run):
     proc, out = ddp_run
     assert "end-of-fit report failed" not in proc.stdout + proc.stderr

@@ -685,11 +685,13 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         try:
             if self.refine:
                 self._refine_now()
+            # trainer.log_dir broadcasts under DDP: every rank must read it, not only rank zero
+            directory = (trainer.log_dir or trainer.default_root_dir) if self.plot else None
             if trainer.is_global_zero:
                 if self.verbose:
                     rank_zero_info(self.final_summary())
-                if self.plot:
-                    self.plot_path = _report.save_plot(self, trainer)
+                if directory is not None:
+                    self.plot_path = _report.save_plot(self, trainer, directory)
         except Exception as exc:  # noqa: BLE001
             self._fail("the end-of-fit report", exc)
 
