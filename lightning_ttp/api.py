@@ -104,7 +104,7 @@ class KernelEstimate:
     Attributes:
         outputs: f0 on the kernel samples, (N0, C), float64.
         targets: their targets (as the loss expects them).
-        grams: one Gram per optimiser param group, float64; "full" (N0·C)² sample-major or
+        grams: one Gram per optimiser param group, in the kernel's precision; "full" (N0·C)² sample-major or
             "trace" (N0, N0) normalised so that Θ ≈ K ⊗ I_C (the engine's Σ_c divided by C).
         kernel: "full" or "trace".
         jvp_w0: per group J_g · w_{0,g} (N0, C) when the optimiser has weight decay, else None.
@@ -340,9 +340,10 @@ def estimate_kernel(
     if y.shape[0] != n:
         raise ValueError(f"got {y.shape[0]} targets for {n} inputs")
     size = n * c if kernel == "full" else n
-    raw = [torch.zeros(size, size, dtype=torch.float64) for _ in tensor_groups]
+    # the Grams keep the kernel's precision: the simulators multiply in it and accumulate in float64
+    raw = [torch.zeros(size, size, dtype=ntk.gram.dtype) for _ in tensor_groups]
     for i, g in zip(nonempty, ntk.grams, strict=True):
-        raw[i] = g.detach().to(torch.float64).cpu()
+        raw[i] = g.detach().cpu()
     if kernel == "trace":
         raw = [g / c for g in raw]
     info: dict[str, Any] = {"kernel_seconds": ntk.seconds, "num_parameters": [int(sum(p.numel() for p in g))
