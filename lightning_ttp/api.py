@@ -239,7 +239,7 @@ def _adam_second_moments(model, inputs, targets, loss: Loss, params, output_fn, 
     return sq
 
 
-def _blocks(groups: list[list[torch.nn.Parameter]], max_blocks: int = 16) -> list[tuple[int, list]]:
+def _blocks(groups: list[list[torch.nn.Parameter]], max_blocks: int = 1) -> list[tuple[int, list]]:
     """Split the param groups into ≤ max_blocks blocks of consecutive tensors (≥ 1 per group)."""
     total = sum(len(g) for g in groups)
     out = []
@@ -284,10 +284,12 @@ def estimate_kernel(
     with the optimiser's param groups. With weight decay it also computes
     J_g·w_{0,g} (one ``torch.func.jvp`` per group), which makes the weight-decay term of the
     discrete dynamics exact. For Adam/AdamW the Grams are computed per block of parameter
-    tensors (≤ 16 blocks) and the second moments of mini-batch gradients of size
-    ``batch_size`` at w0 calibrate the per-block adaptive scales (an approximation, see
-    :mod:`lightning_ttp.dynamics.adam` and ``docs/prediction.md``); ``grams`` then hold the
-    preconditioned kernel at w0, used by the ODE/SDE and the stability diagnostic.
+    tensors (one block per param group by default: more blocks cost as many Gram products per
+    simulated step and did not change the error, benchmarks/prediction_cost.py) and the second
+    moments of mini-batch gradients of size ``batch_size`` at w0 calibrate the per-block
+    adaptive scales (an approximation, see :mod:`lightning_ttp.dynamics.adam` and
+    ``docs/prediction.md``); ``grams`` then hold the preconditioned kernel at w0, used by the
+    ODE/SDE and the stability diagnostic.
 
     Args:
         inputs, targets: the N0 kernel samples (inputs: tensor or tuple/dict of tensors).
