@@ -476,16 +476,17 @@ def _chunk_terms(
     if capture.failed or any(a.calls != 1 for a in adapters):
         raise stale("a layer behaved differently on this chunk than on the probe; pass a fixed batch.")
     c = out.shape[1]
-    deltas: list[list[torch.Tensor]] = [[] for _ in adapters]
+    grads: list[list[torch.Tensor]] = [[] for _ in adapters]
     if adapters:
         outs = [a.output for a in adapters]
         for k in range(c):
-            grads = torch.autograd.grad(out[:, k].sum(), outs, retain_graph=k < c - 1, allow_unused=True)
-            for i, (adapter, grad) in enumerate(zip(adapters, grads)):
-                deltas[i].append(adapter.delta_view(torch.zeros_like(outs[i]) if grad is None else grad))
+            per_layer = torch.autograd.grad(out[:, k].sum(), outs, retain_graph=k < c - 1, allow_unused=True)
+            for i, grad in enumerate(per_layer):
+                grads[i].append(torch.zeros_like(outs[i]) if grad is None else grad)
     terms: dict[tuple[int, int], Term] = {}
     for i, adapter in enumerate(adapters):
-        stacked = torch.stack(deltas[i], dim=1)  # (n, C, P, d)
+        stacked = adapter.stacked_deltas(grads[i])  # (n, C, P, d)
+        grads[i] = []
         by_group: dict[int, list[str]] = defaultdict(list)
         for role, p in adapter.parameters().items():
             if id(p) in group_of:
