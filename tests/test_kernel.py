@@ -423,3 +423,20 @@ def test_probe_verdict_is_cached_per_model_and_rechecked_when_the_forward_change
     changed = empirical_ntk(model, x)
     assert relative_error(changed.gram, reference_ntk(model, x)) < TOL
     assert changed.methods["a.weight"].startswith("fallback")
+
+
+def test_cost_estimate_counts_the_contraction_the_engine_chooses():
+    from lightning_ttp.kernel import estimate_ntk_cost
+
+    model, x = _case("cnn")
+    ntk = empirical_ntk(model, x)
+    cost = estimate_ntk_cost(model, x, num_samples=40, probe_samples=3)
+    assert cost.num_samples == 40 and cost.num_outputs == 4 and cost.fallback_parameters == 0
+    for names, (method, flops) in cost.layers.items():
+        assert flops > 0
+        assert {ntk.methods[name] for name in names.split("+")} == {method}, names
+    # the head (Linear 9 -> 4 with bias, one position): ghost, N²·(d_in + C²·d_out) multiply-adds by hand
+    assert cost.layers["head.weight+head.bias"] == ("ghost", 40 * 40 * (10 + 16 * 4))
+    assert cost.seconds >= cost.passes_seconds > 0 and cost.bytes > 0
+    projected = estimate_ntk_cost(model, x, projection_dim=8, projection="kronecker")
+    assert projected.contraction_flops < estimate_ntk_cost(model, x).contraction_flops
