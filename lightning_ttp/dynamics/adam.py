@@ -2,14 +2,14 @@
 
 Adam's update  w ← w − η m̂_t / (√v̂_t + ε)  is per coordinate and not linear in the
 gradients, so it has no exact function-space form. We split it into a fixed per-coordinate
-part and a slowly varying per-block part (a block = one parameter tensor, or several
-consecutive tensors of one param group when there are many):
+part and a slowly varying per-block part (a block = consecutive parameter tensors of one param
+group; the caller chooses them, ``estimate_kernel`` uses one block per param group):
 
 1. **Preconditioned kernel at w0.** The caller estimates v_d ≈ E_B[g_{B,d}²] from
    mini-batch gradients at w0 and computes, per block k,
    K_k = J_k diag(1/(√v_d + ε)) J_kᵀ (the NTK of the reparametrised model
    w = w0 + diag((√v + ε)^{-1/2}) z, so the kernel engine computes it). For full-batch GD the
-   first step is then exact: K r = J (g/|g|) = J sign(g).
+   first step is then exact: K r = J g/(|g| + ε).
 2. **Drift of the second moment.** As training proceeds the gradients shrink and Adam's
    steps grow relative to the gradient. We track, per block and path, the bias-corrected
    EMA_β2 of q_k = rᵀ K_k r (= Σ_d g_d²/(√v_d+ε), exact in function space) and assume
@@ -19,9 +19,13 @@ consecutive tensors of one param group when there are many):
 
     f ← f − Σ_k η_{g(k)} (a_k + ε)/(a_k ρ_k + ε) · EMA_β1(K_k r)/(1 − β1^t)   [− η λ (J w0 + u), AdamW]
 
-What is lost: the per-coordinate evolution of v inside a block (only its block-average
-drift is followed), the mini-batch-to-batch fluctuation of v, and AMSGrad. The benchmark
-measures the resulting error (docs/prediction.md).
+The drift is tracked from each Monte-Carlo path's own simulated batch gradients. What is
+lost: the per-coordinate evolution of v inside a block (only its block-average drift is
+followed), Adam's per-coordinate sign-like saturation, and AMSGrad. ``benchmarks/
+prediction_cost.py`` measures the resulting error against real AdamW runs (docs/prediction.md).
+
+Cost: one product (P, N·C) × (N·C, K·N·C) per step for all K blocks and P paths; with one
+block, what an SGD simulation costs.
 """
 
 from __future__ import annotations

@@ -131,14 +131,14 @@ def empirical_ntk(
     try:
         return _empirical_ntk(
             model, inputs, output_fn=output_fn, kernel=kernel, projection_dim=projection_dim, projection=projection,
-        parameter_groups=parameter_groups, chunk_size=chunk_size, seed=seed, memory_budget=memory_budget,
+            parameter_groups=parameter_groups, chunk_size=chunk_size, seed=seed, memory_budget=memory_budget,
             use_cached_probe=True,
         )
     except _StaleProbe:
         forget_probes(model)
         return _empirical_ntk(
             model, inputs, output_fn=output_fn, kernel=kernel, projection_dim=projection_dim, projection=projection,
-        parameter_groups=parameter_groups, chunk_size=chunk_size, seed=seed, memory_budget=memory_budget,
+            parameter_groups=parameter_groups, chunk_size=chunk_size, seed=seed, memory_budget=memory_budget,
             use_cached_probe=False,
         )
 
