@@ -8,9 +8,11 @@ What is measured
   batch 32 reshuffled every epoch, cross-entropy, T = 400 optimiser steps (``--quick``: 200).
 * Optimisers: SGD with momentum 0.9 (lr 0.002, inside the linearised stability limit, about
   0.009 here) and AdamW (lr 1e-3, weight decay 0.01).
-* Prediction, as ``predict_training_time`` runs it: ``estimate_kernel`` on the N samples
+* Prediction, the two stages of ``predict_training_time`` (without its cost-budget pilots):
+  ``lightning_ttp.estimate.estimate_kernel`` on the N samples
   (the kernel's cost; for AdamW it includes the second moments and the preconditioned
-  block Grams) + ``simulate`` (Monte Carlo, 8 paths, plus the stability report). Each is
+  block Grams) + ``lightning_ttp.simulate.simulate`` (Monte Carlo, 8 paths, plus the
+  stability report). Each is
   timed ``--repeats`` times in this process; the medians are reported.
 * Training loop: the real fine-tuning's optimiser steps (forward, backward, step), timed
   alone; the loss on all N samples after every step is recorded outside the timed part.
@@ -46,8 +48,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lightning_ttp.api as api  # noqa: E402
+import lightning_ttp.estimate as estimate  # noqa: E402
 from lightning_ttp.dynamics import OptimizerSpec, epsilon_training_time  # noqa: E402
+from lightning_ttp.simulate import simulate  # noqa: E402
 
 N, BATCH, C = 256, 32, 5
 EPS = (0.1, 0.4)
@@ -112,19 +115,19 @@ def train(model, x, y, opt_name: str, steps: int, seed: int) -> tuple[np.ndarray
 
 
 def predict(model, x, y, opt_name: str, steps: int, max_blocks: int | None = None):
-    """(kernel seconds, simulation seconds, prediction) of one prediction, as predict_training_time runs it."""
+    """(kernel seconds, simulation seconds, prediction, kernel estimate) of one prediction."""
     spec = OptimizerSpec.from_optimizer(make_optimizer(opt_name, model.parameters()))
-    blocks = api._blocks
+    blocks = estimate._blocks
     if max_blocks is not None:
-        api._blocks = lambda groups: blocks(groups, max_blocks=max_blocks)
+        estimate._blocks = lambda groups: blocks(groups, max_blocks=max_blocks)
     try:
         tick = time.perf_counter()
-        ke = api.estimate_kernel(model, x, y, spec, batch_size=BATCH)
+        ke = estimate.estimate_kernel(model, x, y, spec, batch_size=BATCH)
         kernel_s = time.perf_counter() - tick
     finally:
-        api._blocks = blocks
+        estimate._blocks = blocks
     tick = time.perf_counter()
-    pred = api.simulate(ke, spec, steps, BATCH, dataset_size=N, num_paths=8)
+    pred = simulate(ke, spec, steps, BATCH, dataset_size=N, num_paths=8)
     return kernel_s, time.perf_counter() - tick, pred, ke
 
 

@@ -149,8 +149,8 @@ def run_phase(pl, name: str, module, train, val, args, *, steps: int, what_if=No
     snapshots = {}
     for frac in (0.1, 0.25, 0.5):
         k = int(frac * steps)
-        snapshots[frac] = refine_curve(predictor._extended.get("loss") or pred.loss, observed[:k],
-                                       band=predictor._extended.get("band") or pred.loss_band, horizon=steps)
+        snapshots[frac] = refine_curve(pred.extended_loss(), observed[:k], band=pred.extended_band(),
+                                       horizon=steps)
     rows = []
     fmt = lambda v: "n/a" if v is None else str(v)  # noqa: E731
     print(f"\n[demo] {name}: optimiser steps to converge (ε-training-time) and time")

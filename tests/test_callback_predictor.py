@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import lightning_ttp
-from lightning_ttp.callbacks import TrainingTimePredictor, _engine
+from lightning_ttp.callbacks import TrainingTimePredictor
+from lightning_ttp.callbacks import predictor as predictor_module
 from lightning_ttp.callbacks._trainer_state import unsupported_strategy
 
 NAMESPACES = ["pytorch_lightning", "lightning.pytorch"]
@@ -125,14 +126,17 @@ def test_isinstance_of_both_namespaces_and_unique_state_key():
 
 
 def test_fsdp_and_deepspeed_are_refused_with_a_reason():
-    class FSDPStrategy:
-        pass
+    strategies = _ns("pytorch_lightning").strategies
 
-    class DeepSpeedStrategy:
-        pass
+    # instances of Lightning's own classes, without their (device-probing) constructors
+    def FSDPStrategy():  # noqa: N802
+        return object.__new__(strategies.FSDPStrategy)
 
-    class DDPStrategy:
-        pass
+    def DeepSpeedStrategy():  # noqa: N802
+        return object.__new__(strategies.DeepSpeedStrategy)
+
+    def DDPStrategy():  # noqa: N802
+        return object.__new__(strategies.DDPStrategy)
 
     class FakeTrainer:
         def __init__(self, strategy):
@@ -240,8 +244,8 @@ def test_resume_restores_without_recompute(tmp_path, monkeypatch):
     first = cb.prediction.to_dict()
 
     calls = []
-    real_predict = _engine.predict
-    monkeypatch.setattr(_engine, "predict", lambda *a, **k: calls.append(1) or real_predict(*a, **k))
+    real_predict = predictor_module.predict_run
+    monkeypatch.setattr(predictor_module, "predict_run", lambda *a, **k: calls.append(1) or real_predict(*a, **k))
     resumed = _quiet_predictor(num_samples=32)
     trainer = _trainer(ns, tmp_path, max_steps=16, callbacks=[resumed], enable_checkpointing=True)
     trainer.fit(_module(ns), loader, ckpt_path=os.path.join(str(tmp_path), "last.ckpt"))
@@ -396,19 +400,27 @@ def test_failing_logger_warns_once_and_training_completes(ns, tmp_path):
     assert sum("lightning_ttp" in str(w.message) for w in record) == 1
 
 
-def test_failing_state_dict_warns_or_raises_when_strict():
+def test_state_dict_never_hides_an_error():
+    """A checkpoint that silently lost the prediction would be recomputed from trained weights on
+    resume: saving raises instead (Lightning then fails the save loudly)."""
+
     class Broken:
         def to_dict(self):
             raise RuntimeError("deliberately broken to_dict")
 
     cb = _quiet_predictor()
-    cb._prediction = Broken()
-    with pytest.warns(UserWarning, match="deliberately broken to_dict"):
-        assert cb.state_dict() == {}
-    strict = _quiet_predictor(strict=True)
-    strict._prediction = Broken()
+    cb.state.prediction = Broken()
     with pytest.raises(RuntimeError, match="deliberately broken to_dict"):
-        strict.state_dict()
+        cb.state_dict()
+
+
+def test_load_state_dict_reads_its_keys_strictly():
+    cb = _quiet_predictor()
+    state = cb.state_dict()
+    cb.load_state_dict(state)
+    del state["plan"]
+    with pytest.raises(KeyError, match="missing \\['plan'\\]"):
+        _quiet_predictor().load_state_dict(state)
 
 
 def test_strict_raises(tmp_path):
@@ -468,18 +480,18 @@ class _RecordingPredictor(TrainingTimePredictor):
 
     def on_fit_start(self, trainer, pl_module):
         # count the engine's predictions per rank: only rank zero may compute (the others receive it)
-        real_predict = _engine.predict
+        real_predict = predictor_module.predict_run
 
         def counting_predict(*args, **kwargs):
             with open(os.path.join(self.out_dir, f"predict_calls_rank{trainer.global_rank}.txt"), "a") as fh:
                 fh.write("1\n")
             return real_predict(*args, **kwargs)
 
-        _engine.predict = counting_predict
+        predictor_module.predict_run = counting_predict
         try:
             super().on_fit_start(trainer, pl_module)
         finally:
-            _engine.predict = real_predict
+            predictor_module.predict_run = real_predict
 
     def on_train_end(self, trainer, pl_module):
         path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.json")

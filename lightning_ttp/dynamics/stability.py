@@ -130,7 +130,7 @@ def stability_report(f0, targets, grams, loss: Loss, spec: OptimizerSpec, lr_sch
     if unstable.size:
         msg = (f"linearisation unreliable above lr ≈ {max_lr:.3g} (first param group): "
                f"{unstable.size} of {lrs.shape[0]} steps exceed the stability limit of the linearised "
-               f"dynamics (peak ρ = {rho[peak]:.2f} at step {peak}); the predicted curve diverges there")
+               f"dynamics at the initial outputs (peak ρ = {rho[peak]:.2f} at step {peak})")
     return {
         "lambda_max": lam_plain,
         "loss_curvature": cache["curvature"],

@@ -7,6 +7,7 @@ Training Time Without Training", NeurIPS 2020), over the trainable parameters w.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import weakref
 from collections import defaultdict
@@ -394,8 +395,12 @@ def _probe_key(model: nn.Module, forward: ForwardFn, inputs: Any, group_of: dict
 
 
 def _callable_key(fn: Callable | None) -> Any:
-    """A function by its code and the objects its closure holds (a wrapper that a caller creates
-    afresh around the same user function gets the same key); other callables by identity."""
+    """A function by its code and the objects its closure holds, a ``functools.partial`` by its
+    function and arguments (a wrapper that a caller creates afresh around the same user function
+    gets the same key); other callables by identity."""
+    if isinstance(fn, functools.partial):
+        held_kw = tuple((k, _callable_key(v) if callable(v) else id(v)) for k, v in sorted(fn.keywords.items()))
+        return _callable_key(fn.func), tuple(_callable_key(a) if callable(a) else id(a) for a in fn.args), held_kw
     code = getattr(fn, "__code__", None)
     if code is None:
         return fn
