@@ -162,7 +162,7 @@ def predict_training_time(
         target_fn: ``target_fn(batch) -> targets`` for batches that are not ``(x, y, ...)``.
         batch_size: overrides the loader's batch size; accumulate: micro-batches per step.
         budget: keep the kernel's cost within this share of the run's predicted cost (default
-            5 %, never below 10 s) by a smaller subset or the trace kernel; ``None``: no budget.
+            5 %, never below 3 s) by a smaller subset or the trace kernel; ``None``: no budget.
     Returns:
         :class:`~lightning_ttp.prediction.Prediction` (with its continuation to 2T).
     """

@@ -8,7 +8,7 @@ model a 256-sample kernel can cost as much as a short fine-tune. Before computin
 2. time the kernel estimate itself on two small pilot subsets n₁ < n₂ and fit
    t(n) = a·n + b·n² (the per-sample Jacobian work and the Gram contraction);
 3. choose the largest subset N ≤ ``num_samples`` (halving, down to ``MIN_SAMPLES``) whose
-   predicted kernel time fits ``budget`` × run cost (or a 10 s floor); when
+   predicted kernel time fits ``budget`` × run cost (or a 3 s floor); when
    even that does not fit, the trace kernel (Θ ≈ K ⊗ I_C, C times cheaper to contract) at
    ``MIN_SAMPLES``.
 
@@ -36,9 +36,10 @@ from .estimate import estimate_kernel, model_outputs
 __all__ = ["FLOOR_SECONDS", "MIN_SAMPLES", "KernelChoice", "choose_kernel", "time_training_step"]
 
 #: The smallest kernel subset the budget halves down to.
-MIN_SAMPLES = 32
-#: the budget never asks for less than this: a 10 s prediction is cheap whatever the run
-FLOOR_SECONDS = 10.0
+#: the smallest kernel subset the budget chooses (smaller subsets bias the simulation)
+MIN_SAMPLES = 64
+#: the budget never asks for less than this: a 3 s prediction is cheap whatever the run
+FLOOR_SECONDS = 3.0
 
 
 @dataclass
@@ -119,7 +120,7 @@ def choose_kernel(
     seed: int = 0,
 ) -> KernelChoice:
     """The largest kernel subset (then the trace kernel) whose cost fits ``budget`` × the run,
-    or ``floor_seconds`` when that is more (a 10 s prediction is cheap whatever the run).
+    or ``floor_seconds`` when that is more (a 3 s prediction is cheap whatever the run).
 
     ``inputs``/``targets`` hold the candidate subset (N_max samples, already a seeded random
     draw); the chosen N are its first N samples, so the caller should pass them shuffled.

@@ -180,7 +180,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         relinearise_budget: maximal share of the run's wall clock spent re-linearising (a call
             is skipped when it would exceed it; the refits go on).
         budget: keep the fit-start prediction within this share of the run's predicted cost
-            (default 5 %, never below 10 s) by a smaller kernel subset or the trace kernel
+            (default 5 %, never below 3 s) by a smaller kernel subset or the trace kernel
             (:mod:`lightning_ttp.budget`); ``None``: always the full ``num_samples`` exact kernel.
         warmup_steps: optimiser steps ignored when measuring seconds per step.
         log_curve: write the predicted curve to the loggers at fit start.
