@@ -89,11 +89,14 @@ def loader_batch_size(loader: DataLoader) -> int | None:
     return int(size) if size is not None else None
 
 
-def sample_subset(loader: DataLoader, num_samples: int, seed: int) -> tuple[Any, int]:
+def sample_subset(loader: DataLoader | tuple[Any, Any], num_samples: int, seed: int) -> tuple[Any, int]:
     """A fixed, seeded subset of the training data as one collated batch: ``(batch, n)``.
 
+    An ``(inputs, targets)`` pair is indexed like a map-style dataset of its samples (so a
+    pair and a ``DataLoader(TensorDataset(inputs, targets))`` give the same subset).
+
     Map-style datasets: ``min(num_samples, len(dataset))`` indices drawn without replacement by
-    a private ``torch.Generator(seed)`` and collated with the loader's own ``collate_fn``; the
+    a private ``torch.Generator(seed)``, kept in dataset order, and collated with the loader's own ``collate_fn``; the
     loader is not iterated, so its sampler, workers and the global RNG are untouched. A
     dataset of pre-batched items (``batch_size=None``) is read item by item until
     ``num_samples`` samples are gathered. ``IterableDataset``: the first ``num_samples``
@@ -102,18 +105,36 @@ def sample_subset(loader: DataLoader, num_samples: int, seed: int) -> tuple[Any,
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if isinstance(loader, (list, tuple)) and len(loader) == 2 and not isinstance(loader, DataLoader):
+        size = num_samples_in(loader[0])
+        if size == 0:
+            raise ValueError("the data is empty (0 samples)")
+        order = _subset_indices(size, num_samples, seed)
+        inputs, targets = loader
+        targets = torch.as_tensor(targets)
+        if targets.shape[0] != size:
+            raise ValueError(f"inputs have {size} samples but targets have {targets.shape[0]}")
+        return (tree_map(lambda t: t[order] if _is_array(t) and t.ndim > 0 else t, inputs), targets[order]), len(order)
     dataset = loader.dataset
     if not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
         size = len(dataset)  # type: ignore[arg-type]
         if size == 0:
             raise ValueError("the training dataset is empty")
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
         if loader_batch_size(loader) is not None:
-            indices = order[: min(num_samples, size)]
+            indices = _subset_indices(size, num_samples, seed).tolist()
             return loader.collate_fn([dataset[i] for i in indices]), len(indices)
-        return _gather(((dataset[i]) for i in order), num_samples)  # pre-batched items
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+        return _gather((dataset[i] for i in order), num_samples)  # pre-batched items
     with torch.random.fork_rng(devices=[]):  # iterating may draw from the global RNG
         return _gather(iter(loader), num_samples)
+
+
+def _subset_indices(size: int, num_samples: int, seed: int) -> torch.Tensor:
+    """``min(num_samples, size)`` distinct indices drawn by ``torch.Generator(seed)``, in dataset
+    order (so a subset that covers the dataset is the dataset, in the order an unshuffled loader
+    visits it)."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[: min(num_samples, size)]
+    return order.sort().values
 
 
 def _gather(batches: Any, num_samples: int) -> tuple[Any, int]:
@@ -152,8 +173,9 @@ def _part(batch: Any, index: int, what: str, who: str) -> Any:
         return batch[index]
     if isinstance(batch, Mapping) and "x" in batch and "y" in batch:
         return batch["xy"[index]]
-    fix = ("target_fn=lambda batch: ..." if index == 1
-           else "output_fn=lambda model, batch: model(...) (and target_fn=lambda batch: ...)")
+    fix = "output_fn=lambda model, batch: model(...) and target_fn=lambda batch: ..."
+    if index == 1 and isinstance(batch, (list, tuple)):
+        fix = "target_fn=lambda batch: ..."
     raise TypeError(
         f"{who} cannot find the {what} in a batch of type {type(batch).__name__}: by default {_BATCH_CONVENTION}. "
         f"Pass {fix}."

@@ -41,13 +41,7 @@ __all__ = [
     "epsilon_training_time",
     "refine_curve",
     "smooth_losses",
-    "steps_to_value",
 ]
-
-
-def steps_to_value(curve: Sequence[float] | np.ndarray, value: float) -> int | None:
-    """First step at which ``curve`` is at or below ``value`` (None if never)."""
-    return first_step_at_or_below(curve, value)
 
 
 def smooth_losses(losses: Sequence[float] | np.ndarray, window: int) -> np.ndarray:
@@ -97,7 +91,7 @@ class Refinement:
 
     def steps_to_loss(self, value: float) -> int | None:
         """First step at which the refined loss is ``<= value`` (None if not within the run)."""
-        return steps_to_value(self.loss, value)
+        return first_step_at_or_below(self.loss, value)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-python representation (for checkpoints); :meth:`from_dict` inverts it."""

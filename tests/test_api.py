@@ -158,9 +158,13 @@ def test_stability_warning_and_adam_approximation():
     ke = estimate_kernel(model, x, y, spec)
     safe = simulate(ke, spec, 10)
     lr_big = 3 * safe.diagnostics["max_stable_lr"]
-    with pytest.warns(UserWarning, match="unreliable above lr"):
+    with pytest.warns(UserWarning, match="unreliable above lr") as record:
         big = simulate(ke, spec.replace(lr=lr_big), 10)
     assert big.diagnostics["unstable_steps"] == 10
+    # the warning says what the simulation actually did
+    message = next(str(w.message) for w in record if "unreliable" in str(w.message))
+    assert ("simulated loss diverged" in message) == (not np.isfinite(big.loss).all())
+    assert ("stayed finite" in message) == bool(np.isfinite(big.loss).all())
 
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.01)
     with pytest.warns(UserWarning, match="approximated"):

@@ -18,8 +18,10 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import lightning_ttp
-from lightning_ttp.callbacks import TrainingTimePredictor, _engine
+from lightning_ttp.callbacks import TrainingTimePredictor
+from lightning_ttp.callbacks import predictor as predictor_module
 from lightning_ttp.callbacks._trainer_state import unsupported_strategy
+from lightning_ttp.dynamics import epsilon_training_time
 
 NAMESPACES = ["pytorch_lightning", "lightning.pytorch"]
 
@@ -125,14 +127,17 @@ def test_isinstance_of_both_namespaces_and_unique_state_key():
 
 
 def test_fsdp_and_deepspeed_are_refused_with_a_reason():
-    class FSDPStrategy:
-        pass
+    strategies = _ns("pytorch_lightning").strategies
 
-    class DeepSpeedStrategy:
-        pass
+    # instances of Lightning's own classes, without their (device-probing) constructors
+    def FSDPStrategy():  # noqa: N802
+        return object.__new__(strategies.FSDPStrategy)
 
-    class DDPStrategy:
-        pass
+    def DeepSpeedStrategy():  # noqa: N802
+        return object.__new__(strategies.DeepSpeedStrategy)
+
+    def DDPStrategy():  # noqa: N802
+        return object.__new__(strategies.DDPStrategy)
 
     class FakeTrainer:
         def __init__(self, strategy):
@@ -214,14 +219,15 @@ def test_prediction_leaves_training_bit_identical(ns, tmp_path):
         module = _module(ns, dropout=0.2, momentum=0.9)
         module.net[2].eval()  # a submodule in eval mode must stay so
         loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
-        cbs = [_quiet_predictor(num_samples=32)] if with_predictor else []
-        trainer = _trainer(ns, tmp_path, max_steps=8, callbacks=cbs)
+        # an unlimited re-linearisation budget: the closed loop runs inside the fit too
+        cbs = [_quiet_predictor(num_samples=32, relinearise_budget=1e3)] if with_predictor else []
+        trainer = _trainer(ns, tmp_path, max_steps=30, callbacks=cbs)
         trainer.fit(module, loader)
         return module, (torch.rand(1).item(), np.random.rand(), random.random()), cbs  # noqa: NPY002
 
     plain, rng_plain, _ = run(False)
     with_cb, rng_cb, cbs = run(True)
-    assert cbs[0].prediction is not None
+    assert cbs[0].prediction is not None and cbs[0].state.live_step == 12
     for a, b in zip(plain.parameters(), with_cb.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert rng_plain == rng_cb
@@ -240,8 +246,8 @@ def test_resume_restores_without_recompute(tmp_path, monkeypatch):
     first = cb.prediction.to_dict()
 
     calls = []
-    real_predict = _engine.predict
-    monkeypatch.setattr(_engine, "predict", lambda *a, **k: calls.append(1) or real_predict(*a, **k))
+    real_predict = predictor_module.predict_run
+    monkeypatch.setattr(predictor_module, "predict_run", lambda *a, **k: calls.append(1) or real_predict(*a, **k))
     resumed = _quiet_predictor(num_samples=32)
     trainer = _trainer(ns, tmp_path, max_steps=16, callbacks=[resumed], enable_checkpointing=True)
     trainer.fit(_module(ns), loader, ckpt_path=os.path.join(str(tmp_path), "last.ckpt"))
@@ -396,19 +402,27 @@ def test_failing_logger_warns_once_and_training_completes(ns, tmp_path):
     assert sum("lightning_ttp" in str(w.message) for w in record) == 1
 
 
-def test_failing_state_dict_warns_or_raises_when_strict():
+def test_state_dict_never_hides_an_error():
+    """A checkpoint that silently lost the prediction would be recomputed from trained weights on
+    resume: saving raises instead (Lightning then fails the save loudly)."""
+
     class Broken:
         def to_dict(self):
             raise RuntimeError("deliberately broken to_dict")
 
     cb = _quiet_predictor()
-    cb._prediction = Broken()
-    with pytest.warns(UserWarning, match="deliberately broken to_dict"):
-        assert cb.state_dict() == {}
-    strict = _quiet_predictor(strict=True)
-    strict._prediction = Broken()
+    cb.state.prediction = Broken()
     with pytest.raises(RuntimeError, match="deliberately broken to_dict"):
-        strict.state_dict()
+        cb.state_dict()
+
+
+def test_load_state_dict_reads_its_keys_strictly():
+    cb = _quiet_predictor()
+    state = cb.state_dict()
+    cb.load_state_dict(state)
+    del state["plan"]
+    with pytest.raises(KeyError, match="missing \\['plan'\\]"):
+        _quiet_predictor().load_state_dict(state)
 
 
 def test_strict_raises(tmp_path):
@@ -468,18 +482,18 @@ class _RecordingPredictor(TrainingTimePredictor):
 
     def on_fit_start(self, trainer, pl_module):
         # count the engine's predictions per rank: only rank zero may compute (the others receive it)
-        real_predict = _engine.predict
+        real_predict = predictor_module.predict_run
 
         def counting_predict(*args, **kwargs):
             with open(os.path.join(self.out_dir, f"predict_calls_rank{trainer.global_rank}.txt"), "a") as fh:
                 fh.write("1\n")
             return real_predict(*args, **kwargs)
 
-        _engine.predict = counting_predict
+        predictor_module.predict_run = counting_predict
         try:
             super().on_fit_start(trainer, pl_module)
         finally:
-            _engine.predict = real_predict
+            predictor_module.predict_run = real_predict
 
     def on_train_end(self, trainer, pl_module):
         path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.json")
@@ -623,3 +637,22 @@ def test_stability_diagnostics_describe_the_run_not_the_continuation(tmp_path):
     diagnostics = cb.prediction.diagnostics
     assert diagnostics["unstable_steps"] == 10 and diagnostics["simulated_steps"] == 20
     assert any("10 of 10 steps" in w for w in diagnostics["warnings"])
+
+
+def test_closed_loop_relinearises_within_its_budget_and_survives_a_checkpoint(tmp_path):
+    x, y = _data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)  # full batch: every step is the real GD step
+    free = _quiet_predictor(num_samples=64, relinearise_budget=1e3)
+    _trainer("pytorch_lightning", tmp_path, max_steps=100, callbacks=[free]).fit(_module("pytorch_lightning"), loader)
+    state = free.state
+    assert state.live_step == 40 and len(state.live_loss) == 101 and state.live_seconds > 0
+    # before the re-linearisation step the live curve is the observed (full-batch, unsmoothed) loss
+    np.testing.assert_allclose(state.live_loss[:40], free.observed_losses[:40], rtol=1e-12)
+    assert free.converge_step(0.1) == epsilon_training_time(free.current_curve(), 0.1)
+    restored = _quiet_predictor(num_samples=64)
+    restored.load_state_dict(free.state_dict())
+    assert restored.state.live_loss == state.live_loss and restored.converge_step(0.1) == free.converge_step(0.1)
+
+    none = _quiet_predictor(num_samples=64, relinearise_budget=0.0)
+    _trainer("pytorch_lightning", tmp_path, max_steps=100, callbacks=[none]).fit(_module("pytorch_lightning"), loader)
+    assert none.state.live_step is None and none.state.live_seconds == 0.0

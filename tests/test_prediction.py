@@ -87,5 +87,6 @@ def test_round_trip_is_exact_through_json():
     np.testing.assert_array_equal(q.error_band[1], p.error_band[1])
     assert q.to_dict() == p.to_dict() and q.diagnostics == p.diagnostics
     assert q.steps.dtype == np.int64
-    d["diagnostics"]["nested"]["a"].append(3)  # no aliasing with the source dict
+    assert q.diagnostics["nested"] == {"a": [1, 2.5]}  # unknown keys live in Diagnostics.extra
+    d["diagnostics"]["extra"]["nested"]["a"].append(3)  # no aliasing with the source dict
     assert p.diagnostics["nested"]["a"] == [1, 2.5]

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ttp.callbacks import ETAProgressBar, RichETAProgressBar, TrainingTimePredictor
-from lightning_ttp.callbacks.predictor import format_duration
+from lightning_ttp.callbacks.predictor import PredictorState, format_duration
 
 NAMESPACES = ["pytorch_lightning", "lightning.pytorch"]
 BARS = [ETAProgressBar, RichETAProgressBar]
@@ -115,7 +115,7 @@ def test_bar_without_predictor_is_the_normal_bar(ns, bar_cls, tmp_path):
 
 
 def test_status_text_and_eta_arithmetic():
-    predictor = TrainingTimePredictor()
+    predictor = TrainingTimePredictor(warmup_steps=0)
     assert predictor.status_text(0) is None  # no prediction yet: bars show nothing extra
 
     class Pred:
@@ -124,11 +124,12 @@ def test_status_text_and_eta_arithmetic():
         def training_time(self, eps):
             return 3
 
-    predictor._prediction = Pred()
-    predictor._plan = {"steps": 100}
+    predictor.state = PredictorState(prediction=Pred(), plan={"steps": 100})
     assert predictor.status_text(0) == "converges ≈ step 3"  # no timing yet
-    predictor._step_times.extend([2.0, 2.0, 50.0])  # one slow outlier step
-    predictor._steps_timed = 3
+    timer = predictor._timer
+    timer.start(0.0)
+    for now in (2.0, 4.0, 54.0):  # one slow outlier step
+        timer.step(now)
     eta = predictor.eta(1)
     assert eta["seconds_per_step"] == 2.0  # median: robust to the slow step
     assert eta["eta_converge_seconds"] == 4.0 and eta["eta_end_seconds"] == 198.0

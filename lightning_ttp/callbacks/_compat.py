@@ -44,3 +44,19 @@ def bases(attribute: str) -> tuple[type, ...]:
         if obj not in classes:
             classes.append(obj)
     return tuple(classes)
+
+
+def is_instance(obj: object, *attributes: str) -> bool:
+    """``isinstance(obj, C)`` for the class ``C`` named by any of ``attributes`` (e.g.
+    ``"loggers.TensorBoardLogger"``) in any installed namespace; names a namespace lacks are
+    skipped."""
+    for namespace in installed_namespaces():
+        for attribute in attributes:
+            cls: object = namespace
+            for part in attribute.split("."):
+                cls = getattr(cls, part, None)
+                if cls is None:
+                    break
+            if isinstance(cls, type) and isinstance(obj, cls):
+                return True
+    return False

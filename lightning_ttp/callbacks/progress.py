@@ -32,7 +32,7 @@ def find_predictor(trainer: Any) -> TrainingTimePredictor | None:
 
 
 class _ETAMixin:
-    """Finds the predictor once per fit and formats its status cheaply."""
+    """Adds the predictor's status to the bar's metrics (Lightning's ``get_metrics`` hook)."""
 
     _predictor: TrainingTimePredictor | None = None
     _predictor_searched: bool = False
@@ -48,37 +48,29 @@ class _ETAMixin:
         except Exception:  # noqa: BLE001 - a progress bar never breaks training
             return None
 
-    def _reset_search(self) -> None:
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._predictor = None
         self._predictor_searched = False
+        super().on_train_start(trainer, pl_module)  # type: ignore[misc]
+
+    def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+        """Lightning's metrics for the bar, plus ``ttp: converges ≈ step N · ETA … · run ends …``
+        while training."""
+        items = super().get_metrics(trainer, pl_module)  # type: ignore[misc]
+        if trainer.training:
+            text = self._eta_text(trainer)
+            if text:
+                items["ttp"] = text
+        return items
 
 
 class ETAProgressBar(_ETAMixin, *bases("callbacks.TQDMProgressBar")):  # type: ignore[misc]
-    """Lightning's ``TQDMProgressBar`` plus ``converges ≈ step N · ETA m:ss · run ends m:ss``.
+    """Lightning's ``TQDMProgressBar`` plus ``ttp=converges ≈ step N · ETA m:ss · run ends m:ss``
+    in the training bar's postfix.
 
     Accepts the same arguments as ``TQDMProgressBar`` (``refresh_rate``, ``process_position``,
     ``leave``). Works with both ``pytorch_lightning`` and ``lightning.pytorch`` Trainers.
     """
-
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._reset_search()
-        super().on_train_start(trainer, pl_module)
-
-    def init_train_tqdm(self) -> Any:
-        """Lightning's training bar whose postfix also carries the predictor's status."""
-        bar = super().init_train_tqdm()
-        original = bar.set_postfix
-
-        def set_postfix(ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
-            original(ordered_dict, refresh=False, **kwargs)
-            text = self._eta_text(self.trainer)
-            if text:
-                bar.postfix = f"{bar.postfix}, {text}" if bar.postfix else text
-            if refresh:
-                bar.refresh()
-
-        bar.set_postfix = set_postfix
-        return bar
 
 
 class RichETAProgressBar(_ETAMixin, *bases("callbacks.RichProgressBar")):  # type: ignore[misc]
@@ -86,15 +78,3 @@ class RichETAProgressBar(_ETAMixin, *bases("callbacks.RichProgressBar")):  # typ
     m:ss`` entry in the metrics column. Same arguments as ``RichProgressBar``; needs ``rich``.
     Works with both ``pytorch_lightning`` and ``lightning.pytorch`` Trainers.
     """
-
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._reset_search()
-        super().on_train_start(trainer, pl_module)
-
-    def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
-        items = super().get_metrics(trainer, pl_module)
-        if trainer.training:
-            text = self._eta_text(trainer)
-            if text:
-                items["ttp"] = text
-        return items

@@ -21,6 +21,7 @@ from .training_time import (
     first_step_at_or_above,
     first_step_at_or_below,
     smooth_curve,
+    still_falling,
 )
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "simulate_ode",
     "simulate_sde",
     "smooth_curve",
+    "still_falling",
     "stability_bound",
     "stability_report",
     "summarize_paths",

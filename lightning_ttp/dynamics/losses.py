@@ -25,7 +25,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Loss", "CrossEntropy", "MSE", "BCEWithLogits", "CallableLoss", "get_loss"]
+__all__ = [
+    "BCEWithLogits",
+    "CallableLoss",
+    "CrossEntropy",
+    "Loss",
+    "MSE",
+    "TokenCrossEntropy",
+    "get_loss",
+    "token_loss",
+]
 
 
 class Loss:
@@ -86,16 +95,21 @@ class CrossEntropy(Loss):
     name = "cross_entropy"
     classification = True
 
-    def __init__(self, label_smoothing: float = 0.0) -> None:
+    def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100) -> None:
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = float(label_smoothing)
-        self._labels: torch.Tensor | None = None
+        #: token targets equal to this are masked (used by :func:`token_loss` for sequence outputs)
+        self.ignore_index = int(ignore_index)
 
     def prepare_targets(self, targets: torch.Tensor, num_outputs: int) -> torch.Tensor:
         if targets.dim() == 1:
             if targets.is_floating_point():
-                targets = targets.long()
+                raise ValueError(
+                    f"cross-entropy needs integer class indices or (N, {num_outputs}) class probabilities, but the "
+                    f"targets are 1-D {targets.dtype} values: for regression pass loss='mse'; for class labels stored "
+                    "as floats pass target_fn=lambda batch: batch[1].long()."
+                )
             if targets.numel() and (targets.min() < 0 or targets.max() >= num_outputs):
                 raise ValueError(
                     f"cross-entropy targets must be class indices in [0, {num_outputs}); "
@@ -137,6 +151,72 @@ class CrossEntropy(Loss):
 
     def describe(self):
         return {"name": self.name, "label_smoothing": self.label_smoothing}
+
+
+class TokenCrossEntropy(Loss):
+    """Cross-entropy over the tokens of sequence outputs, PyTorch's ``ignore_index`` masking.
+
+    The model outputs ``(N, T, C)`` logits, flattened to one row of ``T·C`` outputs per sample;
+    targets are ``(N, T)`` class indices, ``ignore_index`` marking tokens without a label.
+    ``F.cross_entropy`` averages over the labelled tokens of a batch; here sample i carries
+
+        ℓ_i = Σ_t m_it ℓ_it / m̄,   m_it = [y_it ≠ ignore_index],  m̄ = mean_i Σ_t m_it
+
+    (m̄ over the kernel subset), so the mean over samples is exactly the token mean on the full
+    subset and, for mini-batches, the token mean up to the batch's token count.
+    """
+
+    name = "token_cross_entropy"
+    classification = True
+
+    def __init__(self, num_classes: int, ignore_index: int = -100, label_smoothing: float = 0.0) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        self.inner = CrossEntropy(label_smoothing)
+        self.mean_tokens = 1.0
+
+    def prepare_targets(self, targets: torch.Tensor, num_outputs: int) -> torch.Tensor:
+        if targets.dim() != 2 or targets.is_floating_point():
+            raise ValueError(f"token targets must be (N, T) class indices, got {tuple(targets.shape)} {targets.dtype}")
+        if targets.shape[1] * self.num_classes != num_outputs:
+            raise ValueError(f"{targets.shape[1]} tokens × {self.num_classes} classes != {num_outputs} outputs")
+        mask = targets != self.ignore_index
+        if not bool(mask.any()):
+            raise ValueError(f"every token target equals ignore_index={self.ignore_index}: nothing to learn")
+        labels = targets[mask]
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"token targets must be in [0, {self.num_classes}) or {self.ignore_index}")
+        self.mean_tokens = float(mask.sum(1).double().mean())
+        return targets
+
+    def _split(self, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokens = f.reshape(*f.shape[:-1], y.shape[-1], self.num_classes)
+        mask = (y != self.ignore_index).to(f.dtype)
+        return tokens, y.clamp_min(0), mask
+
+    def per_sample(self, f, y):
+        tokens, labels, mask = self._split(f, y)
+        return (self.inner.per_sample(tokens, labels) * mask).sum(-1) / self.mean_tokens
+
+    def per_sample_grad(self, f, y):
+        tokens, labels, mask = self._split(f, y)
+        grad = self.inner.per_sample_grad(tokens, labels) * mask[..., None] / self.mean_tokens
+        return grad.reshape(f.shape)
+
+    def sample_curvature(self, f, y):
+        tokens, labels, _ = self._split(f, y)
+        return self.inner.sample_curvature(tokens, labels) / self.mean_tokens
+
+    def error(self, f, y):
+        tokens, labels, mask = self._split(f, y)
+        wrong = (tokens.argmax(-1) != labels).to(f.dtype) * mask
+        return wrong.sum(dim=(-1, -2)) / mask.sum()
+
+    def describe(self):
+        return {"name": self.name, "num_classes": self.num_classes, "ignore_index": self.ignore_index,
+                "label_smoothing": self.inner.label_smoothing}
 
 
 class MSE(Loss):
@@ -278,9 +358,9 @@ def get_loss(loss: str | Loss | Callable | torch.nn.Module, **kwargs: Any) -> Lo
             raise ValueError(f"unknown loss {loss!r}; use one of {sorted(_ALIASES)} or pass a callable")
         return _ALIASES[key](**kwargs)
     if isinstance(loss, torch.nn.CrossEntropyLoss) and loss.reduction == "mean" and loss.weight is None:
-        if loss.ignore_index >= 0:
+        if loss.ignore_index >= 0:  # a real class index can be ignored: autograd on the module itself
             return CallableLoss(loss)
-        return CrossEntropy(label_smoothing=loss.label_smoothing)
+        return CrossEntropy(label_smoothing=loss.label_smoothing, ignore_index=loss.ignore_index)
     if isinstance(loss, torch.nn.MSELoss) and loss.reduction == "mean":
         return MSE()
     if isinstance(loss, torch.nn.BCEWithLogitsLoss) and loss.reduction == "mean" and loss.weight is None:
@@ -295,3 +375,15 @@ def get_loss(loss: str | Loss | Callable | torch.nn.Module, **kwargs: Any) -> Lo
     if callable(loss):
         return CallableLoss(loss)
     raise TypeError(f"loss must be a name, a Loss or a callable, got {type(loss).__name__}")
+
+
+def token_loss(loss: Loss, num_classes: int) -> Loss:
+    """The token-level twin of a cross-entropy ``loss`` for ``(N, T, C)`` outputs and ``(N, T)``
+    targets (:class:`TokenCrossEntropy`)."""
+    module = getattr(loss, "fn", None)
+    if isinstance(loss, CrossEntropy):
+        return TokenCrossEntropy(num_classes, loss.ignore_index, loss.label_smoothing)
+    if isinstance(module, torch.nn.CrossEntropyLoss) and module.weight is None and module.reduction == "mean":
+        return TokenCrossEntropy(num_classes, module.ignore_index, module.label_smoothing)
+    raise ValueError(f"sequence outputs (N, T, C) with (N, T) targets need a cross-entropy loss, got {loss.name!r}; "
+                     "or pass output_fn=lambda model, batch: <(N, C) logits> to predict per sequence")

@@ -174,16 +174,3 @@ class OptimizerSpec:
                 new.lr = float(lr[i] if not np.isscalar(lr) else lr)
             groups.append(new)
         return OptimizerSpec(kind, groups, name=self.name, warnings=list(self.warnings), params=self.params)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "name": self.name,
-            "groups": [dataclasses.asdict(g) for g in self.groups],
-            "warnings": list(self.warnings),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> OptimizerSpec:
-        groups = [GroupSpec(**{**g, "betas": tuple(g["betas"])}) for g in d["groups"]]
-        return cls(d["kind"], groups, name=d.get("name", "SGD"), warnings=list(d.get("warnings", [])))

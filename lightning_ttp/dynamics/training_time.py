@@ -1,6 +1,6 @@
 """ε-training-time and threshold times on loss / error curves.
 
-Definition (DESIGN.md, the paper's Section 5 / Algorithm 1): for a curve L_0..L_T,
+Definition (the paper's Section 5 / Algorithm 1): for a curve L_0..L_T,
 
     T_ε = min { t : |L_s − L_T| ≤ ε (L_0 − L_T)  for every s ≥ t }
 
@@ -20,7 +20,13 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import uniform_filter1d
 
-__all__ = ["smooth_curve", "epsilon_training_time", "first_step_at_or_below", "first_step_at_or_above"]
+__all__ = [
+    "epsilon_training_time",
+    "first_step_at_or_above",
+    "first_step_at_or_below",
+    "smooth_curve",
+    "still_falling",
+]
 
 
 def smooth_curve(values, window: int = 1) -> np.ndarray:
@@ -71,3 +77,19 @@ def first_step_at_or_above(curve, value: float) -> int | None:
     c = np.asarray(curve, dtype=float)
     hit = np.nonzero(c >= value)[0]
     return int(hit[0]) if hit.size else None
+
+
+
+def still_falling(curve, eps: float, *, tail: float = 0.1) -> bool:
+    """Whether ``curve`` is still falling at its end: over its last ``tail`` fraction of steps it
+    drops by more than ε of its total decrease L_0 − L_T. Its ε-training-time is then ≈ T and
+    says nothing ("not converged within the run")."""
+    eps = _check_eps(eps)
+    c = np.asarray(curve, dtype=float)
+    if c.size < 3 or not np.all(np.isfinite(c)):
+        return False
+    drop = c[0] - c[-1]
+    if drop <= 0:
+        return False
+    start = max(0, min(c.size - 2, int(round((1.0 - tail) * (c.size - 1)))))
+    return bool(c[start] - c[-1] > eps * drop)

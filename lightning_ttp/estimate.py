@@ -1,0 +1,323 @@
+"""Kernel estimation: everything the simulators need from the model, computed once at w0.
+
+:func:`estimate_kernel` = f0 and the per-param-group empirical NTK Θ_g = J_g J_gᵀ (eq. 2) on
+the kernel subset, plus J_g·w0_g under weight decay and the Adam preconditioner's scales.
+Pure torch: no Lightning.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._modes import preserve_modes
+from .data import logits_of
+from .dynamics import CallableLoss, Loss, OptimizerSpec, get_loss
+from .dynamics.losses import token_loss
+from .kernel.batch import batch_size as sample_count
+from .kernel.batch import index_batch
+
+__all__ = ["FULL_KERNEL_MAX", "KernelEstimate", "estimate_kernel", "model_outputs"]
+
+#: N·C above which ``kernel="auto"`` uses the trace kernel.
+FULL_KERNEL_MAX = 2500
+ADAM_V_FLOOR = 1e-2  # v_d >= ADAM_V_FLOOR * mean(v) per tensor in the Adam preconditioner
+
+
+@dataclass
+class KernelEstimate:
+    """Everything the simulators need from the model, computed once at w0.
+
+    Attributes:
+        outputs: f0 on the kernel samples, (N0, C), float64.
+        targets: their targets (as the loss expects them).
+        grams: one Gram per optimiser param group, in the kernel's precision; "full" (N0·C)² sample-major or
+            "trace" (N0, N0) normalised so that Θ ≈ K ⊗ I_C (the engine's Σ_c divided by C).
+        kernel: "full" or "trace".
+        jvp_w0: per group J_g · w_{0,g} (N0, C) when the optimiser has weight decay, else None.
+        loss: the resolved loss.
+        preconditioned: True if the Grams include the Adam preconditioner at w0 (Adam/AdamW).
+        adam_blocks: Adam only: per-block raw Grams, group index, sizes and calibration κ
+            (:func:`lightning_ttp.dynamics.adam.simulate_adam`).
+        seconds: wall-clock of the estimate.
+        info: sizes, projection, method details.
+        stability_cache: memo of the stability diagnostic (loss curvature, λmax per lr
+            direction), filled by :func:`lightning_ttp.simulate.simulate`: it depends on the
+            kernel only, so what-if simulations on one estimate share it.
+    """
+
+    outputs: torch.Tensor
+    targets: torch.Tensor
+    grams: list[torch.Tensor]
+    kernel: str
+    loss: Loss
+    jvp_w0: list[torch.Tensor] | None = None
+    preconditioned: bool = False
+    seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+    adam_blocks: dict[str, Any] | None = None
+    stability_cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.outputs.shape[0])
+
+    @property
+    def num_outputs(self) -> int:
+        return int(self.outputs.shape[1])
+
+
+def model_outputs(model: torch.nn.Module, inputs: Any, output_fn: Callable | None = None) -> torch.Tensor:
+    """The (N, C) outputs the loss sees: ``output_fn(model, inputs)`` or the logits of
+    ``model(inputs)`` (:func:`lightning_ttp.data.logits_of`), flattened to one row per sample."""
+    out = output_fn(model, inputs) if output_fn is not None else logits_of(model(inputs))
+    if not isinstance(out, torch.Tensor):
+        out = logits_of(out)
+    return out[:, None] if out.dim() == 1 else out.reshape(out.shape[0], -1)
+
+
+class _OutputWrapper(torch.nn.Module):
+    """:func:`model_outputs` as a module, so ``functional_call`` can swap the weights."""
+
+    def __init__(self, model: torch.nn.Module, output_fn: Callable | None) -> None:
+        super().__init__()
+        self.m = model
+        self.fn = output_fn
+
+    def forward(self, inputs):
+        return model_outputs(self.m, inputs, self.fn)
+
+
+class _Preconditioned(torch.nn.Module):
+    """w = w0 + s ⊙ z with s = (√v + ε)^{-1/2}: its NTK in z at z = 0 is J diag(1/(√v+ε)) Jᵀ."""
+
+    def __init__(self, model, params, second_moments, eps, output_fn) -> None:
+        super().__init__()
+        self.inner = _OutputWrapper(model, output_fn)
+        names = {id(p): "m." + n for n, p in model.named_parameters()}
+        self.names = [names[id(p)] for p in params]
+        self.z = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.zeros_like(p, requires_grad=True)) for p in params])
+        self.w0 = [p.detach() for p in params]
+        self.s = [(v.sqrt() + e).rsqrt().to(p.dtype) for v, e, p in zip(second_moments, eps, params, strict=True)]
+
+    def forward(self, inputs):
+        from torch.func import functional_call
+
+        params = {n: w + s * z for n, w, s, z in zip(self.names, self.w0, self.s, self.z, strict=True)}
+        return functional_call(self.inner, params, (inputs,), strict=False)
+
+
+def _probe_outputs(model: torch.nn.Module, inputs: Any,
+                   output_fn: Callable | None) -> tuple[tuple[int, ...], list[str]]:
+    """The shape of the model's logits on a couple of samples, and a note when they had to be
+    taken out of a tuple, a dict or a ``ModelOutput``."""
+    with _eval_mode(model), torch.no_grad():
+        raw = output_fn(model, inputs) if output_fn is not None else model(inputs)
+    logits = logits_of(raw)
+    notes = []
+    if logits is not raw:
+        where = "'logits'" if getattr(raw, "logits", None) is logits or isinstance(raw, dict) else "the first tensor"
+        notes.append(f"the model returns a {type(raw).__name__}; its {where} is taken as the logits "
+                     "(pass output_fn=... to choose another).")
+    return tuple(logits.shape), notes
+
+
+def _outputs_with(model: torch.nn.Module, inputs: Any, *, output_fn: Callable | None) -> torch.Tensor:
+    return model_outputs(model, inputs, output_fn)
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    with preserve_modes(model):
+        model.eval()
+        yield
+
+
+def _jvp_w0(model, inputs, groups, output_fn) -> list[torch.Tensor]:
+    """J_g · w_{0,g} per group with ``torch.func.jvp`` (central finite difference as fallback)."""
+    from torch.func import functional_call, jvp
+
+    wrapper = _OutputWrapper(model, output_fn)
+    names = {id(p): "m." + n for n, p in model.named_parameters()}
+    out = []
+    with _eval_mode(model), torch.no_grad():
+        for group in groups:
+            sub = {names[id(p)]: p.detach() for p in group}
+
+            def fn(params, sub=sub):
+                return functional_call(wrapper, params, (inputs,), strict=False)
+
+            try:
+                out.append(jvp(fn, (sub,), (sub,))[1].detach().to(torch.float64).cpu())
+            except Exception:  # noqa: BLE001 - forward-mode AD unsupported by some layer
+                h = 1e-3
+                plus = fn({k: v * (1 + h) for k, v in sub.items()})
+                minus = fn({k: v * (1 - h) for k, v in sub.items()})
+                out.append(((plus - minus) / (2 * h)).detach().to(torch.float64).cpu())
+    return out
+
+
+def _adam_second_moments(model, inputs, targets, loss: Loss, params, output_fn, batch_size: int,
+                          seed: int) -> list[torch.Tensor]:
+    """v_d ≈ E_B[g_{B,d}²] at w0, per parameter tensor, over up to 8 batches of ``batch_size``."""
+    n = sample_count(inputs)
+    rng = np.random.default_rng(seed)
+    nb = 1 if batch_size >= n else min(8, max(1, n // batch_size))
+    sq = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    with _eval_mode(model), torch.enable_grad():
+        for _ in range(nb):
+            idx = np.arange(n) if batch_size >= n else np.sort(rng.choice(n, batch_size, replace=False))
+            idx_t = torch.as_tensor(idx)
+            f = model_outputs(model, index_batch(inputs, idx_t), output_fn)
+            yb = targets[idx_t].to(f.device)
+            if isinstance(loss, CallableLoss):
+                val = loss._call(f, yb)
+            else:
+                val = loss.value(f.to(torch.float64), yb)
+            grads = torch.autograd.grad(val, params, allow_unused=True)
+            for acc, g in zip(sq, grads, strict=True):
+                if g is not None:
+                    acc += g.detach().to(torch.float64) ** 2 / nb
+    return sq
+
+
+def _blocks(groups: list[list[torch.nn.Parameter]], max_blocks: int = 1) -> list[tuple[int, list]]:
+    """Split the param groups into ≤ max_blocks blocks of consecutive tensors (≥ 1 per group)."""
+    total = sum(len(g) for g in groups)
+    out = []
+    for gi, g in enumerate(groups):
+        if not g:
+            continue
+        share = max(1, round(max_blocks * len(g) / max(1, total)))
+        per = int(np.ceil(len(g) / share))
+        for s in range(0, len(g), per):
+            out.append((gi, g[s : s + per]))
+    return out
+
+
+def _check_params_in_model(model: torch.nn.Module, params: Sequence[Sequence[torch.nn.Parameter]]) -> None:
+    own = {id(p) for p in model.parameters()}
+    missing = sum(1 for g in params for p in g if id(p) not in own)
+    if missing:
+        raise ValueError(
+            f"{missing} optimizer parameter(s) are not parameters of the model: build the optimizer on "
+            "this model's parameters (e.g. torch.optim.SGD(model.parameters(), ...))"
+        )
+
+
+def estimate_kernel(
+    model: torch.nn.Module,
+    inputs: Any,
+    targets: torch.Tensor,
+    spec: OptimizerSpec | None = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    loss: str | Loss | Callable = "cross_entropy",
+    output_fn: Callable | None = None,
+    projection_dim: int | None = None,
+    kernel: str = "auto",
+    seed: int = 0,
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+) -> KernelEstimate:
+    """f0 and the per-group empirical NTK Θ_g = J_g J_gᵀ (eq. 2) at the current weights w0.
+
+    Uses :func:`lightning_ttp.kernel.empirical_ntk` (model in eval mode, left unchanged)
+    with the optimiser's param groups. With weight decay it also computes
+    J_g·w_{0,g} (one ``torch.func.jvp`` per group), which makes the weight-decay term of the
+    discrete dynamics exact. For Adam/AdamW the Grams are computed per block of parameter
+    tensors (one block per param group: more blocks cost as many Gram products per simulated
+    step and did not change the error, ``benchmarks/prediction_cost.py``) and the second
+    moments of mini-batch gradients of size ``batch_size`` at w0 calibrate the per-block
+    adaptive scales (an approximation, see :mod:`lightning_ttp.dynamics.adam` and
+    ``docs/prediction.md``); ``grams`` then hold the preconditioned kernel at w0, used by the
+    ODE/SDE and the stability diagnostic.
+
+    Args:
+        inputs, targets: the N0 kernel samples (inputs: tensor or tuple/dict of tensors).
+        spec / optimizer: the optimiser (one of them); its params must belong to ``model``.
+        kernel: "full", "trace" or "auto" (full if N0·C ≤ 2500).
+    """
+    from .kernel import empirical_ntk
+
+    started = time.perf_counter()
+    if spec is None:
+        if optimizer is None:
+            raise ValueError("pass the optimizer (or an OptimizerSpec built from it)")
+        spec = OptimizerSpec.from_optimizer(optimizer)
+    if spec.params is None:
+        raise ValueError("the OptimizerSpec carries no parameters: build it with OptimizerSpec.from_optimizer")
+    _check_params_in_model(model, spec.params)
+    n = sample_count(inputs)
+    if n == 0:
+        raise ValueError("no samples to estimate the kernel on: the data is empty")
+    loss_obj = get_loss(loss)
+    targets = torch.as_tensor(targets)
+    shape, notes = _probe_outputs(model, index_batch(inputs, torch.arange(min(n, 2))), output_fn)
+    c = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    if len(shape) == 3 and targets.dim() == 2 and not targets.is_floating_point():
+        loss_obj = token_loss(loss_obj, int(shape[2]))
+        notes.append(f"token-level task: outputs (N, {shape[1]}, {shape[2]}) with (N, {shape[1]}) targets; every "
+                     f"token is a sample of the loss, targets equal to {loss_obj.ignore_index} are ignored.")
+    if kernel == "auto":
+        kernel = "full" if n * c <= FULL_KERNEL_MAX else "trace"
+    adam = spec.kind in ("adam", "adamw")
+    groups = [list(g) for g in spec.params]
+    blocks = _blocks(groups) if adam else None
+    tensor_groups = [b[1] for b in blocks] if adam else groups
+    nonempty = [i for i, g in enumerate(tensor_groups) if g]
+    kernel_model, kernel_groups = model, [tensor_groups[i] for i in nonempty]
+    kernel_fn: Callable | None = partial(_outputs_with, output_fn=output_fn)
+    if adam:
+        flat = [p for g in groups for p in g]
+        y_pre = loss_obj.prepare_targets(torch.as_tensor(targets).detach().cpu(), c)
+        moments = _adam_second_moments(model, inputs, y_pre, loss_obj, flat, output_fn, batch_size or n, seed)
+        # Floor v_d at 1 % of its tensor's mean: coordinates with a vanishing gradient at w0 would
+        # otherwise get a 1/ε preconditioner that real Adam never applies once they move.
+        moments = [torch.maximum(v, ADAM_V_FLOOR * v.mean()) for v in moments]
+        eps_of = {id(p): spec.groups[gi].eps for gi, g in enumerate(groups) for p in g}
+        kernel_model = _Preconditioned(model, flat, moments, [eps_of[id(p)] for p in flat], output_fn)
+        kernel_fn = None
+        z_of = dict(zip(map(id, flat), kernel_model.z, strict=True))
+        kernel_groups = [[z_of[id(p)] for p in tensor_groups[i]] for i in nonempty]
+        mom = dict(zip(map(id, flat), moments, strict=True))
+        adam_rms = [float(torch.cat([mom[id(p)].reshape(-1) for p in b[1]]).sqrt().mean()) for b in blocks]
+    ntk = empirical_ntk(kernel_model, inputs, output_fn=kernel_fn, kernel=kernel, projection_dim=projection_dim,
+                        parameter_groups=kernel_groups, seed=seed, memory_budget=memory_budget)
+    f0 = ntk.outputs.detach().to(torch.float64)
+    y = loss_obj.prepare_targets(torch.as_tensor(targets).detach().cpu(), c)
+    if y.shape[0] != n:
+        raise ValueError(f"got {y.shape[0]} targets for {n} inputs")
+    size = n * c if kernel == "full" else n
+    # the Grams keep the kernel's precision: the simulators multiply in it and accumulate in float64
+    raw = [torch.zeros(size, size, dtype=ntk.gram.dtype) for _ in tensor_groups]
+    for i, g in zip(nonempty, ntk.grams, strict=True):
+        raw[i] = g.detach().cpu()
+    if kernel == "trace":
+        raw = [g / c for g in raw]
+    info: dict[str, Any] = {"kernel_seconds": ntk.seconds, "num_parameters": [int(sum(p.numel() for p in g))
+                                                                               for g in groups],
+                            "projection_dim": projection_dim, "num_outputs": c, "num_samples": n, "notes": notes}
+    adam_blocks = None
+    if adam:
+        grams = [torch.zeros_like(raw[0]) for _ in groups]
+        for k, (gi, _) in enumerate(blocks):
+            grams[gi] += raw[k]
+        adam_blocks = {"grams": raw, "group": [b[0] for b in blocks],
+                       "sizes": [int(sum(p.numel() for p in b[1])) for b in blocks], "rms": adam_rms}
+        info["adam_block_rms"] = adam_rms
+    else:
+        grams = raw
+    jw = _jvp_w0(model, inputs, groups, output_fn) if spec.has_weight_decay else None
+    return KernelEstimate(f0.cpu(), y, grams, kernel, loss_obj, jw, adam, time.perf_counter() - started, info,
+                          adam_blocks)
+
+

@@ -1,0 +1,251 @@
+"""The predictor on the LightningModules people actually write: it works, or it refuses with a
+message that names the fix. No silent wrong result."""
+
+import importlib
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from lightning_ttp import TrainingTimePredictor
+
+NAMESPACES = ["pytorch_lightning", "lightning.pytorch"]
+N, D, C = 48, 5, 3
+
+
+def _data(regression: bool = False):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=g)
+    if regression:
+        return x, x @ torch.randn(D, generator=g)
+    return x, (x @ torch.randn(D, C, generator=g)).argmax(1)
+
+
+def _module(ns, *, out="tensor", regression=False, manual=False, scheduler=None):
+    pl = importlib.import_module(ns)
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Sequential(nn.Linear(D, 8), nn.Tanh())
+            self.head = nn.Linear(8, 1 if regression else C)
+            self.other = nn.Linear(D, C)
+            self.automatic_optimization = not manual
+
+        def forward(self, x):
+            logits = self.head(self.body(x))
+            logits = logits[:, 0] if regression else logits
+            if out == "tuple":
+                return logits, self.body(x)
+            if out == "dict":
+                return {"hidden": self.body(x), "logits": logits}
+            if out == "model_output":
+                return OrderedDict(logits=logits)  # what transformers' ModelOutput subclasses
+            return logits
+
+        def _loss(self, batch):
+            x, y = batch
+            o = self(x)
+            logits = o if isinstance(o, torch.Tensor) else (o[0] if isinstance(o, tuple) else o["logits"])
+            return nn.functional.mse_loss(logits, y) if regression else nn.functional.cross_entropy(logits, y)
+
+        def training_step(self, batch, batch_idx):
+            if not manual:
+                return self._loss(batch)
+            first, second = self.optimizers()
+            for opt, loss in ((first, self._loss(batch)), (second, nn.functional.cross_entropy(self.other(batch[0]),
+                                                                                              batch[1]))):
+                opt.zero_grad()
+                self.manual_backward(loss)
+                opt.step()
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD([*self.body.parameters(), *self.head.parameters()], lr=0.1, momentum=0.9)
+            if manual:
+                return [opt, torch.optim.SGD(self.other.parameters(), lr=0.1)]
+            if scheduler is not None:
+                return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler(opt), "interval": "step"}}
+            return opt
+
+    return Net()
+
+
+def _fit(ns, module, data, tmp_path, predictor, **trainer_kwargs):
+    pl = importlib.import_module(ns)
+    trainer_kwargs.setdefault("max_steps", 12)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                         callbacks=[predictor], **trainer_kwargs)
+    trainer.fit(module, data)
+    return trainer
+
+
+def _predictor(**kwargs):
+    return TrainingTimePredictor(verbose=False, plot=False, num_paths=2, **kwargs)
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+@pytest.mark.parametrize("out", ["tuple", "dict", "model_output"])
+def test_structured_outputs_give_the_tensor_prediction_with_a_note(ns, out, tmp_path):
+    data = DataLoader(TensorDataset(*_data()), batch_size=16)
+    plain, structured = _predictor(), _predictor()
+    _fit(ns, _module(ns), data, tmp_path, plain)
+    _fit(ns, _module(ns, out=out), data, tmp_path, structured)
+    np.testing.assert_allclose(structured.prediction.loss, plain.prediction.loss, rtol=1e-6)
+    assert any("taken as the logits" in w for w in structured.prediction.diagnostics.warnings)
+
+
+def test_float_targets_with_cross_entropy_are_refused_with_the_fix(tmp_path):
+    data = DataLoader(TensorDataset(*_data(regression=True)), batch_size=16)
+    predictor = _predictor()
+    with pytest.warns(UserWarning, match="loss='mse'"):
+        trainer = _fit("pytorch_lightning", _module("pytorch_lightning", regression=True), data, tmp_path, predictor)
+    assert predictor.prediction is None and trainer.global_step == 12  # training went on
+    mse = _predictor(loss="mse")
+    _fit("pytorch_lightning", _module("pytorch_lightning", regression=True), data, tmp_path, mse)
+    x, y = _data(regression=True)
+    module = _module("pytorch_lightning", regression=True)
+    with torch.no_grad():
+        initial = nn.functional.mse_loss(module(x), y).item()
+    assert mse.prediction.loss[0] == pytest.approx(initial, rel=1e-5)  # all 48 samples in the subset
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_manual_optimisation_with_two_optimisers_plans_in_global_steps(ns, tmp_path):
+    data = DataLoader(TensorDataset(*_data()), batch_size=16)
+    predictor = _predictor()
+    trainer = _fit(ns, _module(ns, manual=True), data, tmp_path, predictor, max_steps=-1, max_epochs=4)
+    assert trainer.global_step == 24  # 12 batches × 2 optimisers
+    assert predictor.planned_steps == trainer.global_step
+    assert predictor.prediction.num_steps == 12
+    assert predictor.converge_step(0.1) == 2 * predictor.prediction.training_time(0.1)
+    predictor = _predictor()
+    trainer = _fit(ns, _module(ns, manual=True), data, tmp_path, predictor, max_steps=10)
+    assert predictor.planned_steps == trainer.global_step == 10
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_true_precision_inputs_are_converted_like_training_batches(precision, tmp_path):
+    data = DataLoader(TensorDataset(*_data()), batch_size=16)
+    predictor = _predictor(strict=True)
+    _fit("lightning.pytorch", _module("lightning.pytorch"), data, tmp_path, predictor, precision=precision)
+    assert predictor.prediction is not None and np.isfinite(predictor.prediction.loss).all()
+
+
+def test_prebatched_map_dataset(tmp_path):
+    x, y = _data()
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, N, 16)]
+    predictor = _predictor(strict=True)
+    _fit("pytorch_lightning", _module("pytorch_lightning"), DataLoader(batches, batch_size=None), tmp_path, predictor)
+    assert predictor.plan["batch_size"] == 16 and predictor.plan["num_samples"] == N
+
+
+class _Stream(IterableDataset):
+    def __iter__(self):
+        x, y = _data()
+        return iter(zip(x, y))
+
+
+def test_iterable_data_without_max_steps_names_the_fix(tmp_path):
+    predictor = _predictor(strict=True)
+    with pytest.raises(ValueError, match="IterableDataset.*steps="):
+        _fit("pytorch_lightning", _module("pytorch_lightning"), DataLoader(_Stream(), batch_size=16), tmp_path,
+             predictor, max_steps=-1, max_epochs=2)
+
+
+def test_max_time_only_names_the_time_limit(tmp_path):
+    predictor = _predictor(strict=True)
+    with pytest.raises(ValueError, match="max_time"):
+        _fit("pytorch_lightning", _module("pytorch_lightning"), DataLoader(TensorDataset(*_data()), batch_size=16),
+             tmp_path, predictor, max_steps=-1, max_epochs=-1, max_time={"seconds": 2})
+
+
+def test_cycled_momentum_is_noted(tmp_path):
+    def one_cycle(opt):
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=12)
+
+    predictor = _predictor()
+    _fit("pytorch_lightning", _module("pytorch_lightning", scheduler=one_cycle),
+         DataLoader(TensorDataset(*_data()), batch_size=16), tmp_path, predictor)
+    assert any("momentum" in w for w in predictor.prediction.diagnostics.warnings)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"loss": "l1"}, "unknown loss"),
+    ({"loss": "CrossEntropy"}, "unknown loss"),
+    ({"method": "gd"}, "method must be one of"),
+    ({"epsilons": "0.1"}, "epsilons"),
+    ({"seed": 1.5}, "seed"),
+    ({"refine_budget": 0}, "refine_budget"),
+])
+def test_constructor_rejects_what_would_fail_at_fit_start(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainingTimePredictor(**kwargs)
+
+
+def test_a_single_epsilon_is_accepted():
+    assert TrainingTimePredictor(epsilons=0.1).epsilons == (0.1,)
+
+
+# ----------------------------------------------------------------------------- token-level tasks
+T, V = 4, 5
+
+
+def _token_module(ns):
+    pl = importlib.import_module(ns)
+
+    class Tagger(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(7, 6)
+            self.out = nn.Linear(6, V)
+
+        def forward(self, tokens):
+            return self.out(torch.tanh(self.emb(tokens)))  # (B, T, V)
+
+        def training_step(self, batch, batch_idx):
+            tokens, tags = batch
+            return nn.functional.cross_entropy(self(tokens).reshape(-1, V), tags.reshape(-1), ignore_index=-100)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    return Tagger()
+
+
+def _token_data():
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 7, (32, T), generator=g)
+    tags = (tokens % V).clone()
+    tags[torch.rand(32, T, generator=g) < 0.3] = -100  # padding / unlabelled tokens
+    return tokens, tags
+
+
+def test_token_classification_tokens_are_samples_with_ignore_index(tmp_path):
+    tokens, tags = _token_data()
+    predictor = _predictor(strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit("pytorch_lightning", _token_module("pytorch_lightning"), DataLoader(TensorDataset(tokens, tags),
+             batch_size=32), tmp_path, predictor, max_steps=15)
+    module = _token_module("pytorch_lightning")
+    # full batch, plain GD: the linearised prediction's first step equals the real one to first order
+    opt = torch.optim.SGD(module.parameters(), lr=0.5)
+    real = []
+    for _ in range(2):
+        loss = nn.functional.cross_entropy(module(tokens).reshape(-1, V), tags.reshape(-1))
+        real.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pred = predictor.prediction
+    assert pred.loss[0] == pytest.approx(real[0], rel=1e-6)
+    assert pred.loss[1] == pytest.approx(real[1], rel=2e-2)
+    assert any("token-level task" in w for w in pred.diagnostics.warnings)
+    assert pred.error is not None and 0 <= pred.error[-1] <= pred.error[0]

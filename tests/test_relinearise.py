@@ -1,0 +1,282 @@
+"""Re-linearised closed loop: exact continuation of real training for linear-in-parameters models,
+drift measures against hand computation, the optimiser state in function space, the edge-of-stability cap."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_ttp.api import estimate_kernel
+from lightning_ttp.dynamics import OptimizerSpec, stability_report
+from lightning_ttp.relinearise import (
+    ClosedLoop,
+    KernelDrift,
+    _current_state,
+    _speed,
+    _stability_capped,
+    centred_alignment,
+    checkpoint_steps,
+    drift_multiplier,
+    kernel_drift,
+    relinearised_prediction,
+)
+
+pytestmark = pytest.mark.usefixtures("_one_thread")  # tests/conftest.py
+
+N, D, C, T = 40, 6, 3, 30
+
+
+def data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, D, generator=g, dtype=torch.float64), torch.randint(0, C, (N,), generator=g)
+
+
+def random_features_model(seed=1):
+    """Frozen random features + trainable linear head: linear in its trainable parameters."""
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(D, 16), torch.nn.Tanh(), torch.nn.Linear(16, C)).double()
+    for p in m[0].parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def optimizer(name, params):
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=0.5, momentum=0.9)
+    if name == "nesterov_wd_dampening":
+        return torch.optim.SGD(params, lr=0.4, momentum=0.8, dampening=0.1, weight_decay=0.05)
+    if name == "nesterov_wd":
+        return torch.optim.SGD(params, lr=0.4, momentum=0.8, nesterov=True, weight_decay=0.05)
+    if name == "two_groups":
+        w, b = params
+        return torch.optim.SGD([{"params": [w], "lr": 0.5}, {"params": [b], "lr": 0.1}], momentum=0.7)
+    return torch.optim.AdamW(params, lr=0.02)
+
+
+def train(model, opt, x, y, steps, *, at=(), callback=None):
+    """Full-batch training; the loss at steps 0..steps (the last one after the final update)."""
+    losses = []
+    for t in range(steps):
+        if t in at:
+            callback(t, losses)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        losses.append(F.cross_entropy(model(x), y).item())
+    return np.array(losses)
+
+
+def spec_of(opt):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Adam approximation notice
+        return OptimizerSpec.from_optimizer(opt)
+
+
+@pytest.mark.parametrize("name", ["momentum", "nesterov_wd", "nesterov_wd_dampening", "two_groups"])
+def test_continuation_equals_real_sgd_from_step_k(name):
+    """From step k on, the re-linearised continuation is real torch.optim.SGD training, step for step."""
+    x, y = data()
+    model = random_features_model()
+    opt = optimizer(name, [p for p in model.parameters() if p.requires_grad])
+    spec = spec_of(opt)
+    start = estimate_kernel(model, x, y, spec)
+    live = {}
+
+    def relinearise(t, losses):
+        live[t] = relinearised_prediction(model, opt, spec, x, y, losses, T, start)
+
+    real = train(model, opt, x, y, T, at=(10,), callback=relinearise)
+    pred = live[10]
+    assert pred.drift.scale == pytest.approx(1.0, abs=1e-12)  # linear model: the kernel does not move
+    np.testing.assert_allclose(pred.continuation, real[10:], rtol=1e-9)
+    # joined at the level of a line through the last observed losses: close, not exact (a curved prefix)
+    np.testing.assert_allclose(pred.loss[10:], real[10:], rtol=5e-3)
+    np.testing.assert_allclose(pred.loss[:10], real[:10])  # full batch: the prefix is not smoothed
+
+
+def test_momentum_state_is_what_makes_it_exact():
+    """The same continuation from a fresh optimiser (buffer dropped) is measurably different."""
+    x, y = data()
+    model = random_features_model()
+    opt = optimizer("momentum", [p for p in model.parameters() if p.requires_grad])
+    spec = spec_of(opt)
+    start = estimate_kernel(model, x, y, spec)
+    observed = train(model, opt, x, y, 10)[:-1]
+    carried = relinearised_prediction(model, opt, spec, x, y, observed, T, start)
+    fresh = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    dropped = relinearised_prediction(model, fresh, spec, x, y, observed, T, start)
+    assert np.max(np.abs(carried.continuation - dropped.continuation)) > 1e-3  # the exact match is 1e-9
+
+
+def test_closed_loop_stays_exact_over_several_calls():
+    """Drift extrapolation, stability cap and speed calibration leave an exact linearisation unchanged."""
+    x, y = data(1)
+    model = random_features_model(3)
+    opt = optimizer("momentum", [p for p in model.parameters() if p.requires_grad])
+    spec = spec_of(opt)
+    loop = ClosedLoop(spec, x, y, T, estimate_kernel(model, x, y, spec), fractions=(0.1, 0.3, 0.6),
+                      extrapolate_drift=True)
+    assert loop.steps == [3, 9, 18]
+    preds = []
+    real = train(model, opt, x, y, T, at=loop.steps, callback=lambda t, losses: preds.append(loop.update(model, opt,
+                                                                                                        losses)))
+    assert [p.step for p in preds] == loop.steps
+    for p in preds:
+        assert p.info["warp"] == pytest.approx(1.0, abs=1e-3)
+        np.testing.assert_allclose(p.multiplier, 1.0, atol=1e-9)
+        np.testing.assert_allclose(p.continuation, real[p.step:], rtol=1e-4)
+
+
+def test_adam_kernel_and_first_moment_against_hand_computation():
+    """Adam: Θ = J diag(1/(√v̂+ε)) Jᵀ from the optimiser's own v̂ and B = J diag(1/(√v̂+ε)) m, by hand for f = xWᵀ + b."""
+    x, y = data()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(D, C).double()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05, betas=(0.8, 0.99))
+    spec = spec_of(opt)
+    train(model, opt, x, y, 7)
+    ke, bufs, step = _current_state(model, x, y, spec, opt, loss="cross_entropy", output_fn=None, kernel="full",
+                                    projection_dim=None, seed=0)
+    assert step == 7
+    st_w, st_b = opt.state[model.weight], opt.state[model.bias]
+    corr = 1 - 0.99**7
+
+    def precond(st):
+        v_hat = st["exp_avg_sq"] / corr
+        v_hat = torch.maximum(v_hat, 1e-2 * v_hat.mean())
+        return 1.0 / (v_hat.sqrt() + 1e-8)
+
+    pw, pb = precond(st_w), precond(st_b)  # (C, D), (C,)
+    # ∂f_ic/∂W_c'd = δ_cc' x_id, ∂f_ic/∂b_c' = δ_cc'  =>  Θ[(i,c),(j,c')] = δ_cc' (Σ_d x_id x_jd P_cd + P_c)
+    theta = torch.zeros(N, C, N, C, dtype=torch.float64)
+    for c in range(C):
+        theta[:, c, :, c] = (x * pw[c]) @ x.T + pb[c]
+    np.testing.assert_allclose(ke.grams[0].numpy(), theta.reshape(N * C, N * C).numpy(), rtol=1e-8)
+    image = x @ (pw * st_w["exp_avg"]).T + pb * st_b["exp_avg"]
+    np.testing.assert_allclose(bufs[0].numpy(), image.numpy(), rtol=1e-8)
+    with torch.no_grad():
+        np.testing.assert_allclose(ke.outputs.numpy(), model(x).numpy(), rtol=1e-12)
+
+
+def test_adamw_continuation_tracks_real_adamw():
+    """AdamW with v̂ held at step k: a documented approximation, close to the real run on a linear model."""
+    x, y = data()
+    model = random_features_model()
+    opt = optimizer("adamw", [p for p in model.parameters() if p.requires_grad])
+    spec = spec_of(opt)
+    start = estimate_kernel(model, x, y, spec)
+    live = {}
+    real = train(model, opt, x, y, T, at=(10,), callback=lambda t, losses: live.setdefault(
+        t, relinearised_prediction(model, opt, spec, x, y, losses, T, start, extrapolate_drift=False)))
+    rel = np.abs(live[10].continuation - real[10:]) / real[10:]
+    assert rel.max() < 1e-2
+    assert live[10].info["adam_step"] == 10
+
+
+def test_drift_measures_against_hand_computation():
+    rng = np.random.default_rng(0)
+    n, c = 7, 2
+    a, b = rng.standard_normal((n * c, 9)), rng.standard_normal((n * c, 9))
+    g0, g1 = [torch.as_tensor(a @ a.T), torch.as_tensor(b @ b.T)], [torch.as_tensor(2 * a @ a.T),
+                                                                     torch.as_tensor(5 * b @ b.T)]
+    y = torch.as_tensor([0, 1, 1, 0, 1, 0, 0])
+    lrs = [0.1, 0.3]
+    drift = kernel_drift(g0, g1, y, lrs, num_outputs=c, step=4)
+    assert drift.step == 4
+    assert drift.scale == pytest.approx((0.1 * 2 * np.trace(a @ a.T) + 0.3 * 5 * np.trace(b @ b.T))
+                                        / (0.1 * np.trace(a @ a.T) + 0.3 * np.trace(b @ b.T)))
+    # centred alignment by loops over the per-sample kernel K_ij = Σ_c Θ_(i,c),(j,c)
+    theta = 0.1 * 2 * a @ a.T + 0.3 * 5 * b @ b.T
+    k = np.array([[sum(theta[i * c + q, j * c + q] for q in range(c)) for j in range(n)] for i in range(n)])
+    onehot = np.eye(c)[y.numpy()]
+    h = np.eye(n) - np.ones((n, n)) / n
+    kc, tc = h @ k @ h, h @ onehot @ onehot.T @ h
+    assert drift.alignment == pytest.approx(np.sum(kc * tc) / np.linalg.norm(kc) / np.linalg.norm(tc))
+    assert centred_alignment(torch.as_tensor(onehot @ onehot.T), torch.as_tensor(onehot)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one of each per param group"):
+        kernel_drift(g0, g1[:1], y, lrs, num_outputs=c)
+
+
+def test_drift_multiplier_follows_a_logarithmic_trend():
+    alpha, beta = 1.0, 0.5
+    hist = [KernelDrift(t, alpha + beta * np.log1p(t), 0.0, 0.0) for t in (3, 8, 15)]
+    m = drift_multiplier(hist, 15, 60, max_drift=10.0)
+    t = np.arange(15, 60)
+    np.testing.assert_allclose(m, (alpha + beta * np.log1p(t)) / (alpha + beta * np.log1p(15)), rtol=1e-10)
+    assert drift_multiplier(hist, 15, 60, max_drift=1.2).max() == pytest.approx(1.2)
+
+
+def test_stability_cap_brings_rho_to_one():
+    """Above the stability limit the capped kernel is at ρ = 1 (checked by stability_report)."""
+    x, y = data()
+    model = random_features_model()
+    spec = spec_of(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0))
+    ke = estimate_kernel(model, x, y, spec)
+    rho0 = stability_report(ke.outputs, ke.targets, ke.grams, ke.loss, spec, np.ones((5, 1)))["rho_max"]
+    lrs = np.full((5, 1), 3.0 / rho0)
+    grams, rho = _stability_capped(ke, spec, lrs)
+    assert rho == pytest.approx(3.0, rel=1e-6)
+    after = stability_report(ke.outputs, ke.targets, grams, ke.loss, spec, lrs)["rho_max"]
+    assert after == pytest.approx(1.0, abs=1e-6)
+    assert _stability_capped(ke, spec, lrs / 10)[0] is ke.grams  # stable: untouched
+
+
+def test_speed_calibration_recovers_a_time_warp():
+    t = np.arange(61, dtype=np.float64)
+    previous = np.exp(-t / 20)
+    observed = np.exp(-(10 + 2.0 * (t[:40] - 10).clip(0)) / 20)  # twice as fast from step 10 on
+    assert _speed(previous, 10, observed, prior=1.0) == pytest.approx(2.0, rel=0.05)
+    assert _speed(previous, 10, observed[:12], prior=1.0) == 1.0  # too few observations: no evidence
+
+
+def test_checkpoints_and_errors():
+    assert checkpoint_steps(1000) == [20, 50, 100, 200, 400]
+    assert checkpoint_steps(40) == [3, 4, 8, 16]  # ≥ 3 observed losses, distinct
+    x, y = data()
+    model = random_features_model()
+    opt = optimizer("momentum", [p for p in model.parameters() if p.requires_grad])
+    spec = spec_of(opt)
+    start = estimate_kernel(model, x, y, spec)
+    with pytest.raises(ValueError, match="1 <= step < total_steps"):
+        relinearised_prediction(model, opt, spec, x, y, [], T, start)
+    with pytest.raises(ValueError, match="fewer than total_steps"):
+        relinearised_prediction(model, opt, spec, x, y, [1.0, 0.9], T, start, lr_schedule=np.ones(5))
+    with_gap = relinearised_prediction(model, opt, spec, x, y, [1.2, np.nan, 1.0, 0.9], T, start)
+    np.testing.assert_allclose(with_gap.loss[:4], [1.2, 1.1, 1.0, 0.9])  # a missing loss is interpolated
+    with pytest.raises(TypeError, match="own drift history"):
+        ClosedLoop(spec, x, y, T, start, history=[])
+
+
+@pytest.mark.parametrize("name", ["momentum", "adamw"])
+def test_model_and_optimizer_left_unchanged(name):
+    x, y = data()
+    model = random_features_model()
+    opt = optimizer(name, [p for p in model.parameters() if p.requires_grad])
+    spec = spec_of(opt)
+    start = estimate_kernel(model, x, y, spec)
+    observed = train(model, opt, x, y, 5)[:-1]
+    model.train()
+    F.cross_entropy(model(x), y).backward()  # a pending gradient, as inside a training step
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    before_w = copy.deepcopy(model.state_dict())
+    before_s = copy.deepcopy(opt.state_dict())
+    rng = torch.get_rng_state()
+    relinearised_prediction(model, opt, spec, x, y, observed, T, start)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(p.grad, g) for p, g in zip([p for p in model.parameters() if p.requires_grad], grads,
+                                                        strict=True))
+    assert model.training and all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before_w[k])
+    after_s = opt.state_dict()
+    for k, st in before_s["state"].items():
+        for key, value in st.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(after_s["state"][k][key]))
