@@ -126,7 +126,7 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
             ``converged``). ``"auto"``: halfway between chance (1 / classes, the classes read off
             the logits when the callback measures v_t itself; off with ``accuracy_metric``) and 1.
             ``None``: off.
-        trial: an ``optuna.trial.Trial``: every round s_Fv (v_t where s_Fv is undefined) is reported,
+        trial: an ``optuna.trial.Trial``: every round s_Fv (s_F without v_t) is reported where defined,
             and on give-up (``mode="stop"``) ``optuna.TrialPruned`` is raised.
         on_give_up: called as ``on_give_up(trainer, pl_module, decision)`` when the rule fires
             (in both modes). Subclasses can override :meth:`on_give_up` instead.
@@ -144,7 +144,8 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         history: one dict of scores per round (``epoch``, ``s_o``, ``s_s``, ``s_t``, ``s_F``,
             ``s_Fv``, ``v_t``, ``drift``, ``scale``, ``saturated``, ``stalled``, ...).
         gave_up: whether the rule fired. ``reason``: its message. ``decision``: the
-            :class:`~lightning_ttp.spectral.GiveUpDecision`. ``layers``: the monitored layers.
+            :class:`~lightning_ttp.spectral.GiveUpDecision`; ``decided``: whether it is final.
+            ``layers``: the monitored layers.
     """
 
     def __init__(
@@ -229,6 +230,11 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
     @property
     def gave_up(self) -> bool:
         return self.state.gave_up
+
+    @property
+    def decided(self) -> bool:
+        """Whether the checkpoint decision has been taken (``insufficient`` does not count)."""
+        return self.state.decision is not None and self.state.decision.final
 
     @property
     def reason(self) -> str | None:
@@ -547,8 +553,8 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
             self._report_trial(self.state.history[-1])
 
     def _report_trial(self, entry: dict[str, Any]) -> None:
-        """s_Fv (a predicted accuracy); v_t where it is undefined (a dead or diverged run)."""
-        value = entry["s_Fv"] if math.isfinite(entry["s_Fv"]) else entry["v_t"]
+        """s_Fv (a predicted accuracy); s_F without v_t; nothing where both are undefined."""
+        value = entry["s_Fv"] if math.isfinite(entry["s_Fv"]) else entry["s_F"]
         if math.isfinite(value):
             self.trial.report(float(value), step=int(entry["epoch"]))
 
