@@ -94,9 +94,8 @@ def predict_run(
     if budget is not None and projection_dim is None and targets.shape[0] > MIN_SAMPLES:
         order = torch.randperm(targets.shape[0], generator=torch.Generator().manual_seed(seed))
         order = order.to(targets.device)
-        choice = choose_kernel(model, index_batch(inputs, order), targets[order], spec, steps=plan.steps,
-                               batch_size=plan.effective_batch_size, budget=budget, loss=loss, output_fn=output_fn,
-                               seed=seed)
+        choice = choose_kernel(model, index_batch(inputs, order), targets[order], steps=plan.steps,
+                               batch_size=plan.effective_batch_size, budget=budget, loss=loss, output_fn=output_fn)
         if choice.num_samples < targets.shape[0]:
             keep = order[: choice.num_samples].sort().values
             inputs, targets = index_batch(inputs, keep), targets[keep]
