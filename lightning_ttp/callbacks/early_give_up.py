@@ -517,10 +517,11 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         return {f"give_up/{k}": float(entry[k]) for k in keys if math.isfinite(entry[k])}
 
     def _log(self, pl_module: Any, scores: Scores) -> None:
-        # the scores are the same on every rank (gathered rows), so no sync is needed
+        # the scores are the same on every rank (gathered rows); sync_dist averages equal values and
+        # spares the user Lightning's "use sync_dist=True" warning under DDP
         for key, value in self._metrics(self._entry(scores)).items():
             try:
-                pl_module.log(key, value, on_epoch=True, sync_dist=False, rank_zero_only=False)
+                pl_module.log(key, value, on_epoch=True, sync_dist=True)
             except Exception as err:  # noqa: BLE001 - logging must never break training
                 self._warn_once("log", f"EarlyGiveUp: could not log {key}: {err}")
 
