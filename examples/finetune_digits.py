@@ -123,6 +123,7 @@ def build_module(pl, backbone: nn.Module, head: nn.Module, lr: float, momentum: 
 def run_phase(pl, name: str, module, train, val, args, *, steps: int, what_if=None, give_up: bool = False) -> dict:
     """One Lightning fit with the predictor and the ETA bar; prints predicted vs. real."""
     from lightning_ttp import EarlyGiveUp, ETAProgressBar, TrainingTimePredictor
+    from lightning_ttp.dynamics import still_falling
 
     predictor = TrainingTimePredictor(epsilons=(0.1, 0.01), num_samples=args.kernel_samples, what_if=what_if)
     fractions = (0.1, 0.25, 0.5)
@@ -160,12 +161,15 @@ def run_phase(pl, name: str, module, train, val, args, *, steps: int, what_if=No
     print(f"{'ε':>6} {'predicted':>10} {'@10%':>6} {'@25%':>6} {'@50%':>6} {'real':>6}   "
           f"{'predicted time':>14} {'real time':>10}")
     for eps in predictor.epsilons:
-        p = pred.training_time(eps)
+        # "n/c": not converged within the run (still falling at its last step), so no ε-time
+        p = pred.training_time(eps) if pred.converged_within_run(eps) else "n/c"
         refined = {f: live.get(f, {}).get(eps) for f in fractions}
         real = predictor.real_training_time(eps)
+        if real is not None and still_falling(predictor.real_curve(), eps):
+            real = "n/c"
         rows.append({"eps": eps, "predicted": p, "refined": {str(f): v for f, v in refined.items()}, "real": real})
-        ptime = "n/a" if p is None else f"{p * sps:.1f} s"
-        rtime = "n/a" if real is None else f"{real * sps:.1f} s"
+        ptime = f"{p * sps:.1f} s" if isinstance(p, int) else "n/a"
+        rtime = f"{real * sps:.1f} s" if isinstance(real, int) else "n/a"
         print(f"{eps:>6g} {fmt(p):>10} {fmt(refined[0.1]):>6} {fmt(refined[0.25]):>6} {fmt(refined[0.5]):>6} "
               f"{fmt(real):>6}   {ptime:>14} {rtime:>10}")
     cost = float(predictor.cost_seconds or 0.0)

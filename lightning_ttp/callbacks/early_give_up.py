@@ -164,7 +164,7 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         on_give_up: GiveUpHook | None = None,
         output_fn: Callable[[Any, Any], Any] | None = None,
         target_fn: Callable[[Any], Any] | None = None,
-        plot: bool = False,
+        plot: bool = True,
         verbose: bool = True,
         strict: bool = False,
     ) -> None:
@@ -618,6 +618,7 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
     def _save_plot(self, trainer: Any) -> str | None:
         from ..report.plots import matplotlib_available, plot_give_up, save_figure
 
+        directory = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: read on every rank
         if not trainer.is_global_zero:
             return None
         if not matplotlib_available():
@@ -631,7 +632,6 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
             decision_epoch=None if d is None or not d.final else self.state.decision_epoch,
             decision=None if d is None else f"{d.kind}{' (gave up)' if self.state.gave_up else ''}",
         )
-        directory = trainer.log_dir or trainer.default_root_dir
         path = save_figure(fig, os.path.join(directory, "give_up_scores.png"))
         tensorboard = tuple(ns.loggers.TensorBoardLogger for ns in installed_namespaces())
         for logger in trainer.loggers:
