@@ -8,6 +8,7 @@ model a 256-sample kernel can cost as much as a short fine-tune. Before computin
 2. predict the kernel's cost with :func:`lightning_ttp.kernel.estimate_ntk_cost` (one forward
    and C backward passes timed on a few samples, the contraction's multiply-adds counted as the
    engine will do them), scaled to a subset of n samples as passes·n/N + contraction·(n/N)²;
+   the simulation adds one (paths, N·C) × (N·C, N·C) product per simulated step;
 3. choose the largest subset N ≤ ``num_samples`` (halving, down to ``MIN_SAMPLES``) whose
    predicted kernel time fits ``budget`` × run cost (or a 3 s floor); when
    even that does not fit, the trace kernel (Θ ≈ K ⊗ I_C, C times cheaper to contract) at
@@ -116,11 +117,14 @@ def choose_kernel(
     steps: int,
     batch_size: int,
     budget: float,
+    simulated_steps: int | None = None,
+    paths: int = 1,
     floor_seconds: float = FLOOR_SECONDS,
     loss: str | Loss | Callable = "cross_entropy",
     output_fn: Callable | None = None,
 ) -> KernelChoice:
-    """The largest kernel subset (then the trace kernel) whose cost fits ``budget`` × the run,
+    """The largest kernel subset (then the trace kernel) whose kernel and simulation
+    (``simulated_steps`` steps of ``paths`` Monte Carlo paths) fit ``budget`` × the run,
     or ``floor_seconds`` when that is more (a 3 s prediction is cheap whatever the run).
 
     ``inputs``/``targets`` hold the candidate subset (N_max samples, already a seeded random
@@ -135,6 +139,8 @@ def choose_kernel(
     cost = estimate_ntk_cost(model, inputs, num_samples=n_max, output_fn=partial(_outputs_of, output_fn=output_fn))
     linear = cost.passes_seconds  # N forward + C backward passes
     quadratic = cost.contraction_seconds + cost.fallback_seconds  # the Gram contractions (~N²)
+    # the simulation: one (paths, N·C) × (N·C, N·C) product per simulated step (memory-bound: timed)
+    quadratic += (simulated_steps or steps) * _product_seconds(paths, n_max * cost.num_outputs)
 
     def predicted(n: int) -> float:
         return linear * n / n_max + quadratic * (n / n_max) ** 2
@@ -152,12 +158,21 @@ def choose_kernel(
         return KernelChoice(n, "full", predicted(n), allowed, run_seconds, pilot, reason)
     # even MIN_SAMPLES exceeds the budget: the trace kernel contracts C times less
     outputs = max(1, int(model_outputs_count(model, inputs, output_fn)))
-    trace_seconds = linear * n / n_max + quadratic * (n / n_max) ** 2 / outputs
+    trace_seconds = linear * n / n_max + quadratic * (n / n_max) ** 2 / outputs ** 2
     reason = (f"trace kernel on {n} samples: the exact one would take {predicted(n):.2g} s, over the budget of "
               f"{allowed:.2g} s ({budget:.0%} of the run's predicted {run_seconds:.2g} s)")
     if trace_seconds > allowed:
         reason += f"; still predicted {trace_seconds:.2g} s: the prediction will exceed its budget"
     return KernelChoice(n, "trace", trace_seconds, allowed, run_seconds, pilot, reason)
+
+
+def _product_seconds(paths: int, size: int, largest: int = 4096) -> float:
+    """Seconds of one (paths, size) × (size, size) float32 product on the CPU, timed at up to
+    ``largest`` and scaled by the matrix's size (the product reads the whole Gram)."""
+    m = min(size, largest)
+    gram, rows = torch.randn(m, m), torch.randn(max(1, paths), m)
+    seconds = _timed(lambda: rows @ gram, repeats=3)
+    return seconds * (size / m) ** 2
 
 
 def _outputs_of(model: torch.nn.Module, inputs: Any, *, output_fn: Callable | None) -> torch.Tensor:
