@@ -304,7 +304,8 @@ def print_table(summary: dict) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the 3 design seeds, one lr per optimiser (< 10 min)")
-    parser.add_argument("--seeds", type=int, default=None, help=f"seeds 0..n-1; 0..{DESIGN_SEEDS - 1} are the design set")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help=f"seeds 0..n-1; 0..{DESIGN_SEEDS - 1} are the design set")
     parser.add_argument("--archs", default="cnn,mlp")
     parser.add_argument("--opts", default="sgd,sgdm,adamw")
     parser.add_argument("--modes", default="all,head")

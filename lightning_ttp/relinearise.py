@@ -228,8 +228,64 @@ def _buffers(module: torch.nn.Module, inputs: Any, groups: list[list[torch.nn.Pa
     return out
 
 
+def _has_batch_statistics(model: torch.nn.Module) -> bool:
+    """Whether ``model`` trains on batch statistics: a BatchNorm layer in train mode."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+               and (m.track_running_stats is False or m.momentum != 0) for m in model.modules())
+
+
+def _batch_statistics_state(model, inputs, groups: list[list[torch.nn.Parameter]], *, kernel: str,
+                            scales: dict[int, torch.Tensor] | None, tangents: dict[int, torch.Tensor],
+                            weight_decay: bool, output_fn) -> tuple[torch.Tensor, list, list, list | None]:
+    """Outputs, Grams, buffer images and J_g w_g of the subset as *one training batch*.
+
+    BatchNorm in train mode normalises by the statistics of the batch, so each output depends
+    on every sample of it: the Jacobian J = ∂f/∂w of the batched forward (rows (i, c)) is taken
+    with the subset as the batch (``torch.func.jacrev``, running statistics untouched), and
+    Θ_g = J_g S_g J_gᵀ, B_g = J_g S_g v_g, with S_g = diag(s²) for Adam's preconditioner (``scales``)
+    and the identity for SGD. This is the kernel of the dynamics the training steps follow;
+    the eval-mode (running statistics) kernel of :func:`estimate_kernel` trains faster than them.
+    """
+    from torch.func import functional_call, jacrev
+
+    forward = _Forward(model, output_fn)
+    names = {id(p): n for n, p in forward.named_parameters()}
+    flat = [p for g in groups for p in g]
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+    tracking = [m.track_running_stats for m in bns]
+    for m in bns:
+        m.track_running_stats = False  # train mode on batch statistics, running statistics untouched
+    try:
+        with torch.no_grad():
+            def outputs(w):
+                return functional_call(forward, w, (inputs,), strict=False)
+
+            primal = {names[id(p)]: p.detach() for p in flat}
+            jac = jacrev(outputs)(primal)
+            out = outputs(primal).detach()
+    finally:
+        for m, flag in zip(bns, tracking, strict=True):
+            m.track_running_stats = flag
+    n, c = out.shape
+    jf = {id(p): jac[names[id(p)]].reshape(n * c, -1).to(torch.float64) for p in flat}
+    scale2 = {id(p): (torch.ones(p.numel(), dtype=torch.float64) if scales is None
+                      else scales[id(p)].reshape(-1).to(torch.float64) ** 2) for p in flat}
+    grams, bufs, jw = [], [], []
+    for group in groups:
+        g = sum(((jf[id(p)] * scale2[id(p)]) @ jf[id(p)].T for p in group), torch.zeros(n * c, n * c,
+                                                                                          dtype=torch.float64))
+        grams.append(g if kernel == "full" else torch.einsum("icjc->ij", g.reshape(n, c, n, c)) / c)
+        have = [p for p in group if id(p) in tangents]
+        bufs.append(sum(jf[id(p)] @ (scale2[id(p)] * tangents[id(p)].reshape(-1).to(torch.float64))
+                        for p in have).reshape(n, c) if have else None)
+        jw.append(sum(jf[id(p)] @ p.detach().reshape(-1).to(torch.float64) for p in group).reshape(n, c)
+                  if group else torch.zeros(n, c, dtype=torch.float64))
+    return out.to(torch.float64).cpu(), grams, bufs, (jw if weight_decay else None)
+
+
 def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch.optim.Optimizer, *, loss,
-                   output_fn, kernel: str, projection_dim: int | None, seed: int) -> tuple[KernelEstimate, list, int]:
+                   output_fn, kernel: str, projection_dim: int | None, seed: int,
+                   reference: KernelEstimate | None = None) -> tuple[KernelEstimate, list, int]:
     """The kernel estimate at w_k (with J_g w_{k,g} under weight decay), the buffer images and Adam's step.
 
     SGD: the kernel of the model's param groups, B_g = J_g b_g from ``momentum_buffer``.
@@ -239,10 +295,20 @@ def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch
     Jacobian; tensors without state or whose rms √v̂ is below ``FROZEN_RMS`` × the median
     tensor's — no gradient reaches them in training, e.g. a bias before BatchNorm — are frozen,
     s = 0) and B_g = J_g diag(s²) m_g = J_{z,g} (s ⊙ m_g) from ``exp_avg``.
+    With a ``reference`` (the fit-start estimate on the same subset) the subset is one training
+    batch (BatchNorm on its statistics, :func:`_batch_statistics_state`) instead of eval mode.
     """
     groups = [list(g) for g in spec.params]
     state = optimizer.state
     forward = _Forward(model, output_fn)
+    batch_statistics = reference is not None
+    if batch_statistics and spec.kind not in ("adam", "adamw"):
+        tangents = {id(p): state[p]["momentum_buffer"].detach() for g in groups for p in g
+                    if state.get(p, {}).get("momentum_buffer") is not None}
+        out, grams, bufs, jw = _batch_statistics_state(model, inputs, groups, kernel=kernel, scales=None,
+                                                       tangents=tangents, weight_decay=spec.has_weight_decay,
+                                                       output_fn=output_fn)
+        return _estimate(out, reference, grams, jw), bufs, 0
     if spec.kind not in ("adam", "adamw"):
         ke = estimate_kernel(model, inputs, targets, spec, loss=loss, output_fn=output_fn, kernel=kernel,
                              projection_dim=projection_dim, seed=seed)
@@ -269,6 +335,12 @@ def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch
             continue
         v_hat = torch.maximum(v_hat, ADAM_V_FLOOR * v_hat.mean())  # as at fit start (estimate_kernel)
         scales.append((v_hat.sqrt() + spec.groups[group_of[id(p)]].eps).rsqrt().to(p.dtype))
+    if batch_statistics:
+        tangents = {id(p): state[p]["exp_avg"].detach() for p in flat if "exp_avg" in state.get(p, {})}
+        out, grams, bufs, jw = _batch_statistics_state(
+            model, inputs, groups, kernel=kernel, scales=dict(zip(map(id, flat), scales, strict=True)),
+            tangents=tangents, weight_decay=spec.has_weight_decay, output_fn=output_fn)
+        return _estimate(out, reference, grams, jw), bufs, max(steps)
     wrapper = _Reparametrised(model, flat, scales, output_fn)
     z_of = dict(zip(map(id, flat), wrapper.z, strict=True))
     s_of = dict(zip(map(id, flat), scales, strict=True))
@@ -282,6 +354,11 @@ def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch
     if spec.has_weight_decay:
         ke.jvp_w0 = _buffers(forward, inputs, groups, lambda p: p.detach())
     return ke, bufs, max(steps)
+
+
+def _estimate(outputs, reference: KernelEstimate, grams, jvp_w) -> KernelEstimate:
+    """A :class:`KernelEstimate` of given outputs (N, C) and Grams on the subset of ``reference``."""
+    return KernelEstimate(outputs, reference.targets, grams, reference.kernel, reference.loss, jvp_w)
 
 
 # ---------------------------------------------------------------------------- prediction
@@ -360,6 +437,7 @@ def relinearised_prediction(
     calibrate: bool = True,
     calibration_prior: float = 1.0,
     num_paths: int = 4,
+    batch_statistics: bool | None = None,
     seed: int = 0,
 ) -> LivePrediction:
     """Re-predict the loss curve of a run at step k = ``len(observed)`` (see module docstring).
@@ -408,8 +486,12 @@ def relinearised_prediction(
     if lrs.shape[0] < total_steps:
         raise ValueError(f"lr_schedule has {lrs.shape[0]} steps, fewer than total_steps={total_steps}")
     kernel_started = time.perf_counter()
+    if batch_statistics is None:
+        batch_statistics = projection_dim is None and _has_batch_statistics(model) and _jacobian_fits(
+            model, start, spec)
     ke, bufs, adam_step = _current_state(model, inputs, targets, spec, optimizer, loss=loss, output_fn=output_fn,
-                                         kernel=start.kernel, projection_dim=projection_dim, seed=seed)
+                                         kernel=start.kernel, projection_dim=projection_dim, seed=seed,
+                                         reference=start if batch_statistics else None)
     kernel_seconds = time.perf_counter() - kernel_started
     drift = kernel_drift(start.grams, ke.grams, start.targets, lrs[step], num_outputs=start.num_outputs, step=step)
     if extrapolate_drift:
@@ -436,7 +518,17 @@ def relinearised_prediction(
     curve = np.concatenate([prefix, joined])
     return LivePrediction(step, curve, cont, level, drift, mult, time.perf_counter() - started, kernel_seconds,
                           {"smoothing_window": window, "num_paths": paths, "adam_step": adam_step,
+                           "batch_statistics": batch_statistics,
                            "warp": warp, "rho_max": rho})
+
+
+JACOBIAN_MAX_BYTES = 256 * 2**20  # the batch-statistics kernel holds the full Jacobian (N0·C × P float64)
+
+
+def _jacobian_fits(model: torch.nn.Module, start: KernelEstimate, spec: OptimizerSpec) -> bool:
+    """Whether the subset's full Jacobian of the trainable parameters fits ``JACOBIAN_MAX_BYTES``."""
+    count = sum(p.numel() for g in spec.params for p in g)
+    return 8 * start.num_samples * start.num_outputs * count <= JACOBIAN_MAX_BYTES
 
 
 def _stability_capped(ke: KernelEstimate, spec: OptimizerSpec, lrs: np.ndarray) -> tuple[list, float]:
