@@ -241,33 +241,33 @@ def _batch_statistics_state(model, inputs, groups: list[list[torch.nn.Parameter]
 
     BatchNorm in train mode normalises by the statistics of the batch, so each output depends
     on every sample of it: the Jacobian J = ∂f/∂w of the batched forward (rows (i, c)) is taken
-    with the subset as the batch (``torch.func.jacrev``, running statistics untouched), and
+    with the subset as the batch (one backward pass per output, running statistics untouched), and
     Θ_g = J_g S_g J_gᵀ, B_g = J_g S_g v_g, with S_g = diag(s²) for Adam's preconditioner (``scales``)
     and the identity for SGD. This is the kernel of the dynamics the training steps follow;
     the eval-mode (running statistics) kernel of :func:`estimate_kernel` trains faster than them.
     """
-    from torch.func import functional_call, jacrev
-
     forward = _Forward(model, output_fn)
-    names = {id(p): n for n, p in forward.named_parameters()}
     flat = [p for g in groups for p in g]
+    modes = {m: m.training for m in model.modules()}
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
     tracking = [m.track_running_stats for m in bns]
+    model.eval()  # dropout and the like off; BatchNorm on the subset's batch statistics, running ones untouched
     for m in bns:
-        m.track_running_stats = False  # train mode on batch statistics, running statistics untouched
+        m.train()
+        m.track_running_stats = False
     try:
-        with torch.no_grad():
-            def outputs(w):
-                return functional_call(forward, w, (inputs,), strict=False)
-
-            primal = {names[id(p)]: p.detach() for p in flat}
-            jac = jacrev(outputs)(primal)
-            out = outputs(primal).detach()
+        with torch.enable_grad():
+            out = forward(inputs)
+            rows = [torch.autograd.grad(o, flat, retain_graph=True, allow_unused=True) for o in out.reshape(-1)]
     finally:
         for m, flag in zip(bns, tracking, strict=True):
             m.track_running_stats = flag
+        for m, flag in modes.items():
+            m.training = flag
+    out = out.detach()
     n, c = out.shape
-    jf = {id(p): jac[names[id(p)]].reshape(n * c, -1).to(torch.float64) for p in flat}
+    jf = {id(p): torch.stack([torch.zeros(p.numel()) if r[i] is None else r[i].reshape(-1) for r in rows])
+          .to(torch.float64) for i, p in enumerate(flat)}
     scale2 = {id(p): (torch.ones(p.numel(), dtype=torch.float64) if scales is None
                       else scales[id(p)].reshape(-1).to(torch.float64) ** 2) for p in flat}
     grams, bufs, jw = [], [], []
