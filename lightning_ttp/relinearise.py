@@ -438,6 +438,7 @@ def relinearised_prediction(
     calibration_prior: float = 1.0,
     num_paths: int = 4,
     batch_statistics: bool | None = None,
+    subset_correction: float = 0.0,
     seed: int = 0,
 ) -> LivePrediction:
     """Re-predict the loss curve of a run at step k = ``len(observed)`` (see module docstring).
@@ -499,6 +500,8 @@ def relinearised_prediction(
     else:
         mult = np.ones(total_steps - step)
     remaining = lrs[step:total_steps] * mult[:, None]
+    if subset_correction > 0 and n > n0:
+        ke.grams = [_self_terms_scaled(g, n0, (n0 / n) ** subset_correction) for g in ke.grams]
     grams, rho = _stability_capped(ke, spec, remaining) if stability_cap else (ke.grams, float("nan"))
     weights, paths = None, 1
     if not full_batch:
@@ -520,6 +523,24 @@ def relinearised_prediction(
                           {"smoothing_window": window, "num_paths": paths, "adam_step": adam_step,
                            "batch_statistics": batch_statistics,
                            "warp": warp, "rho_max": rho})
+
+
+def _self_terms_scaled(gram: torch.Tensor, n0: int, factor: float) -> torch.Tensor:
+    """The Gram with each sample's own block Θ_(i,·),(i,·) multiplied by ``factor`` (= N0/N).
+
+    On a subset of N0 of the N training samples every subset sample stands for N/N0 of them
+    (batch weights of mean 1/N0): the cross terms Σ_j Θ_ij g_j/N0 estimate the whole set's
+    Σ_j Θ_ij g_j/N without bias, but a sample's own term Θ_ii g_i/N0 is N/N0 times its real
+    weight 1/N. Scaling the self blocks by N0/N removes this bias (it makes the subset memorise
+    N/N0 times faster than the data set). Negative eigenvalues of the result are clipped at 0.
+    """
+    g = torch.as_tensor(gram, dtype=torch.float64).clone()
+    c = g.shape[0] // n0
+    blocks = g.reshape(n0, c, n0, c)
+    idx = torch.arange(n0)
+    blocks[idx, :, idx, :] *= factor
+    vals, vecs = torch.linalg.eigh(blocks.reshape(n0 * c, n0 * c))
+    return (vecs * vals.clamp(min=0.0)) @ vecs.T  # the nearest PSD kernel (no direction grows)
 
 
 JACOBIAN_MAX_BYTES = 256 * 2**20  # the batch-statistics kernel holds the full Jacobian (N0·C × P float64)
