@@ -280,3 +280,37 @@ def test_model_and_optimizer_left_unchanged(name):
     for k, st in before_s["state"].items():
         for key, value in st.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(after_s["state"][k][key]))
+
+
+def test_batchnorm_kernel_uses_batch_statistics():
+    """With BatchNorm in train mode the kernel is J Jᵀ of the *batched* train-mode forward (each output
+    depends on every sample through the batch statistics): against torch.func.jacrev on a copy, the
+    momentum image J b as well; running statistics, modes and weights untouched."""
+    from torch.func import functional_call, jacrev
+
+    x, y = data()
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(D, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, C)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    spec = spec_of(opt)
+    start = estimate_kernel(model, x, y, spec)
+    train(model, opt, x, y, 4)
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    ke, bufs, _ = _current_state(model, x, y, spec, opt, loss="cross_entropy", output_fn=None, kernel="full",
+                                 projection_dim=None, seed=0, reference=start)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(m.training for m in model.modules())
+    ref = copy.deepcopy(model)
+    ref[1].track_running_stats = False
+    params = dict(ref.named_parameters())
+    jac = jacrev(lambda w: functional_call(ref, w, (x,)))({k: v.detach() for k, v in params.items()})
+    j = torch.cat([jac[k].reshape(N * C, -1) for k in params], dim=1)
+    b = torch.cat([opt.state[p]["momentum_buffer"].reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(ke.grams[0], j @ j.T, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(bufs[0], (j @ b).reshape(N, C), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ke.outputs, ref(x).detach(), rtol=1e-12, atol=1e-12)
+    eval_ke, _, _ = _current_state(model, x, y, spec, opt, loss="cross_entropy", output_fn=None, kernel="full",
+                                   projection_dim=None, seed=0)
+    assert (eval_ke.grams[0] - ke.grams[0]).norm() > 0.05 * ke.grams[0].norm()  # eval mode is another kernel
