@@ -436,7 +436,7 @@ def relinearised_prediction(
     stability_cap: bool = True,
     calibrate: bool = True,
     calibration_prior: float = 1.0,
-    num_paths: int = 4,
+    num_paths: int = 0,
     batch_statistics: bool | None = None,
     subset_correction: float = 0.0,
     seed: int = 0,
@@ -456,8 +456,17 @@ def relinearised_prediction(
         history: the live predictions of earlier calls on this run (the scale trend is
             fitted to their drifts; the last one calibrates the speed, ``calibrate``).
         batch_size, dataset_size: the optimiser-step batch and the training-set size; with
-            batch_size < dataset_size the continuation is the mean of ``num_paths`` Monte Carlo
-            mini-batch paths, else full-batch GD.
+            batch_size < dataset_size and ``num_paths`` ≥ 1 the continuation is the mean of
+            ``num_paths`` Monte Carlo mini-batch paths; with ``num_paths=0`` (default) or a full
+            batch it follows the expected gradient (weights 1/N0: as accurate on
+            ``benchmarks/fidelity.py``, one path of cost).
+        batch_statistics: BatchNorm layers in train mode re-linearised on the batch statistics
+            of the kernel subset (:func:`_batch_statistics_state`; the training dynamics) rather
+            than in eval mode; default (None): when the model has such layers, no
+            ``projection_dim`` is set and the subset's Jacobian fits ``JACOBIAN_MAX_BYTES``.
+        subset_correction: λ ∈ [0, 1]; with N0 < N the subset's self-terms are scaled by
+            (N0/N)^λ (:func:`_self_terms_scaled`); default 0 (off: on the benchmark it slows the
+            early predictions more than it helps late ones, see docs/prediction.md §8).
         smoothing_window: for the observed prefix (default: the package's,
             :func:`lightning_ttp.refine.default_smoothing_window`).
         projection_dim: random projection of the gradients (large models; cheaper kernels).
@@ -504,7 +513,7 @@ def relinearised_prediction(
         ke.grams = [_self_terms_scaled(g, n0, (n0 / n) ** subset_correction) for g in ke.grams]
     grams, rho = _stability_capped(ke, spec, remaining) if stability_cap else (ke.grams, float("nan"))
     weights, paths = None, 1
-    if not full_batch:
+    if not full_batch and num_paths > 0:
         sampler = BatchSampler(n0, b, num_paths, n_total=n, seed=seed + step)
         weights, paths = sampler.weights, num_paths
     res = simulate_discrete(ke.outputs, ke.targets, grams, ke.loss, spec, remaining, jvp_w0=ke.jvp_w0,
@@ -520,7 +529,8 @@ def relinearised_prediction(
     prefix = smooth_losses(np.interp(t_obs, t_obs[finite], obs[finite]), window)  # missing losses interpolated
     curve = np.concatenate([prefix, joined])
     return LivePrediction(step, curve, cont, level, drift, mult, time.perf_counter() - started, kernel_seconds,
-                          {"smoothing_window": window, "num_paths": paths, "adam_step": adam_step,
+                          {"smoothing_window": window, "num_paths": paths if weights is not None else 0,
+                           "adam_step": adam_step,
                            "batch_statistics": batch_statistics,
                            "warp": warp, "rho_max": rho})
 
