@@ -439,6 +439,8 @@ def relinearised_prediction(
     num_paths: int = 0,
     batch_statistics: bool | None = None,
     subset_correction: float = 0.0,
+    blend: bool = True,
+    blend_min_span: float = 0.1,
     seed: int = 0,
 ) -> LivePrediction:
     """Re-predict the loss curve of a run at step k = ``len(observed)`` (see module docstring).
@@ -464,6 +466,12 @@ def relinearised_prediction(
             of the kernel subset (:func:`_batch_statistics_state`; the training dynamics) rather
             than in eval mode; default (None): when the model has such layers, no
             ``projection_dim`` is set and the subset's Jacobian fits ``JACOBIAN_MAX_BYTES``.
+        blend: combine the re-linearised curve R with the power law P fitted to the observed
+            prefix (:func:`power_law_curve`), L̂ = w R + (1 − w) P after step k, with the weights
+            w ∝ 1/e_R, 1 − w ∝ 1/e_P from the mean squared log errors e of the previous call's R
+            and P on the smoothed losses observed since that call — only once that span covers
+            ``blend_min_span`` · T steps (shorter spans favour the short-range power law); w = 1
+            before.
         subset_correction: λ ∈ [0, 1]; with N0 < N the subset's self-terms are scaled by
             (N0/N)^λ (:func:`_self_terms_scaled`); default 0 (off: on the benchmark it slows the
             early predictions more than it helps late ones, see docs/prediction.md §8).
@@ -521,15 +529,23 @@ def relinearised_prediction(
     cont = res.loss.mean(axis=0)
     level = _level(obs, step, window)
     joined = level * cont / cont[0] if cont[0] > 0 else cont + (level - cont[0])
-    warp = _speed(history[-1].loss, history[-1].step, obs, calibration_prior) if calibrate and history else 1.0
+    previous = history[-1].info.get("relinearised_loss", history[-1].loss) if history else None
+    warp = _speed(previous, history[-1].step, obs, calibration_prior) if calibrate and history else 1.0
     if warp != 1.0:
         tau = np.arange(joined.size, dtype=np.float64)
         joined = np.interp(warp * tau, tau, joined)
     t_obs, finite = np.arange(step), np.isfinite(obs)
     prefix = smooth_losses(np.interp(t_obs, t_obs[finite], obs[finite]), window)  # missing losses interpolated
-    curve = np.concatenate([prefix, joined])
+    relinearised = np.concatenate([prefix, joined])
+    power = power_law_curve(obs, relinearised.size)
+    weight = 1.0
+    if blend and history and "relinearised_loss" in history[-1].info:
+        weight = _blend_weight(history[-1], prefix, min_span=blend_min_span * total_steps)
+    curve = relinearised.copy()
+    curve[step:] = weight * relinearised[step:] + (1.0 - weight) * power[step:]
     return LivePrediction(step, curve, cont, level, drift, mult, time.perf_counter() - started, kernel_seconds,
                           {"smoothing_window": window, "num_paths": paths if weights is not None else 0,
+                           "relinearised_loss": relinearised, "power_law_loss": power, "blend_weight": weight,
                            "adam_step": adam_step,
                            "batch_statistics": batch_statistics,
                            "warp": warp, "rho_max": rho})
@@ -596,6 +612,47 @@ def _speed(previous: np.ndarray, since: int, observed: np.ndarray, prior: float)
     if np.isfinite(seen).sum() < 3:
         return 1.0
     return refine_curve(np.asarray(previous)[since:], seen, warp_prior=prior, gate=1.0).warp
+
+
+def _power(t, a, b, c):
+    return a + b * (t + 1.0) ** (-c)
+
+
+def power_law_curve(observed: np.ndarray, length: int) -> np.ndarray:
+    """L(t) = a + b (t+1)^{−c} least-squares fitted to the finite observed losses (a, b ≥ 0,
+    0 ≤ c ≤ 10; ``scipy.optimize.curve_fit``), at t = 0..length−1; the mean of the last
+    observed losses where the fit fails."""
+    import warnings
+
+    from scipy.optimize import curve_fit
+
+    t = np.arange(observed.size, dtype=np.float64)
+    keep = np.isfinite(observed)
+    t, y = t[keep], observed[keep]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p, _ = curve_fit(_power, t, y, p0=(0.5 * y.min(), y[0], 0.5),
+                             bounds=([0.0, 0.0, 0.0], [np.inf, np.inf, 10.0]), maxfev=5000)
+        return _power(np.arange(length, dtype=np.float64), *p)
+    except (RuntimeError, ValueError):
+        return np.full(length, float(y[-5:].mean()))
+
+
+def _blend_weight(previous: LivePrediction, smoothed: np.ndarray, *, min_span: float) -> float:
+    """w of the re-linearised curve: inverse mean squared log errors of the previous call's
+    re-linearised and power-law curves on the smoothed losses observed since its step
+    (1 when fewer than ``min_span`` steps were observed since)."""
+    since, now = previous.step, smoothed.size
+    if now - since < max(min_span, 3):
+        return 1.0
+    seen = np.log(np.maximum(smoothed[since:now], 1e-12))
+    errors = [float(np.mean((np.log(np.maximum(np.asarray(previous.info[key])[since:now], 1e-12)) - seen) ** 2))
+              for key in ("relinearised_loss", "power_law_loss")]
+    if not all(np.isfinite(errors)):
+        return 1.0
+    inverse = [1.0 / max(e, 1e-12) for e in errors]
+    return inverse[0] / (inverse[0] + inverse[1])
 
 
 def checkpoint_steps(total_steps: int, fractions: Sequence[float] = DEFAULT_FRACTIONS, *,

@@ -16,6 +16,8 @@ from lightning_ttp.dynamics import OptimizerSpec, stability_report
 from lightning_ttp.relinearise import (
     ClosedLoop,
     KernelDrift,
+    LivePrediction,
+    _blend_weight,
     _current_state,
     _speed,
     _stability_capped,
@@ -23,6 +25,7 @@ from lightning_ttp.relinearise import (
     checkpoint_steps,
     drift_multiplier,
     kernel_drift,
+    power_law_curve,
     relinearised_prediction,
 )
 
@@ -131,6 +134,7 @@ def test_closed_loop_stays_exact_over_several_calls():
     assert [p.step for p in preds] == loop.steps
     for p in preds:
         assert p.info["warp"] == pytest.approx(1.0, abs=1e-3)
+        np.testing.assert_allclose(p.loss[p.step:real.size], real[p.step:], rtol=0.03)  # joined, power-law blend
         np.testing.assert_allclose(p.multiplier, 1.0, atol=1e-9)
         np.testing.assert_allclose(p.continuation, real[p.step:], rtol=1e-4)
 
@@ -314,3 +318,17 @@ def test_batchnorm_kernel_uses_batch_statistics():
     eval_ke, _, _ = _current_state(model, x, y, spec, opt, loss="cross_entropy", output_fn=None, kernel="full",
                                    projection_dim=None, seed=0)
     assert (eval_ke.grams[0] - ke.grams[0]).norm() > 0.05 * ke.grams[0].norm()  # eval mode is another kernel
+
+
+def test_power_law_fit_and_blend_weights():
+    """The power-law fit recovers a + b(t+1)^-c; the blend weights are the inverse mean squared log errors
+    of the previous call's two curves on the losses observed since it (1 below the minimum span)."""
+    t = np.arange(200, dtype=np.float64)
+    law = 0.2 + 1.5 * (t + 1) ** -0.7
+    np.testing.assert_allclose(power_law_curve(law[:60], 200), law, rtol=1e-4)
+    truth = np.exp(-t / 50)
+    previous = LivePrediction(
+        10, truth, truth, 1.0, KernelDrift(10, 1.0, 0.5, 0.5), np.ones(1), 0.0, 0.0,
+        {"relinearised_loss": truth * np.exp(0.1), "power_law_loss": truth * np.exp(0.3)})
+    assert _blend_weight(previous, truth[:40], min_span=20) == pytest.approx(0.9)  # 0.01^-1 / (0.01^-1 + 0.09^-1)
+    assert _blend_weight(previous, truth[:25], min_span=20) == 1.0
