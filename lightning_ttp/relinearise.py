@@ -644,7 +644,7 @@ def _blend_weight(previous: LivePrediction, smoothed: np.ndarray, *, min_span: f
     re-linearised and power-law curves on the smoothed losses observed since its step
     (1 when fewer than ``min_span`` steps were observed since)."""
     since, now = previous.step, smoothed.size
-    if now - since < max(min_span, 3):
+    if now - since < max(int(min_span), 3):  # floored: calls at rounded steps 10 % of T apart qualify
         return 1.0
     seen = np.log(np.maximum(smoothed[since:now], 1e-12))
     errors = [float(np.mean((np.log(np.maximum(np.asarray(previous.info[key])[since:now], 1e-12)) - seen) ** 2))
