@@ -228,13 +228,13 @@ def _buffers(module: torch.nn.Module, inputs: Any, groups: list[list[torch.nn.Pa
     return out
 
 
-def _has_batch_statistics(model: torch.nn.Module) -> bool:
+def has_batch_statistics(model: torch.nn.Module) -> bool:
     """Whether ``model`` trains on batch statistics: a BatchNorm layer in train mode."""
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
                and (m.track_running_stats is False or m.momentum != 0) for m in model.modules())
 
 
-def _batch_statistics_state(model, inputs, groups: list[list[torch.nn.Parameter]], *, kernel: str,
+def batch_statistics_state(model, inputs, groups: list[list[torch.nn.Parameter]], *, kernel: str,
                             scales: dict[int, torch.Tensor] | None, tangents: dict[int, torch.Tensor],
                             weight_decay: bool, output_fn) -> tuple[torch.Tensor, list, list, list | None]:
     """Outputs, Grams, buffer images and J_g w_g of the subset as *one training batch*.
@@ -296,7 +296,7 @@ def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch
     tensor's — no gradient reaches them in training, e.g. a bias before BatchNorm — are frozen,
     s = 0) and B_g = J_g diag(s²) m_g = J_{z,g} (s ⊙ m_g) from ``exp_avg``.
     With a ``reference`` (the fit-start estimate on the same subset) the subset is one training
-    batch (BatchNorm on its statistics, :func:`_batch_statistics_state`) instead of eval mode.
+    batch (BatchNorm on its statistics, :func:`batch_statistics_state`) instead of eval mode.
     """
     groups = [list(g) for g in spec.params]
     state = optimizer.state
@@ -305,13 +305,13 @@ def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch
     if batch_statistics and spec.kind not in ("adam", "adamw"):
         tangents = {id(p): state[p]["momentum_buffer"].detach() for g in groups for p in g
                     if state.get(p, {}).get("momentum_buffer") is not None}
-        out, grams, bufs, jw = _batch_statistics_state(model, inputs, groups, kernel=kernel, scales=None,
+        out, grams, bufs, jw = batch_statistics_state(model, inputs, groups, kernel=kernel, scales=None,
                                                        tangents=tangents, weight_decay=spec.has_weight_decay,
                                                        output_fn=output_fn)
         return _estimate(out, reference, grams, jw), bufs, 0
     if spec.kind not in ("adam", "adamw"):
         ke = estimate_kernel(model, inputs, targets, spec, loss=loss, output_fn=output_fn, kernel=kernel,
-                             projection_dim=projection_dim, seed=seed)
+                             projection_dim=projection_dim, seed=seed, batch_statistics=False)
         bufs = _buffers(forward, inputs, groups, lambda p: state.get(p, {}).get("momentum_buffer"))
         return ke, bufs, 0
     flat = [p for g in groups for p in g]
@@ -337,7 +337,7 @@ def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch
         scales.append((v_hat.sqrt() + spec.groups[group_of[id(p)]].eps).rsqrt().to(p.dtype))
     if batch_statistics:
         tangents = {id(p): state[p]["exp_avg"].detach() for p in flat if "exp_avg" in state.get(p, {})}
-        out, grams, bufs, jw = _batch_statistics_state(
+        out, grams, bufs, jw = batch_statistics_state(
             model, inputs, groups, kernel=kernel, scales=dict(zip(map(id, flat), scales, strict=True)),
             tangents=tangents, weight_decay=spec.has_weight_decay, output_fn=output_fn)
         return _estimate(out, reference, grams, jw), bufs, max(steps)
@@ -463,7 +463,7 @@ def relinearised_prediction(
             batch it follows the expected gradient (weights 1/N0: as accurate on
             ``benchmarks/fidelity.py``, one path of cost).
         batch_statistics: BatchNorm layers in train mode re-linearised on the batch statistics
-            of the kernel subset (:func:`_batch_statistics_state`; the training dynamics) rather
+            of the kernel subset (:func:`batch_statistics_state`; the training dynamics) rather
             than in eval mode; default (None): when the model has such layers, no
             ``projection_dim`` is set and the subset's Jacobian fits ``JACOBIAN_MAX_BYTES``.
         blend: combine the re-linearised curve R with the power law P fitted to the observed
@@ -505,7 +505,7 @@ def relinearised_prediction(
         raise ValueError(f"lr_schedule has {lrs.shape[0]} steps, fewer than total_steps={total_steps}")
     kernel_started = time.perf_counter()
     if batch_statistics is None:
-        batch_statistics = projection_dim is None and _has_batch_statistics(model) and _jacobian_fits(
+        batch_statistics = projection_dim is None and has_batch_statistics(model) and _jacobian_fits(
             model, start, spec)
     ke, bufs, adam_step = _current_state(model, inputs, targets, spec, optimizer, loss=loss, output_fn=output_fn,
                                          kernel=start.kernel, projection_dim=projection_dim, seed=seed,

@@ -318,6 +318,10 @@ def test_batchnorm_kernel_uses_batch_statistics():
     eval_ke, _, _ = _current_state(model, x, y, spec, opt, loss="cross_entropy", output_fn=None, kernel="full",
                                    projection_dim=None, seed=0)
     assert (eval_ke.grams[0] - ke.grams[0]).norm() > 0.05 * ke.grams[0].norm()  # eval mode is another kernel
+    fit_start = estimate_kernel(model, x, y, spec)  # the open loop's kernel: the same batch-statistics kernel
+    assert fit_start.info["batch_statistics"]
+    torch.testing.assert_close(fit_start.grams[0], j @ j.T, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(estimate_kernel(model, x, y, spec, batch_statistics=False).grams[0], eval_ke.grams[0])
 
 
 def test_power_law_fit_and_blend_weights():
