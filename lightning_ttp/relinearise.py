@@ -6,7 +6,9 @@ linearisation (faster or slower). At a few steps k of the run (geometric: 2, 5, 
 40 % of T; :func:`checkpoint_steps`) the closed loop
 
 1. re-estimates the empirical NTK Θ^{(k)} at the current weights w_k on the *same* kernel
-   subset (:func:`lightning_ttp.api.estimate_kernel`, eval mode), and the outputs f_k;
+   subset (:func:`lightning_ttp.api.estimate_kernel`, eval mode), and the outputs f_k; a
+   model with BatchNorm in train mode on the subset as one training batch instead
+   (:func:`batch_statistics_state`: the batched train-mode Jacobian, as training sees it);
 2. measures the drift against the fit-start kernel Θ^{(0)}: the scale
    s_k = Σ_g η_g tr Θ_g^{(k)} / Σ_g η_g tr Θ_g^{(0)} and the centred kernel-target alignment
    A(K) = ⟨K_c, (YYᵀ)_c⟩_F / (‖K_c‖_F ‖(YYᵀ)_c‖_F), K_c = HKH, H = I − 11ᵀ/N
@@ -17,8 +19,8 @@ linearisation (faster or slower). At a few steps k of the run (geometric: 2, 5, 
    moment (the kernel is then J P_k Jᵀ), each by one ``torch.func.jvp``;
 4. simulates the remaining steps k..T in function space from f_k
    (:func:`lightning_ttp.dynamics.simulate_discrete`, buffers and Adam's step count carried;
-   Monte Carlo mini-batch paths for SGD), with the kernel's top eigenvalues clipped at the
-   stability limit of the remaining lrs when the linearisation would diverge (the real
+   the expected gradient, or Monte Carlo mini-batch paths with ``num_paths`` ≥ 1), with the
+   kernel's top eigenvalues clipped at the stability limit of the remaining lrs when the linearisation would diverge (the real
    network self-stabilises at the edge of stability) and, optionally, the lrs multiplied by
    the extrapolated kernel scale m(t) = ŝ(t)/ŝ(k), ŝ(t) = α + β log(1 + t) fitted to (0, 1),
    (k_j, s_{k_j}) (scaling Θ by m is scaling η by m), m clipped to [1/``max_drift``, ``max_drift``];
@@ -29,11 +31,14 @@ linearisation (faster or slower). At a few steps k of the run (geometric: 2, 5, 
    losses observed since its step with :func:`lightning_ttp.refine.refine_curve` (time warp
    a, log a ~ N(0, 1), evidence gate 1) and the new continuation is warped,
    L̂_{k+τ} ← L̂_{k+aτ}: how much faster (a > 1) or slower the real run went than its last
-   linearisation.
+   linearisation;
+7. blends the result R with the power law P fitted to the observed prefix after step k,
+   L̂ = w R + (1 − w) P, w = e_P/(e_R + e_P) from the previous call's out-of-sample mean
+   squared log errors on the losses observed since it (once ≥ 10 % of T lies between them).
 
 For a model that is linear in its parameters steps 1–4 are exact: the continuation equals
 real ``torch.optim.SGD`` training from step k, momentum included (tests check it step by
-step), and steps 5–6 change nothing. Adam's second moment is held at its value at step k
+step), steps 5–6 change nothing and step 7 gives the exact curve a weight near 1. Adam's second moment is held at its value at step k
 (an approximation).
 
 This module is pure torch/numpy/scipy: no Lightning.
