@@ -20,10 +20,11 @@ linearisation (faster or slower). At a few steps k of the run (geometric: 2, 5, 
 4. simulates the remaining steps k..T in function space from f_k
    (:func:`lightning_ttp.dynamics.simulate_discrete`, buffers and Adam's step count carried;
    the expected gradient, or Monte Carlo mini-batch paths with ``num_paths`` ≥ 1), with the
-   kernel's top eigenvalues clipped at the stability limit of the remaining lrs when the linearisation would diverge (the real
-   network self-stabilises at the edge of stability) and, optionally, the lrs multiplied by
-   the extrapolated kernel scale m(t) = ŝ(t)/ŝ(k), ŝ(t) = α + β log(1 + t) fitted to (0, 1),
-   (k_j, s_{k_j}) (scaling Θ by m is scaling η by m), m clipped to [1/``max_drift``, ``max_drift``];
+   kernel's top eigenvalues clipped at the stability limit of the remaining lrs when the
+   linearisation would diverge (the real network self-stabilises at the edge of stability)
+   and, optionally, the lrs multiplied by the extrapolated kernel scale m(t) = ŝ(t)/ŝ(k),
+   ŝ(t) = α + β log(1 + t) fitted to (0, 1), (k_j, s_{k_j})
+   (scaling Θ by m is scaling η by m), m clipped to [1/``max_drift``, ``max_drift``];
 5. joins the simulated curve S_τ (τ = t − k) to the observed prefix multiplicatively at the
    observed level ℓ_k (a straight line through the last observed losses, evaluated at k):
    L̂_t = ℓ_k S_{t−k}/S_0 for t ≥ k, the smoothed observed losses before k;
@@ -38,8 +39,8 @@ linearisation (faster or slower). At a few steps k of the run (geometric: 2, 5, 
 
 For a model that is linear in its parameters steps 1–4 are exact: the continuation equals
 real ``torch.optim.SGD`` training from step k, momentum included (tests check it step by
-step), steps 5–6 change nothing and step 7 gives the exact curve a weight near 1. Adam's second moment is held at its value at step k
-(an approximation).
+step), steps 5–6 change nothing and step 7 gives the exact curve a weight near 1. Adam's
+second moment is held at its value at step k (an approximation).
 
 This module is pure torch/numpy/scipy: no Lightning.
 """
