@@ -3,6 +3,7 @@
     python benchmarks/kernel_speed.py            # N=256 (MLP, CNN), N=500 (ResNet-18-sized)
     python benchmarks/kernel_speed.py --quick    # N=64 / N=32, no dense projections: about a minute
     python benchmarks/kernel_speed.py --models mlp,cnn
+    python benchmarks/kernel_speed.py --quick --models cnn --n 256   # the CNN at N=256, no dense projections
 
 Every measurement runs in a fresh process so that its peak memory (max RSS above the
 process's baseline after building the model and data) is its own. Errors are relative
@@ -231,9 +232,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="N=64 / 32, no dense projections: about a minute")
     parser.add_argument("--models", default="mlp,cnn,resnet18", help="comma-separated subset of mlp,cnn,resnet18")
+    parser.add_argument("--n", type=int, default=None, help="samples for the MLP and the CNN (default 64 / 256)")
     args = parser.parse_args()
     models = args.models.split(",")
     n_small, n_resnet, subset = (64, 32, 8) if args.quick else (256, 500, 48)
+    n_small = args.n or n_small
     workdir = Path("benchmarks/results/kernel")
     workdir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"quick": args.quick}

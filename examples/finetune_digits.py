@@ -11,7 +11,8 @@ downloaded:
    recipe): a linear probe (new head, frozen backbone), then all layers (with a what-if
    table and ``EarlyGiveUp`` watching the validation spectra),
 3. print for each phase the predicted vs. real training time — open loop at fit start and
-   closed loop after 10 / 25 / 50 % of the run — and save the plots
+   what the progress bar said (the closed loop, live) after 10 / 25 / 50 % of the run — and
+   save the plots
    (``runs/finetune_digits/<phase>/version_*/ttp_prediction.png``).
 
 Usage::
@@ -121,14 +122,24 @@ def build_module(pl, backbone: nn.Module, head: nn.Module, lr: float, momentum: 
 
 def run_phase(pl, name: str, module, train, val, args, *, steps: int, what_if=None, give_up: bool = False) -> dict:
     """One Lightning fit with the predictor and the ETA bar; prints predicted vs. real."""
-    from lightning_ttp import callbacks as ttp_callbacks
-    from lightning_ttp.callbacks import ETAProgressBar, TrainingTimePredictor
-    from lightning_ttp.refine import refine_curve
+    from lightning_ttp import EarlyGiveUp, ETAProgressBar, TrainingTimePredictor
+    from lightning_ttp.dynamics import still_falling
 
     predictor = TrainingTimePredictor(epsilons=(0.1, 0.01), num_samples=args.kernel_samples, what_if=what_if)
-    callbacks = [predictor, ETAProgressBar(refresh_rate=10)]
+    fractions = (0.1, 0.25, 0.5)
+    live: dict[float, dict[float, int | None]] = {}
+
+    class LiveRecorder(pl.Callback):
+        """What the predictor (and so the bar) said at 10 / 25 / 50 % of the run."""
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            for frac in fractions:
+                if trainer.global_step == round(frac * steps) and frac not in live:
+                    live[frac] = {eps: predictor.converge_step(eps) for eps in predictor.epsilons}
+
+    callbacks = [predictor, LiveRecorder(), ETAProgressBar(refresh_rate=10)]
     if give_up:
-        callbacks.append(ttp_callbacks.EarlyGiveUp(mode="warn", checkpoint_epoch=5))
+        callbacks.append(EarlyGiveUp(mode="warn", checkpoint_epoch=5))
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
         max_steps=steps, accelerator="cpu", devices=1, callbacks=callbacks,
@@ -144,28 +155,24 @@ def run_phase(pl, name: str, module, train, val, args, *, steps: int, what_if=No
     if pred is None:
         raise SystemExit("[demo] the prediction failed; see the warning above.")
     sps = predictor.seconds_per_step() or fit_seconds / max(trainer.global_step, 1)
-    observed = predictor.observed_losses
-    # closed loop: what the refined prediction said after 10 / 25 / 50 % of the run
-    snapshots = {}
-    for frac in (0.1, 0.25, 0.5):
-        k = int(frac * steps)
-        snapshots[frac] = refine_curve(pred.extended_loss(), observed[:k], band=pred.extended_band(),
-                                       horizon=steps)
     rows = []
     fmt = lambda v: "n/a" if v is None else str(v)  # noqa: E731
     print(f"\n[demo] {name}: optimiser steps to converge (ε-training-time) and time")
     print(f"{'ε':>6} {'predicted':>10} {'@10%':>6} {'@25%':>6} {'@50%':>6} {'real':>6}   "
           f"{'predicted time':>14} {'real time':>10}")
     for eps in predictor.epsilons:
-        p = pred.training_time(eps)
-        refined = {f: r.training_time(eps) for f, r in snapshots.items()}
+        # "n/c": not converged within the run (still falling at its last step), so no ε-time
+        p = pred.training_time(eps) if pred.converged_within_run(eps) else "n/c"
+        refined = {f: live.get(f, {}).get(eps) for f in fractions}
         real = predictor.real_training_time(eps)
+        if real is not None and still_falling(predictor.real_curve(), eps):
+            real = "n/c"
         rows.append({"eps": eps, "predicted": p, "refined": {str(f): v for f, v in refined.items()}, "real": real})
-        ptime = "n/a" if p is None else f"{p * sps:.1f} s"
-        rtime = "n/a" if real is None else f"{real * sps:.1f} s"
+        ptime = f"{p * sps:.1f} s" if isinstance(p, int) else "n/a"
+        rtime = f"{real * sps:.1f} s" if isinstance(real, int) else "n/a"
         print(f"{eps:>6g} {fmt(p):>10} {fmt(refined[0.1]):>6} {fmt(refined[0.25]):>6} {fmt(refined[0.5]):>6} "
               f"{fmt(real):>6}   {ptime:>14} {rtime:>10}")
-    cost = float(predictor.state_dict().get("cost_seconds") or 0.0)
+    cost = float(predictor.cost_seconds or 0.0)
     print(f"[demo] fit: {trainer.global_step} steps in {fit_seconds:.1f} s ({sps * 1000:.1f} ms/step); "
           f"prediction at fit start: {cost:.2f} s; max stable lr (GD): "
           f"{pred.diagnostics.get('max_stable_lr', float('nan')):.3g}")

@@ -5,10 +5,12 @@ model a 256-sample kernel can cost as much as a short fine-tune. Before computin
 
 1. time one forward + backward of the training loss on a batch of the run's size (the run's
    cost ≈ ``steps`` × that);
-2. time the kernel estimate itself on two small pilot subsets n₁ < n₂ and fit
-   t(n) = a·n + b·n² (the per-sample Jacobian work and the Gram contraction);
+2. predict the kernel's cost with :func:`lightning_ttp.kernel.estimate_ntk_cost` (one forward
+   and C backward passes timed on a few samples, the contraction's multiply-adds counted as the
+   engine will do them), scaled to a subset of n samples as passes·n/N + contraction·(n/N)²;
+   the simulation adds one (paths, N·C) × (N·C, N·C) product per simulated step;
 3. choose the largest subset N ≤ ``num_samples`` (halving, down to ``MIN_SAMPLES``) whose
-   predicted kernel time fits ``budget`` × run cost (or a 10 s floor); when
+   predicted kernel time fits ``budget`` × run cost (or a 3 s floor); when
    even that does not fit, the trace kernel (Θ ≈ K ⊗ I_C, C times cheaper to contract) at
    ``MIN_SAMPLES``.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -30,14 +33,17 @@ import torch
 
 from ._modes import preserve_modes
 from .data import take
-from .dynamics import Loss, OptimizerSpec, get_loss
-from .estimate import estimate_kernel, model_outputs
+from .dynamics import Loss, get_loss
+from .estimate import model_outputs
+from .kernel.cost import estimate_ntk_cost
 
 __all__ = ["FLOOR_SECONDS", "MIN_SAMPLES", "KernelChoice", "choose_kernel", "time_training_step"]
 
-MIN_SAMPLES = 32
-#: the budget never asks for less than this: a 10 s prediction is cheap whatever the run
-FLOOR_SECONDS = 10.0
+#: The smallest kernel subset the budget halves down to.
+#: the smallest kernel subset the budget chooses (smaller subsets bias the simulation)
+MIN_SAMPLES = 64
+#: the budget never asks for less than this: a 3 s prediction is cheap whatever the run
+FLOOR_SECONDS = 3.0
 
 
 @dataclass
@@ -107,18 +113,19 @@ def choose_kernel(
     model: torch.nn.Module,
     inputs: Any,
     targets: torch.Tensor,
-    spec: OptimizerSpec,
     *,
     steps: int,
     batch_size: int,
     budget: float,
+    simulated_steps: int | None = None,
+    paths: int = 1,
     floor_seconds: float = FLOOR_SECONDS,
     loss: str | Loss | Callable = "cross_entropy",
     output_fn: Callable | None = None,
-    seed: int = 0,
 ) -> KernelChoice:
-    """The largest kernel subset (then the trace kernel) whose cost fits ``budget`` × the run,
-    or ``floor_seconds`` when that is more (a 10 s prediction is cheap whatever the run).
+    """The largest kernel subset (then the trace kernel) whose kernel and simulation
+    (``simulated_steps`` steps of ``paths`` Monte Carlo paths) fit ``budget`` × the run,
+    or ``floor_seconds`` when that is more (a 3 s prediction is cheap whatever the run).
 
     ``inputs``/``targets`` hold the candidate subset (N_max samples, already a seeded random
     draw); the chosen N are its first N samples, so the caller should pass them shuffled.
@@ -129,22 +136,14 @@ def choose_kernel(
     n_max = int(targets.shape[0])
     run_seconds = steps * time_training_step(model, inputs, targets, loss, batch_size, output_fn)
     allowed = max(budget * run_seconds, floor_seconds)
-    n1, n2 = min(8, n_max), min(16, n_max)
-
-    def kernel_seconds(n: int, kernel: str) -> float:
-        return _timed(lambda: estimate_kernel(model, take(inputs, n), targets[:n], spec, loss=loss,
-                                              output_fn=output_fn, kernel=kernel, seed=seed, batch_size=batch_size),
-                      repeats=1)
-
-    t1, t2 = kernel_seconds(n1, "full"), kernel_seconds(n2, "full")
-    if n2 > n1:  # t(n) = a n + b n², both >= 0
-        b = max(0.0, (t2 / n2 - t1 / n1) / (n2 - n1))
-        a = max(0.0, t1 / n1 - b * n1)
-    else:
-        a, b = t1 / max(n1, 1), 0.0
+    cost = estimate_ntk_cost(model, inputs, num_samples=n_max, output_fn=partial(_outputs_of, output_fn=output_fn))
+    linear = cost.passes_seconds  # N forward + C backward passes
+    quadratic = cost.contraction_seconds + cost.fallback_seconds  # the Gram contractions (~N²)
+    # the simulation: one (paths, N·C) × (N·C, N·C) product per simulated step (memory-bound: timed)
+    quadratic += (simulated_steps or steps) * _product_seconds(paths, n_max * cost.num_outputs)
 
     def predicted(n: int) -> float:
-        return a * n + b * n * n
+        return linear * n / n_max + quadratic * (n / n_max) ** 2
 
     pilot = time.perf_counter() - started
     n = n_max
@@ -158,13 +157,26 @@ def choose_kernel(
             reason += f"; {n_max} samples would take {predicted(n_max):.2g} s"
         return KernelChoice(n, "full", predicted(n), allowed, run_seconds, pilot, reason)
     # even MIN_SAMPLES exceeds the budget: the trace kernel contracts C times less
-    c = max(1, int(model_outputs_count(model, inputs, output_fn)))
-    trace_seconds = a * n + b * n * n / c
+    outputs = max(1, int(model_outputs_count(model, inputs, output_fn)))
+    trace_seconds = linear * n / n_max + quadratic * (n / n_max) ** 2 / outputs ** 2
     reason = (f"trace kernel on {n} samples: the exact one would take {predicted(n):.2g} s, over the budget of "
               f"{allowed:.2g} s ({budget:.0%} of the run's predicted {run_seconds:.2g} s)")
     if trace_seconds > allowed:
         reason += f"; still predicted {trace_seconds:.2g} s: the prediction will exceed its budget"
     return KernelChoice(n, "trace", trace_seconds, allowed, run_seconds, pilot, reason)
+
+
+def _product_seconds(paths: int, size: int, largest: int = 4096) -> float:
+    """Seconds of one (paths, size) × (size, size) float32 product on the CPU, timed at up to
+    ``largest`` and scaled by the matrix's size (the product reads the whole Gram)."""
+    m = min(size, largest)
+    gram, rows = torch.randn(m, m), torch.randn(max(1, paths), m)
+    seconds = _timed(lambda: rows @ gram, repeats=3)
+    return seconds * (size / m) ** 2
+
+
+def _outputs_of(model: torch.nn.Module, inputs: Any, *, output_fn: Callable | None) -> torch.Tensor:
+    return model_outputs(model, inputs, output_fn)
 
 
 def model_outputs_count(model: torch.nn.Module, inputs: Any, output_fn: Callable | None) -> int:

@@ -26,7 +26,8 @@ from .kernel.batch import index_batch
 
 __all__ = ["FULL_KERNEL_MAX", "KernelEstimate", "estimate_kernel", "model_outputs"]
 
-FULL_KERNEL_MAX = 2500  # N·C above which "auto" uses the trace kernel
+#: N·C above which ``kernel="auto"`` uses the trace kernel.
+FULL_KERNEL_MAX = 2500
 ADAM_V_FLOOR = 1e-2  # v_d >= ADAM_V_FLOOR * mean(v) per tensor in the Adam preconditioner
 
 
@@ -37,7 +38,7 @@ class KernelEstimate:
     Attributes:
         outputs: f0 on the kernel samples, (N0, C), float64.
         targets: their targets (as the loss expects them).
-        grams: one Gram per optimiser param group, float64; "full" (N0·C)² sample-major or
+        grams: one Gram per optimiser param group, in the kernel's precision; "full" (N0·C)² sample-major or
             "trace" (N0, N0) normalised so that Θ ≈ K ⊗ I_C (the engine's Σ_c divided by C).
         kernel: "full" or "trace".
         jvp_w0: per group J_g · w_{0,g} (N0, C) when the optimiser has weight decay, else None.
@@ -188,7 +189,7 @@ def _adam_second_moments(model, inputs, targets, loss: Loss, params, output_fn, 
     return sq
 
 
-def _blocks(groups: list[list[torch.nn.Parameter]], max_blocks: int = 16) -> list[tuple[int, list]]:
+def _blocks(groups: list[list[torch.nn.Parameter]], max_blocks: int = 1) -> list[tuple[int, list]]:
     """Split the param groups into ≤ max_blocks blocks of consecutive tensors (≥ 1 per group)."""
     total = sum(len(g) for g in groups)
     out = []
@@ -234,10 +235,12 @@ def estimate_kernel(
     with the optimiser's param groups. With weight decay it also computes
     J_g·w_{0,g} (one ``torch.func.jvp`` per group), which makes the weight-decay term of the
     discrete dynamics exact. For Adam/AdamW the Grams are computed per block of parameter
-    tensors (≤ 16 blocks) and the second moments of mini-batch gradients of size
-    ``batch_size`` at w0 calibrate the per-block adaptive scales (an approximation, see
-    :mod:`lightning_ttp.dynamics.adam` and ``docs/prediction.md``); ``grams`` then hold the
-    preconditioned kernel at w0, used by the ODE/SDE and the stability diagnostic.
+    tensors (one block per param group: more blocks cost as many Gram products per simulated
+    step and did not change the error, ``benchmarks/prediction_cost.py``) and the second
+    moments of mini-batch gradients of size ``batch_size`` at w0 calibrate the per-block
+    adaptive scales (an approximation, see :mod:`lightning_ttp.dynamics.adam` and
+    ``docs/prediction.md``); ``grams`` then hold the preconditioned kernel at w0, used by the
+    ODE/SDE and the stability diagnostic.
 
     Args:
         inputs, targets: the N0 kernel samples (inputs: tensor or tuple/dict of tensors).
@@ -300,9 +303,10 @@ def estimate_kernel(
     if y.shape[0] != n:
         raise ValueError(f"got {y.shape[0]} targets for {n} inputs")
     size = n * c if kernel == "full" else n
-    raw = [torch.zeros(size, size, dtype=torch.float64) for _ in tensor_groups]
+    # the Grams keep the kernel's precision: the simulators multiply in it and accumulate in float64
+    raw = [torch.zeros(size, size, dtype=ntk.gram.dtype) for _ in tensor_groups]
     for i, g in zip(nonempty, ntk.grams, strict=True):
-        raw[i] = g.detach().to(torch.float64).cpu()
+        raw[i] = g.detach().cpu()
     if kernel == "trace":
         raw = [g / c for g in raw]
     info: dict[str, Any] = {"kernel_seconds": ntk.seconds, "num_parameters": [int(sum(p.numel() for p in g))

@@ -531,9 +531,11 @@ def relinearised_prediction(
         sampler = BatchSampler(n0, b, num_paths, n_total=n, seed=seed + step)
         weights, paths = sampler.weights, num_paths
     res = simulate_discrete(ke.outputs, ke.targets, grams, ke.loss, spec, remaining, jvp_w0=ke.jvp_w0,
-                            weights=weights, num_paths=paths, initial_buffers=bufs, start_step=adam_step)
+                            weights=weights, num_paths=paths, initial_buffers=bufs, start_step=adam_step,
+                            fixed_preconditioner=spec.kind in ("adam", "adamw"))
     cont = res.loss.mean(axis=0)
-    level = _level(obs, step, window)
+    # full batch on the whole data set: the simulated loss at k is the run's loss, no join needed
+    level = float(cont[0]) if full_batch and n0 >= n else _level(obs, step, window)
     joined = level * cont / cont[0] if cont[0] > 0 else cont + (level - cont[0])
     previous = history[-1].info.get("relinearised_loss", history[-1].loss) if history else None
     warp = _speed(previous, history[-1].step, obs, calibration_prior) if calibrate and history else 1.0

@@ -43,6 +43,7 @@ from .prediction import Diagnostics, Prediction
 
 __all__ = ["WHAT_IF_KEYS", "Method", "simulate", "simulate_plan", "what_if"]
 
+#: The settings a what-if table can vary (one key at a time).
 WHAT_IF_KEYS = ("lr", "batch_size", "momentum", "weight_decay")
 
 

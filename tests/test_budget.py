@@ -7,7 +7,6 @@ from torch import nn
 from lightning_ttp import api, budget
 from lightning_ttp.api import plan_run, predict_run
 from lightning_ttp.budget import MIN_SAMPLES, KernelChoice, choose_kernel
-from lightning_ttp.dynamics import OptimizerSpec
 
 
 def _setup(n=96):
@@ -21,7 +20,7 @@ def _setup(n=96):
 
 def test_a_generous_budget_keeps_the_exact_kernel_on_every_sample():
     model, x, y, opt = _setup()
-    choice = choose_kernel(model, x, y, OptimizerSpec.from_optimizer(opt), steps=100, batch_size=16, budget=10,
+    choice = choose_kernel(model, x, y, steps=100, batch_size=16, budget=10,
                            floor_seconds=1e6)
     assert (choice.num_samples, choice.kernel) == (96, "full")
     assert choice.budget_seconds == 1e6 and choice.run_seconds > 0 and choice.predicted_seconds > 0
@@ -29,16 +28,16 @@ def test_a_generous_budget_keeps_the_exact_kernel_on_every_sample():
 
 def test_an_impossible_budget_falls_back_to_the_trace_kernel_on_the_smallest_subset():
     model, x, y, opt = _setup()
-    choice = choose_kernel(model, x, y, OptimizerSpec.from_optimizer(opt), steps=1, batch_size=1, budget=1e-9,
+    choice = choose_kernel(model, x, y, steps=1, batch_size=1, budget=1e-9,
                            floor_seconds=0.0)
     assert (choice.num_samples, choice.kernel) == (MIN_SAMPLES, "trace")
     assert "exceed its budget" in choice.reason
 
 
 def test_budget_is_validated():
-    model, x, y, opt = _setup()
+    model, x, y, _ = _setup()
     with pytest.raises(ValueError, match="budget"):
-        choose_kernel(model, x, y, OptimizerSpec.from_optimizer(opt), steps=1, batch_size=1, budget=0)
+        choose_kernel(model, x, y, steps=1, batch_size=1, budget=0)
 
 
 def test_predict_run_uses_the_choice_on_a_seeded_random_part_of_the_subset(monkeypatch):

@@ -388,3 +388,55 @@ def test_patches_match_torch_unfold(kernel, dilation, padding, stride):
     x = torch.randn(2, 3, 9, 11)
     reference = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
     assert torch.equal(_patches(x, (kernel, dilation, padding, stride)), reference.transpose(1, 2))
+
+
+class _Switch(nn.Module):
+    """A layer called once or twice, by a flag that the cached probe verdict cannot see."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 3)
+        self.twice = False
+
+    def forward(self, x):
+        h = self.a(x).tanh()
+        if self.twice:
+            h = self.a(h).tanh()
+        return self.b(h)
+
+
+def test_probe_verdict_is_cached_per_model_and_rechecked_when_the_forward_changes():
+    torch.manual_seed(0)
+    model = _Switch().double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    forwards = []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    empirical_ntk(model, x)
+    assert len(forwards) == 2  # the probe and one chunk
+    forwards.clear()
+    again = empirical_ntk(model, x[:5], output_fn=None)  # another N: same verdict, no probe
+    assert len(forwards) == 1
+    assert relative_error(again.gram, reference_ntk(model, x[:5])) < TOL
+    assert set(again.methods.values()) == {"ghost"}
+    model.twice = True  # `a` now runs twice per forward: its cached fast path is stale
+    changed = empirical_ntk(model, x)
+    assert relative_error(changed.gram, reference_ntk(model, x)) < TOL
+    assert changed.methods["a.weight"].startswith("fallback")
+
+
+def test_cost_estimate_counts_the_contraction_the_engine_chooses():
+    from lightning_ttp.kernel import estimate_ntk_cost
+
+    model, x = _case("cnn")
+    ntk = empirical_ntk(model, x)
+    cost = estimate_ntk_cost(model, x, num_samples=40, probe_samples=3)
+    assert cost.num_samples == 40 and cost.num_outputs == 4 and cost.fallback_parameters == 0
+    for names, (method, flops) in cost.layers.items():
+        assert flops > 0
+        assert {ntk.methods[name] for name in names.split("+")} == {method}, names
+    # the head (Linear 9 -> 4 with bias, one position): ghost, N²·(d_in + C²·d_out) multiply-adds by hand
+    assert cost.layers["head.weight+head.bias"] == ("ghost", 40 * 40 * (10 + 16 * 4))
+    assert cost.seconds >= cost.passes_seconds > 0 and cost.bytes > 0
+    projected = estimate_ntk_cost(model, x, projection_dim=8, projection="kronecker")
+    assert projected.contraction_flops < estimate_ntk_cost(model, x).contraction_flops

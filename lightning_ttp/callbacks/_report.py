@@ -139,9 +139,9 @@ def final_summary(predictor: Any) -> str:
     return "\n".join(lines)
 
 
-def save_plot(predictor: Any, trainer: Any) -> str | None:
+def save_plot(predictor: Any, trainer: Any, directory: str) -> str | None:
     """``ttp_prediction.png`` (predicted band and curve, real and smoothed loss, refined curve)
-    in the logger directory; also added to TensorBoard loggers. ``None`` without matplotlib."""
+    in ``directory``; also added to TensorBoard loggers. ``None`` without matplotlib."""
     from ..report.plots import matplotlib_available, plot_prediction, save_figure
 
     if not matplotlib_available():
@@ -160,7 +160,7 @@ def save_plot(predictor: Any, trainer: Any) -> str | None:
         refined=None if predictor.refinement is None else predictor.refinement.loss,
         training_times=times,
     )
-    path = save_figure(fig, os.path.join(trainer.log_dir or trainer.default_root_dir, "ttp_prediction.png"))
+    path = save_figure(fig, os.path.join(directory, "ttp_prediction.png"))
     for logger in trainer.loggers:
         if is_instance(logger, "loggers.TensorBoardLogger"):
             logger.experiment.add_figure("ttp/predicted_vs_real", fig, global_step=trainer.global_step)

@@ -1,109 +1,151 @@
 """``EarlyGiveUp``: stop runs that the DAI compression scores predict will not train.
 
-Every validation round, forward hooks on the monitored hidden layers record the outputs
-of the first ``num_samples`` validation samples (Lightning's own validation forward pass;
-no extra pass). Their normalised singular values go into a history, from which the scores
-of eq. (2)–(8) of Jain & Ramaswamy (DAI paper) are computed by
-:mod:`lightning_ttp.spectral` and logged. At the checkpoint round (default: after epoch 10,
-as in the paper) the give-up rule (:func:`lightning_ttp.spectral.decide`) decides whether
-to stop.
+The callback is thin, like Lightning's ``EarlyStopping``: an
+:class:`~lightning_ttp.spectral.ActivationRecorder` (pure torch) records the hidden
+representations of a fixed sample set during Lightning's own validation loop; the rows of
+all ranks are gathered (so the scores do not depend on the number of processes); the
+spectra and scores of eq. (2)–(8) of Jain & Ramaswamy come from :mod:`lightning_ttp.spectral`;
+:func:`lightning_ttp.spectral.decide` decides; the callback reduces the decision across
+ranks and acts.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
-from torch import nn
+from torch.utils._pytree import tree_map
 
 from .._modes import preserve_modes
-from ..spectral import GiveUpDecision, Scores, SpectralConfig, compute_scores, decide, spectrum_of
-from ..spectral.spectra import global_avg_pool
-from ._compat import bases
+from ..data import logits_of, num_samples_in, sample_subset, split_batch
+from ..spectral import (
+    ActivationRecorder,
+    GiveUpDecision,
+    Scores,
+    SpectralConfig,
+    compute_scores,
+    decide,
+    spectrum_of,
+)
+from ._compat import bases, installed_namespaces
 
 __all__ = ["EarlyGiveUp"]
 
-_ACTIVATIONS = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.ReLU6,
-    nn.ELU,
-    nn.SELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.Softplus,
-    nn.PReLU,
-    nn.Hardtanh,
-)
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 GiveUpHook = Callable[[Any, Any, GiveUpDecision], None]
 
 
-def _fn_is_fit(trainer: Any) -> bool:
-    fn = getattr(getattr(trainer, "state", None), "fn", None)
-    return getattr(fn, "value", fn) == "fit"
+@dataclass
+class GiveUpState:
+    """Everything ``EarlyGiveUp`` learns during one fit (saved in checkpoints, reset by each fit)."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    spectra: list[list[torch.Tensor]] = field(default_factory=list)  # last t0 + 1 rounds x layers
+    scales: list[list[float]] = field(default_factory=list)
+    units: list[int] = field(default_factory=list)
+    layers: list[str] = field(default_factory=list)
+    decision: GiveUpDecision | None = None
+    decision_epoch: int | None = None
+    gave_up: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.decision
+        return {
+            "history": [dict(h) for h in self.history],
+            "spectra": [[s.tolist() for s in rnd] for rnd in self.spectra],
+            "scales": [list(r) for r in self.scales],
+            "units": list(self.units),
+            "layers": list(self.layers),
+            "decision": None if d is None else {"give_up": d.give_up, "kind": d.kind, "reason": d.reason},
+            "decision_epoch": self.decision_epoch,
+            "gave_up": self.gave_up,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GiveUpState:
+        d = data["decision"]
+        return cls(
+            history=[dict(h) for h in data["history"]],
+            spectra=[[torch.tensor(s, dtype=torch.float64) for s in rnd] for rnd in data["spectra"]],
+            scales=[list(r) for r in data["scales"]],
+            units=list(data["units"]),
+            layers=list(data["layers"]),
+            decision=None if d is None else GiveUpDecision(bool(d["give_up"]), d["kind"], d["reason"]),
+            decision_epoch=data["decision_epoch"],
+            gave_up=bool(data["gave_up"]),
+        )
+
+
+def _is_fitting(trainer: Any) -> bool:
+    return trainer.state.fn == "fit" and not trainer.sanity_checking
 
 
 class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
-    r"""Give up early on a run whose hidden-layer spectra do not compress (DAI paper, Sec. III–VI).
+    r"""Give up early on a run whose hidden representation does not compress (DAI paper, Sec. III–VI).
 
     Per validation round t (t = ``trainer.current_epoch + 1``, completed training epochs):
 
-    * σ_{tl} = normalised singular values of the (m × d_l) outputs of each monitored layer l;
-    * s_ot (eq. 2–3, compression over the window of t0 rounds), s_st (eq. 4–5, shift of the
-      spectrum towards decay), s_t = |log s_ot| + η s_st (eq. 6), s_F (eq. 7: 0 if s_ot >= t2
-      and s_st <= δ, the saturated case) and, with a validation accuracy v_t, the predicted
-      final accuracy s_Fv (eq. 8) — logged as ``give_up/s_o`` … ``give_up/s_Fv``, ``give_up/v_t``.
+    * σ_{tl} = normalised singular values (and the RMS scale) of the (m × d_l) representation
+      of each monitored layer l on a fixed set of m samples (the first ``num_samples``
+      validation samples, gathered across ranks);
+    * s_ot (eq. 2–3), s_st (eq. 4–5), s_t = |log s_ot| + η s_st (eq. 6), s_F (eq. 7) and, with a
+      validation accuracy v_t, the predicted final accuracy s_Fv (eq. 8), plus the scale drift —
+      logged as ``give_up/s_o`` … ``give_up/s_Fv``, ``give_up/v_t``, ``give_up/drift``.
 
-    At the checkpoint round: give up if all layers are dead, the activations are non-finite,
-    the run is saturated, s_F < t1 (paper: 0.25), or s_Fv < ``target_accuracy``. See
-    :func:`lightning_ttp.spectral.decide` for the exact order.
+    A round whose activations are non-finite stops the run at once ("diverged"). At the
+    checkpoint round the rule of :func:`lightning_ttp.spectral.decide` decides; a round without
+    enough history ("insufficient") defers the decision to the next round.
 
     Args:
-        checkpoint_epoch: the decision is taken at the first validation round with
-            t >= checkpoint_epoch (paper: 10). Lightning's ``min_epochs`` is respected:
-            a stop requested earlier takes effect once ``min_epochs`` are done.
+        checkpoint_epoch: decide at the first validation round with t >= checkpoint_epoch
+            (paper: 10). Any ``check_val_every_n_epoch`` works. Lightning's ``min_epochs`` is
+            respected (a stop requested earlier takes effect once they are done).
         t1: give-up threshold on s_F. ``None``: ``config.t1``.
         target_accuracy: optional threshold on s_Fv (the predicted final accuracy, in [0, 1]).
-        mode: ``"stop"`` sets ``trainer.should_stop`` (any rank giving up stops all ranks,
-            like Lightning's ``EarlyStopping``); ``"warn"`` only logs and prints.
-        layers: module names (as in ``named_modules()``) to monitor. Default: every hidden
-            ``nn.Linear`` except the last Linear (the output layer); when a Linear is directly
-            followed (in registration order) by an activation module, that activation's output
-            is used (post-activation, as in the paper).
-        pool_conv: reduce convolutional feature maps (m, C, H, W) to (m, C) by global average
-            pooling. Without it a conv layer's maps are flattened (large and slow).
-        num_samples: m, the number of first validation samples recorded per round. The
-            validation dataloader must give the same samples in the same order every round
-            (Lightning does not shuffle validation data by default).
+        mode: ``"stop"`` sets ``trainer.should_stop`` (any rank giving up stops all ranks, like
+            Lightning's ``EarlyStopping``); ``"warn"`` only logs and prints.
+        layers: module names (as in ``named_modules()``) whose outputs to monitor. ``None``: found
+            on the first validation batch (see :class:`~lightning_ttp.spectral.ActivationRecorder`:
+            the input of the final Linear, post-activation hidden Linears, pooled conv stages).
+        conv_stages: how many of the last spatial sizes of a CNN to monitor (pooled).
+        num_samples: m, the number of validation samples whose representation is recorded
+            (in total over all ranks). The validation data must come in the same order every
+            round (Lightning does not shuffle it by default). Without a validation loop: a
+            fixed, seeded subset of min(m, N) distinct training samples, run through the model
+            in eval mode after each training epoch.
         accuracy_metric: name of a logged metric that holds the validation accuracy in [0, 1]
-            (e.g. ``"val_acc"``). ``None``: the callback computes it from the model's outputs
-            and the labels (``batch[1]``) with torchmetrics when the batch is ``(x, y)`` and
-            ``validation_step`` calls ``self(x)``; otherwise s_Fv is omitted (noted once).
-        config: :class:`~lightning_ttp.spectral.SpectralConfig` (t0, β, η, t2, δ, γ, normalisation).
-        keep_above: never give up (saturated or s_F < t1) on a run whose v_t is already at least
-            this value: it converged at a good accuracy (decision kind ``converged``).
-        trial: an ``optuna.trial.Trial``: every round s_Fv (or s_F without v_t) is reported,
+            (e.g. ``"val_acc"``). ``None``: the callback measures it with a torchmetrics
+            accuracy (synced across ranks) from the LightningModule's outputs (logits) and the
+            targets of the batch (``lightning_ttp.data.split_batch``); otherwise s_Fv is omitted.
+        config: :class:`~lightning_ttp.spectral.SpectralConfig` (t0, β, η, t2, δ, γ, drift_tol, ...).
+        keep_above: never give up on a stuck run whose v_t is at least this (kind
+            ``converged``). ``"auto"``: halfway between chance (1 / classes, the classes read off
+            the logits when the callback measures v_t itself; off with ``accuracy_metric``) and 1.
+            ``None``: off.
+        trial: an ``optuna.trial.Trial``: every round s_Fv (s_F without v_t) is reported where defined,
             and on give-up (``mode="stop"``) ``optuna.TrialPruned`` is raised.
         on_give_up: called as ``on_give_up(trainer, pl_module, decision)`` when the rule fires
             (in both modes). Subclasses can override :meth:`on_give_up` instead.
-        verbose: print the decision (rank zero) at the checkpoint.
-        strict: raise when computing the scores fails. Default: warn once and keep training
-            (a round whose scores failed is skipped; at the checkpoint the run is not given up).
-        spectra_dtype: working precision of the singular values (float32: ~2x faster than
-            float64, normalised values within ~1e-4; see :func:`lightning_ttp.spectral.spectrum_of`).
+        output_fn, target_fn: how to call the model on a batch and where its targets are, as in
+            :func:`lightning_ttp.data.split_batch` (only needed for batches that are not
+            ``(x, y, ...)`` or ``{"x", "y"}``).
+        plot: save ``give_up_scores.png`` (scores per round, t1, checkpoint, decision) in the
+            log directory at the decision and at the end of the fit, and log it to TensorBoard
+            when a ``TensorBoardLogger`` is used (needs matplotlib).
+        verbose: print the decision (rank zero).
+        strict: raise when the callback's own work fails. Default: warn once and keep training
+            (a round whose scores failed is skipped; the run is not given up on missing scores).
 
     Attributes:
         history: one dict of scores per round (``epoch``, ``s_o``, ``s_s``, ``s_t``, ``s_F``,
-            ``s_Fv``, ``v_t``, ``saturated``, ...).
-        gave_up: whether the rule fired. ``reason``: its message (or the "continue" message).
-        decision: the :class:`~lightning_ttp.spectral.GiveUpDecision` of the checkpoint.
+            ``s_Fv``, ``v_t``, ``drift``, ``scale``, ``saturated``, ``stalled``, ...).
+        gave_up: whether the rule fired. ``reason``: its message. ``decision``: the
+            :class:`~lightning_ttp.spectral.GiveUpDecision`; ``decided``: whether it is final.
+            ``layers``: the monitored layers.
     """
 
     def __init__(
@@ -113,478 +155,454 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         target_accuracy: float | None = None,
         mode: Literal["stop", "warn"] = "stop",
         layers: Sequence[str] | None = None,
-        pool_conv: bool = False,
+        conv_stages: int = 2,
         num_samples: int = 1000,
         accuracy_metric: str | None = None,
         config: SpectralConfig | None = None,
-        keep_above: float | None = None,
+        keep_above: float | Literal["auto"] | None = "auto",
         trial: Any | None = None,
         on_give_up: GiveUpHook | None = None,
+        output_fn: Callable[[Any, Any], Any] | None = None,
+        target_fn: Callable[[Any], Any] | None = None,
+        plot: bool = True,
         verbose: bool = True,
-        spectra_dtype: torch.dtype = torch.float32,
         strict: bool = False,
     ) -> None:
         super().__init__()
         if int(checkpoint_epoch) != checkpoint_epoch or checkpoint_epoch < 1:
-            raise ValueError(
-                f"checkpoint_epoch must be a whole number of epochs >= 1, got {checkpoint_epoch!r}"
-            )
+            raise ValueError(f"checkpoint_epoch must be a whole number of epochs >= 1, got {checkpoint_epoch!r}")
         if mode not in ("stop", "warn"):
-            raise ValueError(
-                f"mode must be 'stop' (set trainer.should_stop) or 'warn' (log only), got {mode!r}"
-            )
+            raise ValueError(f"mode must be 'stop' (set trainer.should_stop) or 'warn' (log only), got {mode!r}")
         if int(num_samples) != num_samples or num_samples < 2:
             raise ValueError(
                 f"num_samples must be an integer >= 2 (rows of the activation matrix), got {num_samples!r}"
             )
         if target_accuracy is not None and not 0.0 <= target_accuracy <= 1.0:
             raise ValueError(
-                f"target_accuracy is a predicted accuracy in [0, 1], got {target_accuracy!r} "
-                "(pass 0.65, not 65)"
+                f"target_accuracy is a predicted accuracy in [0, 1], got {target_accuracy!r} (pass 0.65, not 65)"
             )
+        if not (keep_above is None or keep_above == "auto" or 0.0 <= float(keep_above) <= 1.0):
+            raise ValueError(f"keep_above must be an accuracy in [0, 1], 'auto' or None, got {keep_above!r}")
         if isinstance(layers, str):
             raise TypeError(f"layers must be a list of module names, e.g. [{layers!r}], not a string")
-        self.config = config if config is not None else SpectralConfig()
+        if layers is not None and not layers:
+            raise ValueError("EarlyGiveUp(layers=[]) monitors nothing; pass None to find the layers")
+        config = config if config is not None else SpectralConfig()
+        self.config = config if t1 is None else replace(config, t1=float(t1))
         self.checkpoint_epoch = int(checkpoint_epoch)
-        self.t1 = float(self.config.t1 if t1 is None else t1)
         self.target_accuracy = target_accuracy
         self.mode = mode
-        self.layer_names: list[str] | None = list(layers) if layers is not None else None
-        self.pool_conv = pool_conv
+        self.layer_names = None if layers is None else list(layers)
+        self.conv_stages = int(conv_stages)
         self.num_samples = int(num_samples)
         self.accuracy_metric = accuracy_metric
         self.keep_above = keep_above
         self.trial = trial
         self._on_give_up_fn = on_give_up
+        self.output_fn = output_fn
+        self.target_fn = target_fn
+        self.plot = plot
         self.verbose = verbose
-        self.spectra_dtype = spectra_dtype
         self.strict = strict
-
-        self.history: list[dict[str, Any]] = []
-        self.gave_up = False
-        self.reason: str | None = None
-        self.decision: GiveUpDecision | None = None
-        self.decided = False
-        self._spectra: list[list[torch.Tensor]] = []  # last t0 + 1 rounds x layers
-        self._units: list[int] = []
-        self._modules: list[tuple[str, nn.Module]] = []
-        self._handles: list[Any] = []
-        self._buffers: list[list[torch.Tensor]] = []
-        self._counts: list[int] = []
-        self._capturing = False
+        self.state = GiveUpState()
+        self._recorder = ActivationRecorder(num_samples, self.layer_names, self.conv_stages)
+        self._accuracy: Any = None
+        self._classes: int | None = None
         self._logits: torch.Tensor | None = None
-        self._correct = 0
-        self._total = 0
-        self._fallback = False
-        self._train_inputs: list[Any] = []
-        self._train_count = 0
+        self._logit_hook: Any = None
+        self._round: tuple[list[torch.Tensor], list[float], list[int]] | None = None
+        self._subset: Any = None
         self._noted: set[str] = set()
-        self._pending_fv = False
-        self._round_failed = False
 
-    # ------------------------------------------------------------------ identity / state
+    @property
+    def t1(self) -> float:
+        return self.config.t1
+
+    # ------------------------------------------------------------------ public state
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.state.history
+
+    @property
+    def decision(self) -> GiveUpDecision | None:
+        return self.state.decision
+
+    @property
+    def gave_up(self) -> bool:
+        return self.state.gave_up
+
+    @property
+    def decided(self) -> bool:
+        """Whether the checkpoint decision has been taken (``insufficient`` does not count)."""
+        return self.state.decision is not None and self.state.decision.final
+
+    @property
+    def reason(self) -> str | None:
+        return None if self.state.decision is None else self.state.decision.reason
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.state.layers)
+
     @property
     def state_key(self) -> str:
-        # Lightning reads this on every hook call: build the string once
-        key = self.__dict__.get("_state_key")
-        if key is None:
-            key = self._generate_state_key(
-                checkpoint_epoch=self.checkpoint_epoch, t1=self.t1, layers=self.layer_names, mode=self.mode
-            )
-            self.__dict__["_state_key"] = key
-        return key
+        return self._generate_state_key(
+            checkpoint_epoch=self.checkpoint_epoch, t1=self.t1, layers=self.layer_names, mode=self.mode
+        )
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "history": [dict(h) for h in self.history],
-            "spectra": [[s.tolist() for s in rnd] for rnd in self._spectra],
-            "units": list(self._units),
-            "gave_up": self.gave_up,
-            "reason": self.reason,
-            "decided": self.decided,
-            "decision_kind": None if self.decision is None else self.decision.kind,
-        }
+        return self.state.to_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = [dict(h) for h in state_dict.get("history", [])]
-        self._spectra = [
-            [torch.tensor(s, dtype=torch.float64) for s in rnd] for rnd in state_dict.get("spectra", [])
-        ]
-        self._units = list(state_dict.get("units", []))
-        self.gave_up = bool(state_dict.get("gave_up", False))
-        self.reason = state_dict.get("reason")
-        self.decided = bool(state_dict.get("decided", False))
-        kind = state_dict.get("decision_kind")
-        self.decision = None if kind is None else GiveUpDecision(self.gave_up, kind, self.reason or "")
+        self.state = GiveUpState.from_dict(state_dict)
 
-    # ------------------------------------------------------------------ layer resolution
-    def _resolve_layers(self, pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
-        named = dict(pl_module.named_modules())
-        if self.layer_names is not None:
-            missing = [n for n in self.layer_names if n not in named]
-            if missing:
-                have = [n for n in named if n]
-                raise ValueError(
-                    f"EarlyGiveUp(layers=...): no module named {missing} in {type(pl_module).__name__}. "
-                    f"Names available (from named_modules()): {have[:30]}{' ...' if len(have) > 30 else ''}"
-                )
-            if not self.layer_names:
-                raise ValueError("EarlyGiveUp(layers=[]) monitors nothing; pass None for the default layers")
-            return [(n, named[n]) for n in self.layer_names]
-        order = [(n, m) for n, m in pl_module.named_modules() if n]
-        linear_idx = [i for i, (_, m) in enumerate(order) if isinstance(m, nn.Linear)]
-        if len(linear_idx) < 2:
-            raise ValueError(
-                f"EarlyGiveUp found {len(linear_idx)} nn.Linear layer(s) in {type(pl_module).__name__}; "
-                "the default "
-                "monitors the hidden Linear layers (all but the last). Pass layers=[...] with module names "
-                "(e.g. a conv layer with pool_conv=True)."
-            )
-        chosen = []
-        for i in linear_idx[:-1]:
-            name, mod = order[i]
-            if i + 1 < len(order) and isinstance(order[i + 1][1], _ACTIVATIONS):
-                name, mod = order[i + 1]
-            chosen.append((name, mod))
-        return chosen
+    # ------------------------------------------------------------------ failure policy
+    def _fail(self, where: str, error: BaseException) -> None:
+        """Raise with ``strict=True``; else warn once per kind and keep training."""
+        if self.strict:
+            raise error
+        self._warn_once(
+            f"fail:{where}",
+            f"EarlyGiveUp: {where} failed ({type(error).__name__}: {error}). Training continues (this round is not "
+            "scored); pass EarlyGiveUp(strict=True) to make this an error.",
+        )
 
-    # ------------------------------------------------------------------ hooks
-    def _make_hook(self, idx: int, is_conv: bool) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if not self._capturing:
-                return
-            remaining = self.num_samples - self._counts[idx]
-            if remaining <= 0 or not isinstance(output, torch.Tensor):
-                return
-            out = output.detach()[:remaining]
-            if out.dim() > 2:
-                if is_conv and self.pool_conv:
-                    out = global_avg_pool(out)
-                elif is_conv:
-                    if "flatten" not in self._noted:
-                        self._noted.add("flatten")
-                        rank_zero_warn(
-                            "EarlyGiveUp: flattening a convolutional feature map (slow, large); "
-                            "pass pool_conv=True to use global average pooling."
-                        )
-                    out = out.reshape(out.shape[0], -1)
-                else:  # e.g. Linear on (batch, tokens, features): average the middle dims
-                    out = out.reshape(out.shape[0], -1, out.shape[-1]).mean(dim=1)
-            self._buffers[idx].append(out.to(torch.float32))
-            self._counts[idx] += int(out.shape[0])
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._noted:
+            self._noted.add(key)
+            rank_zero_warn(message, category=UserWarning)
 
-        return hook
+    def _guard(self, where: str, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - failure policy: warn once and continue
+            self._fail(where, exc)
+            return None
 
-    def _logits_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if self._capturing_logits and isinstance(output, torch.Tensor):
-            self._logits = output.detach()
-
-    def _attach(self, pl_module: nn.Module) -> None:
-        self._detach()
-        self._buffers = [[] for _ in self._modules]
-        self._counts = [0 for _ in self._modules]
-        for i, (_, mod) in enumerate(self._modules):
-            self._handles.append(mod.register_forward_hook(self._make_hook(i, isinstance(mod, _CONV))))
-        self._capturing_logits = False
-        if self.accuracy_metric is None:
-            self._handles.append(pl_module.register_forward_hook(self._logits_hook))
-        self._correct = 0
-        self._total = 0
-        self._capturing = True
-
-    def _detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._capturing = False
-        self._capturing_logits = False
-
-    # ------------------------------------------------------------------ Lightning hooks
+    # ------------------------------------------------------------------ fit lifecycle
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._modules = self._resolve_layers(pl_module)
-
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._fallback = not bool(getattr(trainer, "enable_validation", True))
-        if self._fallback:
-            rank_zero_warn(
-                "EarlyGiveUp: this fit has no validation loop; the spectra are taken on a fixed subset of "
-                f"the first {self.num_samples} training samples (an extra forward pass per epoch), and "
-                "s_Fv needs accuracy_metric= (no validation accuracy)."
-            )
-
-    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking or not _fn_is_fit(trainer):
+        if stage != "fit":
             return
-        self._attach(pl_module)
+        # a new fit starts from nothing (a resumed fit restores the state after this hook)
+        self.state = GiveUpState()
+        self._recorder.reset()
+        self._subset = None
+        self._round = None
+        self._noted = set()
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._remove_logit_hook()
+        if self.plot and self.state.history:
+            self._guard("the give-up plot", self._save_plot, trainer)
+
+    # ------------------------------------------------------------------ validation rounds
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if _is_fitting(trainer):
+            self._guard("attaching the recorder", self._start_round, trainer, pl_module)
+
+    def _start_round(self, trainer: Any, pl_module: Any) -> None:
+        world = max(1, int(trainer.world_size))
+        self._recorder.num_samples = math.ceil(self.num_samples / world)
+        self._recorder.attach(pl_module)
+        if self.accuracy_metric is None:
+            self._remove_logit_hook()
+            self._logit_hook = pl_module.register_forward_hook(self._capture_logits)
+            if self._accuracy is not None:
+                self._accuracy.reset()
+
+    def _capture_logits(self, module: Any, inputs: Any, output: Any) -> None:
+        if self._logits is None:
+            try:
+                self._logits = logits_of(output).detach()
+            except TypeError:
+                self._logits = None
+
+    def _remove_logit_hook(self) -> None:
+        if self._logit_hook is not None:
+            self._logit_hook.remove()
+            self._logit_hook = None
 
     def on_validation_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if not self._handles:
-            return
-        self._capturing = dataloader_idx == 0 and min(self._counts, default=0) < self.num_samples
-        self._capturing_logits = dataloader_idx == 0 and self.accuracy_metric is None
-        self._logits = None
+        if _is_fitting(trainer):
+            self._logits = None
+            self._recorder.start_batch(self._batch_size(batch), record=dataloader_idx == 0)
+
+    def _targets(self, batch: Any) -> Any:
+        try:
+            return split_batch(batch, output_fn=self.output_fn, target_fn=self.target_fn, who="EarlyGiveUp")[1]
+        except TypeError:
+            return None
+
+    def _batch_size(self, batch: Any) -> int | None:
+        targets = self._targets(batch)
+        for part in (targets, batch):
+            try:
+                return num_samples_in(part)
+            except TypeError:
+                continue
+        return None
 
     def on_validation_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if not self._handles or dataloader_idx != 0 or self.accuracy_metric is not None:
+        if not _is_fitting(trainer):
             return
-        try:
-            self._accumulate_accuracy(batch)
-        except Exception as exc:  # noqa: BLE001 - failure policy: warn once and continue
-            self._fail("validation accuracy", exc)
-
-    def _accumulate_accuracy(self, batch: Any) -> None:
+        self._guard("recording the activations", self._recorder.end_batch)
         logits, self._logits = self._logits, None
-        labels = batch[1] if isinstance(batch, (list, tuple)) and len(batch) >= 2 else None
+        if dataloader_idx == 0 and self.accuracy_metric is None and logits is not None:
+            self._guard("validation accuracy", self._update_accuracy, logits, self._targets(batch))
+
+    def _update_accuracy(self, logits: torch.Tensor, targets: Any) -> None:
         if (
-            logits is None
-            or not isinstance(labels, torch.Tensor)
-            or labels.dtype.is_floating_point
-            or labels.dim() != 1
-            or logits.shape[0] != labels.shape[0]
+            not isinstance(targets, torch.Tensor)
+            or targets.dtype.is_floating_point
+            or targets.dim() != 1
+            or logits.dim() not in (1, 2)
+            or logits.shape[0] != targets.shape[0]
         ):
             return
-        from torchmetrics.functional.classification import binary_accuracy, multiclass_accuracy
+        from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
-        labels = labels.to(logits.device)
-        if not torch.isfinite(logits).all():
-            acc = 0.0  # a diverged model's outputs are not predictions
-        elif logits.dim() == 2 and logits.shape[1] >= 2:
-            acc = float(multiclass_accuracy(logits, labels, num_classes=logits.shape[1], average="micro"))
-        elif logits.dim() <= 2:
-            acc = float(binary_accuracy(logits.reshape(-1).sigmoid(), labels))
+        classes = int(logits.shape[1]) if logits.dim() == 2 and logits.shape[1] >= 2 else 2
+        if self._accuracy is None or self._classes != classes:
+            self._classes = classes
+            self._accuracy = MulticlassAccuracy(classes, average="micro") if classes > 2 else BinaryAccuracy()
+        self._accuracy = self._accuracy.to(logits.device)
+        targets = targets.to(logits.device)
+        finite = torch.isfinite(logits.reshape(logits.shape[0], -1)).all(dim=1)
+        if classes > 2 or logits.dim() == 2:
+            preds = logits.float().argmax(dim=1) if logits.dim() == 2 else (logits > 0).long()
+            preds = torch.where(finite, preds, (targets + 1) % classes)  # a diverged output is no prediction
+            if classes == 2:
+                preds = preds.float()
         else:
-            return
-        self._correct += acc * labels.shape[0]
-        self._total += int(labels.shape[0])
+            preds = torch.where(finite, (logits.float() > 0).float(), 1.0 - targets.float())
+        self._accuracy.update(preds, targets)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if not self._handles:
+        if not _is_fitting(trainer):
             return
-        self._detach()
-        self._score_round_safely(trainer, pl_module)
+        self._remove_logit_hook()
+        self._round = self._guard("computing the spectra", self._gather_spectra, trainer)
+        self._recorder.detach()
+        if self._round is None:
+            return
+        v_t = None
+        if self.accuracy_metric is None and self._accuracy is not None and self._accuracy.update_count > 0:
+            v_t = self._guard("validation accuracy", lambda: float(self._accuracy.compute()))
+        scores = self._guard("scoring", self._score, trainer, v_t)
+        if scores is not None:
+            self._log(pl_module, scores)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking or not _fn_is_fit(trainer) or not self._round_pending:
+        if not _is_fitting(trainer) or self._round is None:
             return
-        self._round_pending = False
-        if self._pending_fv:
-            try:
-                self._fill_fv_late(trainer)
-            except Exception as exc:  # noqa: BLE001 - failure policy: warn once and continue
-                self._fail("scoring s_Fv", exc)
-        self._maybe_decide(trainer, pl_module)
+        self._round = None
+        if self.accuracy_metric is not None and self.state.history:
+            self._guard("scoring s_Fv", self._fill_accuracy, trainer)
+        self._after_round(trainer, pl_module)
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if not self._fallback or self._train_count >= self.num_samples:
-            return
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if not isinstance(x, torch.Tensor):
-            if "fallback_batch" not in self._noted:
-                self._noted.add("fallback_batch")
-                rank_zero_warn(
-                    "EarlyGiveUp: cannot take a training subset from a non-tensor batch; no scores."
-                )
-            self._train_count = self.num_samples
-            return
-        take = x.detach()[: self.num_samples - self._train_count].clone()
-        self._train_inputs.append(take)
-        self._train_count += int(take.shape[0])
-
+    # ------------------------------------------------------------------ no validation loop
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if not self._fallback or not self._train_inputs:
+        if trainer.enable_validation:
             return
-        self._attach(pl_module)
-        self._capturing_logits = False
+        self._warn_once(
+            "no_val",
+            "EarlyGiveUp: this fit has no validation loop; the spectra are taken on a fixed subset of "
+            f"min({self.num_samples}, N) distinct training samples (an extra eval-mode forward pass per epoch), and "
+            "s_Fv needs accuracy_metric=.",
+        )
+        ok = self._guard("scoring the training subset", self._score_subset, trainer, pl_module)
+        if ok:
+            self._after_round(trainer, pl_module)
+
+    def _score_subset(self, trainer: Any, pl_module: Any) -> bool:
+        if self._subset is None:
+            loader = trainer.train_dataloader
+            if not isinstance(loader, torch.utils.data.DataLoader):
+                self._warn_once(
+                    "loader", "EarlyGiveUp: no single training DataLoader to take a subset from; no scores."
+                )
+                return False
+            self._subset, _ = sample_subset(loader, self.num_samples, seed=0)
+        self._recorder.num_samples = self.num_samples
+        self._recorder.attach(pl_module)
         try:
+            inputs, _ = split_batch(self._subset, output_fn=self.output_fn, target_fn=self.target_fn, who="EarlyGiveUp")
+            inputs = tree_map(lambda t: t.to(pl_module.device) if isinstance(t, torch.Tensor) else t, inputs)
             # every submodule gets its own mode back (a frozen BatchNorm stays in eval mode)
             with preserve_modes(pl_module), torch.no_grad():
                 pl_module.eval()
-                for x in self._train_inputs:
-                    pl_module(x.to(pl_module.device))
+                self._recorder.start_batch(self._batch_size(self._subset))
+                if self.output_fn is not None:
+                    self.output_fn(pl_module, inputs)
+                else:
+                    pl_module(inputs)
+                self._recorder.end_batch()
+            mats = self._recorder.matrices()
         finally:
-            self._detach()
-        self._score_round_safely(trainer, pl_module)
-        self._round_pending = False
-        self._maybe_decide(trainer, pl_module)
+            self._recorder.detach()
+        self._round = self._spectra(mats)
+        self._score(trainer, None)
+        self._round = None
+        if self.state.history:
+            self._log_to_loggers(trainer, self._metrics(self.state.history[-1]))
+        return True
 
-    # ------------------------------------------------------------------ scoring
-    _round_pending = False
-    _capturing_logits = False
+    # ------------------------------------------------------------------ spectra and scores
+    def _gather_spectra(self, trainer: Any) -> tuple[list[torch.Tensor], list[float], list[int]]:
+        mats = self._recorder.matrices()
+        world = max(1, int(trainer.world_size))
+        if world > 1:
+            mats = [self._gather(trainer, m) for m in mats]
+        return self._spectra(mats)
 
-    def _v_t(self, trainer: Any) -> float | None:
-        if self.accuracy_metric is not None:
-            value = trainer.callback_metrics.get(self.accuracy_metric)
-            if value is None:
-                return None
-            v = float(value)
-            if v > 1.0 and v <= 100.0:
-                self._note_once(
-                    "percent",
-                    f"EarlyGiveUp: metric {self.accuracy_metric!r}={v:g} looks like a percentage; "
-                    "divided by 100.",
-                )
-                v /= 100.0
-            return v
-        if self._total > 0:
-            return self._correct / self._total
-        return None
+    def _gather(self, trainer: Any, mat: torch.Tensor) -> torch.Tensor:
+        """The rows of every rank, in the order of the validation set: rank r's j-th row is sample
+        j·W + r under Lightning's ``DistributedSampler(shuffle=False)``; the first ``num_samples``."""
+        per = self._recorder.num_samples
+        device = trainer.strategy.root_device
+        padded = torch.zeros(per, mat.shape[1], device=device)
+        valid = torch.zeros(per, device=device)
+        padded[: mat.shape[0]] = mat.to(device)
+        valid[: mat.shape[0]] = 1.0
+        rows = trainer.strategy.all_gather(padded)  # (W, per, d)
+        keep = trainer.strategy.all_gather(valid)  # (W, per)
+        rows = rows.transpose(0, 1).reshape(-1, rows.shape[-1])
+        keep = keep.transpose(0, 1).reshape(-1) > 0
+        return rows[keep][: self.num_samples]
 
-    def _fail(self, where: str, error: BaseException) -> None:
-        """Failure policy: raise with ``strict=True``, else warn once per kind and keep training."""
-        if self.strict:
-            raise error
-        key = f"fail:{where}"
-        if key not in self._noted:
-            self._noted.add(key)
-            rank_zero_warn(
-                f"EarlyGiveUp: {where} failed ({type(error).__name__}: {error}). Training continues "
-                "(this round is not scored); pass EarlyGiveUp(strict=True) to make this an error.",
-                category=UserWarning,
+    def _spectra(self, mats: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[float], list[int]]:
+        specs = [spectrum_of(m) for m in mats]
+        self.state.layers = [layer.label for layer in self._recorder.layers or []]
+        if self._recorder.missing:
+            self._warn_once(
+                "missing",
+                f"EarlyGiveUp(layers=...): no module named {self._recorder.missing} ran in the forward pass; "
+                "they are not monitored.",
             )
+        if not specs:
+            self._warn_once(
+                "no_layers",
+                "EarlyGiveUp: found no representation to monitor (no nn.Linear head and no convolution ran); "
+                "pass layers=[...] with module names. Training continues without scores.",
+            )
+        return [s.values for s in specs], [s.scale for s in specs], [s.units for s in specs]
 
-    def _score_round_safely(self, trainer: Any, pl_module: Any) -> None:
-        self._round_failed = False
-        try:
-            self._score_round(trainer, pl_module, log_with_module=True)
-        except Exception as exc:  # noqa: BLE001 - failure policy: warn once and continue
-            self._buffers = [[] for _ in self._modules]
-            self._pending_fv = False
-            self._round_failed = True
-            # the decision below must still run on this rank: the other ranks may call a collective
-            self._round_pending = True
-            self._fail("scoring", exc)
-
-    def _note_once(self, key: str, message: str) -> None:
-        if key not in self._noted:
-            self._noted.add(key)
-            rank_zero_info(message)
-
-    def _score_round(self, trainer: Any, pl_module: Any, log_with_module: bool) -> None:
+    def _score(self, trainer: Any, v_t: float | None) -> Scores | None:
+        assert self._round is not None
+        values, scales, units = self._round
+        if not values:
+            return None
+        st = self.state
+        st.spectra = (st.spectra + [values])[-(self.config.t0 + 1) :]
+        st.scales = (st.scales + [scales])[-(self.config.t0 + 1) :]
+        st.units = units
         epoch = int(trainer.current_epoch) + 1
-        spectra = []
-        for i in range(len(self._modules)):
-            if self._buffers[i]:
-                spec = spectrum_of(torch.cat(self._buffers[i], dim=0), self.spectra_dtype)
-            else:
-                spec = spectrum_of(torch.empty(0, 1))
-            spectra.append(spec.values)
-            if i >= len(self._units):
-                self._units.append(spec.units)
-            else:
-                self._units[i] = spec.units
-        self._buffers = [[] for _ in self._modules]
-        self._spectra.append(spectra)
-        self._spectra = self._spectra[-(self.config.t0 + 1) :]
-        v_t = self._v_t(trainer)
-        self._pending_fv = v_t is None and self.accuracy_metric is not None
-        if v_t is None and not self._pending_fv:
-            self._note_once(
-                "no_vt",
-                "EarlyGiveUp: no validation accuracy (give accuracy_metric='val_acc' or return logits from "
-                "self(x) with (x, y) batches); s_Fv is not computed.",
-            )
-        scores = compute_scores(self._spectra, epoch, v_t, self.config, self._units)
-        self.history.append(self._entry(scores))
-        self._round_pending = True
-        if log_with_module:
-            self._log(pl_module, scores)
-        if self.trial is not None and not self._pending_fv:
-            self._report_trial(scores)
+        scores = compute_scores(st.spectra, epoch, v_t, self.config, st.units, st.scales)
+        st.history.append(self._entry(scores))
+        if self.trial is not None and self.accuracy_metric is None:
+            self._report_trial(st.history[-1])
+        return scores
 
     @staticmethod
     def _entry(scores: Scores) -> dict[str, Any]:
-        d = scores.as_dict()
-        return {k: v for k, v in d.items() if k not in ("per_layer_o", "per_layer_s")} | {
-            "per_layer_o": list(scores.per_layer_o),
-            "per_layer_s": list(scores.per_layer_s),
-        }
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in scores.as_dict().items()}
+
+    @staticmethod
+    def _metrics(entry: dict[str, Any]) -> dict[str, float]:
+        keys = ("s_o", "s_s", "s_t", "s_F", "s_Fv", "v_t", "drift")
+        return {f"give_up/{k}": float(entry[k]) for k in keys if math.isfinite(entry[k])}
 
     def _log(self, pl_module: Any, scores: Scores) -> None:
-        metrics = {"s_o": scores.s_o, "s_s": scores.s_s, "s_t": scores.s_t, "s_F": scores.s_F}
-        if math.isfinite(scores.v_t):
-            metrics |= {"s_Fv": scores.s_Fv, "v_t": scores.v_t}
-        for key, value in metrics.items():
+        # the scores are the same on every rank (gathered rows); sync_dist averages equal values and
+        # spares the user Lightning's "use sync_dist=True" warning under DDP
+        for key, value in self._metrics(self._entry(scores)).items():
             try:
-                pl_module.log(f"give_up/{key}", float(value), on_epoch=True, sync_dist=True)
-            except Exception as err:  # logging must never break training
-                self._note_once("log", f"EarlyGiveUp: could not log give_up/{key}: {err}")
+                pl_module.log(key, value, on_epoch=True, sync_dist=True)
+            except Exception as err:  # noqa: BLE001 - logging must never break training
+                self._warn_once("log", f"EarlyGiveUp: could not log {key}: {err}")
 
-    def _fill_fv_late(self, trainer: Any) -> None:
-        """v_t from a metric logged after the callbacks' on_validation_epoch_end (module's own hook)."""
-        self._pending_fv = False
-        v_t = self._v_t(trainer)
-        if v_t is None:
-            self._note_once(
+    def _log_to_loggers(self, trainer: Any, metrics: dict[str, float]) -> None:
+        if trainer.is_global_zero:
+            for lg in trainer.loggers:  # pl_module.log is not allowed in on_validation_end
+                lg.log_metrics(metrics, step=trainer.global_step)
+
+    def _fill_accuracy(self, trainer: Any) -> None:
+        """v_t from a metric logged by the user (known only after the module's own epoch-end hook)."""
+        value = trainer.callback_metrics.get(self.accuracy_metric)
+        if value is None:
+            self._warn_once(
                 "no_metric",
                 f"EarlyGiveUp: metric {self.accuracy_metric!r} was not logged; s_Fv is not computed. "
                 f"Logged metrics: {sorted(trainer.callback_metrics)}",
             )
-            if self.trial is not None:
-                self._report_trial_entry(self.history[-1])
-            return
-        scores = compute_scores(self._spectra, int(self.history[-1]["epoch"]), v_t, self.config, self._units)
-        self.history[-1] = self._entry(scores)
-        if trainer.is_global_zero:
-            for lg in trainer.loggers:
-                lg.log_metrics({"give_up/s_Fv": scores.s_Fv, "give_up/v_t": v_t}, step=trainer.global_step)
+        else:
+            v = float(value)
+            if 1.0 < v <= 100.0:
+                self._warn_once("percent", f"EarlyGiveUp: {self.accuracy_metric}={v:g} looks like a percentage; /100.")
+                v /= 100.0
+            entry = self.state.history[-1]
+            scores = compute_scores(
+                self.state.spectra, int(entry["epoch"]), v, self.config, self.state.units, self.state.scales
+            )
+            self.state.history[-1] = self._entry(scores)
+            self._log_to_loggers(trainer, {"give_up/s_Fv": scores.s_Fv, "give_up/v_t": v})
         if self.trial is not None:
-            self._report_trial(scores)
+            self._report_trial(self.state.history[-1])
 
-    def _report_trial(self, scores: Scores) -> None:
-        self._report_trial_entry(self._entry(scores))
-
-    def _report_trial_entry(self, entry: dict[str, Any]) -> None:
+    def _report_trial(self, entry: dict[str, Any]) -> None:
+        """s_Fv (a predicted accuracy); s_F without v_t; nothing where both are undefined."""
         value = entry["s_Fv"] if math.isfinite(entry["s_Fv"]) else entry["s_F"]
         if math.isfinite(value):
             self.trial.report(float(value), step=int(entry["epoch"]))
 
     # ------------------------------------------------------------------ decision
-    def _maybe_decide(self, trainer: Any, pl_module: Any) -> None:
-        failed, self._round_failed = self._round_failed, False
-        if self.decided or not (self.history or failed):
+    def _keep_above(self) -> float | None:
+        if self.keep_above == "auto":
+            if self._classes is None:
+                return None
+            chance = 1.0 / self._classes
+            return chance + 0.5 * (1.0 - chance)
+        return None if self.keep_above is None else float(self.keep_above)
+
+    def _after_round(self, trainer: Any, pl_module: Any) -> None:
+        st = self.state
+        if st.gave_up or not st.history:
             return
-        # the round's epoch, as _score_round counts it (also when its scores failed on this rank)
-        epoch = int(trainer.current_epoch) + 1 if failed else int(self.history[-1]["epoch"])
-        if epoch < self.checkpoint_epoch:
-            return
-        if failed:
-            # no scores on this rank: it does not give up, but still joins the decision of the others
-            decision = GiveUpDecision(False, "error", f"epoch {epoch}: the scores could not be computed")
-        else:
-            decision = decide(Scores(**self.history[-1]), self.t1, self.target_accuracy, self.keep_above)
+        entry = st.history[-1]
+        epoch = int(entry["epoch"])
+        decided = st.decision is not None and st.decision.final
+        decision = decide(Scores(**entry), self.config, self.target_accuracy, self._keep_above())
+        if decision.kind != "diverged" and (decided or epoch < self.checkpoint_epoch):
+            return  # only divergence acts before the checkpoint or after the decision
         give_up = decision.give_up
         if self.mode == "stop":
-            # any rank giving up stops every rank (as Lightning's EarlyStopping)
+            # the same scores on every rank; reduced anyway, as Lightning's EarlyStopping does
             give_up = bool(trainer.strategy.reduce_boolean_decision(give_up, all=False))
         if give_up and not decision.give_up:
             decision = GiveUpDecision(True, "other_rank", f"epoch {epoch}: another rank gave up")
-        self.decided = True
-        self.decision = decision
-        self.gave_up = give_up
-        self.reason = decision.reason
+        st.decision = decision
+        st.decision_epoch = epoch
+        st.gave_up = give_up
         if self.verbose:
-            verb = (
-                "giving up"
-                if (give_up and self.mode == "stop")
-                else ("would give up" if give_up else "continue")
-            )
-            rank_zero_info(f"EarlyGiveUp ({verb}): {decision.reason}")
-        if trainer.is_global_zero:
-            for lg in trainer.loggers:  # pl_module.log is not allowed in on_validation_end
-                lg.log_metrics({"give_up/gave_up": float(give_up)}, step=trainer.global_step)
+            verb = "giving up" if give_up and self.mode == "stop" else "would give up" if give_up else "continue"
+            if decision.final or give_up:
+                rank_zero_info(f"EarlyGiveUp ({verb}): {decision.reason}")
+        if not decision.final:
+            return
+        self._log_to_loggers(trainer, {"give_up/gave_up": float(give_up)})
+        if self.plot:
+            self._guard("the give-up plot", self._save_plot, trainer)
         if not give_up:
             return
-        min_epochs = getattr(trainer, "min_epochs", None) or 0
         if self.mode == "stop":
             trainer.should_stop = True
+            min_epochs = trainer.min_epochs or 0
             if epoch < min_epochs:
-                rank_zero_info(
-                    f"EarlyGiveUp: stop deferred by Lightning until min_epochs={min_epochs} are done."
-                )
+                rank_zero_info(f"EarlyGiveUp: stop deferred by Lightning until min_epochs={min_epochs} are done.")
         self.on_give_up(trainer, pl_module, decision)
         if self.trial is not None and self.mode == "stop":
             import optuna
@@ -595,3 +613,28 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         """Called once when the rule fires (override, or pass ``on_give_up=`` to the constructor)."""
         if self._on_give_up_fn is not None:
             self._on_give_up_fn(trainer, pl_module, decision)
+
+    # ------------------------------------------------------------------ picture
+    def _save_plot(self, trainer: Any) -> str | None:
+        from ..report.plots import matplotlib_available, plot_give_up, save_figure
+
+        directory = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: read on every rank
+        if not trainer.is_global_zero:
+            return None
+        if not matplotlib_available():
+            self._warn_once("plot", "EarlyGiveUp: matplotlib is not installed; no plot (pip install matplotlib).")
+            return None
+        d = self.state.decision
+        fig = plot_give_up(
+            self.state.history,
+            t1=self.t1,
+            checkpoint_epoch=self.checkpoint_epoch,
+            decision_epoch=None if d is None or not d.final else self.state.decision_epoch,
+            decision=None if d is None else f"{d.kind}{' (gave up)' if self.state.gave_up else ''}",
+        )
+        path = save_figure(fig, os.path.join(directory, "give_up_scores.png"))
+        tensorboard = tuple(ns.loggers.TensorBoardLogger for ns in installed_namespaces())
+        for logger in trainer.loggers:
+            if isinstance(logger, tensorboard):
+                logger.experiment.add_figure("give_up/scores", fig, global_step=trainer.global_step)
+        return path

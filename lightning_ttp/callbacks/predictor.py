@@ -180,7 +180,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         relinearise_budget: maximal share of the run's wall clock spent re-linearising (a call
             is skipped when it would exceed it; the refits go on).
         budget: keep the fit-start prediction within this share of the run's predicted cost
-            (default 5 %, never below 10 s) by a smaller kernel subset or the trace kernel
+            (default 5 %, never below 3 s) by a smaller kernel subset or the trace kernel
             (:mod:`lightning_ttp.budget`); ``None``: always the full ``num_samples`` exact kernel.
         warmup_steps: optimiser steps ignored when measuring seconds per step.
         log_curve: write the predicted curve to the loggers at fit start.
@@ -685,11 +685,13 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         try:
             if self.refine:
                 self._refine_now()
+            # trainer.log_dir broadcasts under DDP: every rank must read it, not only rank zero
+            directory = (trainer.log_dir or trainer.default_root_dir) if self.plot else None
             if trainer.is_global_zero:
                 if self.verbose:
                     rank_zero_info(self.final_summary())
-                if self.plot:
-                    self.plot_path = _report.save_plot(self, trainer)
+                if directory is not None:
+                    self.plot_path = _report.save_plot(self, trainer, directory)
         except Exception as exc:  # noqa: BLE001
             self._fail("the end-of-fit report", exc)
 

@@ -2,14 +2,14 @@
 
 Adam's update  w ← w − η m̂_t / (√v̂_t + ε)  is per coordinate and not linear in the
 gradients, so it has no exact function-space form. We split it into a fixed per-coordinate
-part and a slowly varying per-block part (a block = one parameter tensor, or several
-consecutive tensors of one param group when there are many):
+part and a slowly varying per-block part (a block = consecutive parameter tensors of one param
+group; the caller chooses them, ``estimate_kernel`` uses one block per param group):
 
 1. **Preconditioned kernel at w0.** The caller estimates v_d ≈ E_B[g_{B,d}²] from
    mini-batch gradients at w0 and computes, per block k,
    K_k = J_k diag(1/(√v_d + ε)) J_kᵀ (the NTK of the reparametrised model
    w = w0 + diag((√v + ε)^{-1/2}) z, so the kernel engine computes it). For full-batch GD the
-   first step is then exact: K r = J (g/|g|) = J sign(g).
+   first step is then exact: K r = J g/(|g| + ε).
 2. **Drift of the second moment.** As training proceeds the gradients shrink and Adam's
    steps grow relative to the gradient. We track, per block and path, the bias-corrected
    EMA_β2 of q_k = rᵀ K_k r (= Σ_d g_d²/(√v_d+ε), exact in function space) and assume
@@ -19,9 +19,13 @@ consecutive tensors of one param group when there are many):
 
     f ← f − Σ_k η_{g(k)} (a_k + ε)/(a_k ρ_k + ε) · EMA_β1(K_k r)/(1 − β1^t)   [− η λ (J w0 + u), AdamW]
 
-What is lost: the per-coordinate evolution of v inside a block (only its block-average
-drift is followed), the mini-batch-to-batch fluctuation of v, and AMSGrad. The benchmark
-measures the resulting error (docs/prediction.md).
+The drift is tracked from each Monte-Carlo path's own simulated batch gradients. What is
+lost: the per-coordinate evolution of v inside a block (only its block-average drift is
+followed), Adam's per-coordinate sign-like saturation, and AMSGrad. ``benchmarks/
+prediction_cost.py`` measures the resulting error against real AdamW runs (docs/prediction.md).
+
+Cost: one product (P, N·C) × (N·C, K·N·C) per step for all K blocks and P paths; with one
+block, what an SGD simulation costs.
 """
 
 from __future__ import annotations
@@ -31,11 +35,37 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .discrete import SimulationResult, _check_schedule, _single_threaded, apply_kernel, kernel_kind
+from .discrete import CurveRecorder, SimulationResult, _check_schedule, _single_threaded, as_gram, kernel_kind
 from .losses import Loss
 from .optim_spec import OptimizerSpec
 
-__all__ = ["simulate_adam"]
+__all__ = ["apply_blocks", "simulate_adam", "stack_blocks"]
+
+
+def stack_blocks(block_grams: Sequence[torch.Tensor], n: int, c: int) -> tuple[torch.Tensor, str]:
+    """The K block Grams side by side, so that one product gives every K_k r.
+
+    Full kernels: (N·C, K·N·C), ``r (P, N·C) @ stacked`` = [K_1 r, …, K_K r]; trace kernels:
+    (N, K·N) with r's C columns as the batch. Precision: float64 if every block is float64,
+    else float32 (:func:`~lightning_ttp.dynamics.discrete.as_gram`).
+    """
+    grams = [as_gram(g) for g in block_grams]
+    kinds = {kernel_kind(g, n, c) for g in grams}
+    if len(kinds) != 1:
+        raise ValueError("the block Grams mix full (N·C)² and trace N² kernels: estimate them together")
+    dtype = torch.float64 if all(g.dtype == torch.float64 for g in grams) else torch.float32
+    return torch.cat([g.to(dtype) for g in grams], dim=1), kinds.pop()
+
+
+def apply_blocks(stacked: torch.Tensor, r: torch.Tensor, kind: str, k: int) -> torch.Tensor:
+    """[K_1 r, …, K_K r] as (P, K, N, C) for r (P, N, C), in the Grams' precision, returned in r's."""
+    p, n, c = r.shape
+    x = r.to(stacked.dtype)
+    if kind == "full":
+        out = (x.reshape(p, n * c) @ stacked).reshape(p, k, n, c)
+    else:
+        out = (x.transpose(1, 2) @ stacked).reshape(p, c, k, n).permute(0, 2, 3, 1)
+    return out.to(r.dtype)
 
 
 @_single_threaded
@@ -54,64 +84,79 @@ def simulate_adam(
     weights: Callable[[int], torch.Tensor] | None = None,
     num_paths: int = 1,
 ) -> SimulationResult:
-    """Adam(W) on the linearised model with per-block adaptive scales (see module docstring)."""
+    """Adam(W) on the linearised model with per-block adaptive scales (see module docstring).
+
+    Every step is one product of the batch gradients of all P paths with the K block Grams
+    side by side (:func:`stack_blocks`); the moments of all blocks and paths are updated as
+    (P, K) and (P, K, N, C) tensors. Runs on the Grams' device, products in their precision,
+    state in float64.
+
+    Args:
+        block_grams: K preconditioned block Grams K_k (N·C)² or (N, N).
+        block_group: the param group of each block; ``block_sizes`` its parameter count (kept
+            for the caller's diagnostics); ``block_rms`` a_k = mean_d √v_d over the block.
+        weights, num_paths: batch weights ``weights(t) -> (P, N)`` (default full batch) and P.
+    """
     lrs = _check_schedule(lr_schedule, spec)
     steps = lrs.shape[0]
+    k = len(block_grams)
+    if not (len(block_group) == len(block_sizes) == len(block_rms) == k):
+        raise ValueError("block_grams, block_group, block_sizes and block_rms must have one entry per block")
     dtype = torch.float64
     f0 = torch.as_tensor(f0).to(dtype)
     f0 = f0[:, None] if f0.dim() == 1 else f0
     n, c = f0.shape
-    y = loss.prepare_targets(torch.as_tensor(targets), c)
-    grams = [torch.as_tensor(g).to(dtype) for g in block_grams]
-    kinds = [kernel_kind(g, n, c) for g in grams]
+    stacked, kind = stack_blocks(block_grams, n, c)
+    device = stacked.device
+    f0 = f0.to(device)
+    y = loss.prepare_targets(torch.as_tensor(targets), c).to(device)
+    groups = spec.groups
+
+    def per_block(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    b1 = per_block([groups[g].betas[0] for g in block_group])
+    b2 = per_block([groups[g].betas[1] for g in block_group])
+    eps = per_block([groups[g].eps for g in block_group])
+    rms = per_block(block_rms)
+    block_lrs = torch.as_tensor(lrs[:, list(block_group)], dtype=dtype, device=device)  # (T, K)
     wd = spec.has_weight_decay
-    jw = None
     if wd:
-        jw = ([torch.zeros(n, c, dtype=dtype) for _ in spec.groups] if jvp_w0 is None
-              else [torch.as_tensor(j).to(dtype).reshape(n, c) for j in jvp_w0])
-        u = [torch.zeros(num_paths, n, c, dtype=dtype) for _ in spec.groups]
+        # which group each block belongs to, to sum the block updates into the groups' u_g
+        member = torch.zeros(k, len(groups), dtype=dtype, device=device)
+        member[torch.arange(k), torch.as_tensor(list(block_group))] = 1.0
+        jw = (torch.zeros(len(groups), n, c, dtype=dtype, device=device) if jvp_w0 is None
+              else torch.stack([torch.as_tensor(j).to(device, dtype).reshape(n, c) for j in jvp_w0]))
+        decay = per_block([g.weight_decay for g in groups])  # λ_g
+        group_lrs = torch.as_tensor(lrs, dtype=dtype, device=device)  # (T, G)
+        u = torch.zeros(num_paths, len(groups), n, c, dtype=dtype, device=device)
     f = f0.expand(num_paths, n, c).clone()
-    m = [torch.zeros(num_paths, n, c, dtype=dtype) for _ in grams]
-    v = [torch.zeros(num_paths, dtype=dtype) for _ in grams]
-    q0: list[torch.Tensor | None] = [None] * len(grams)
-    losses = np.empty((num_paths, steps + 1))
-    errs = None
-    for t in range(steps + 1):
-        losses[:, t] = loss.value(f, y).numpy()
-        e = loss.error(f, y)
-        if e is not None:
-            errs = np.empty((num_paths, steps + 1)) if errs is None else errs
-            errs[:, t] = e.numpy()
-        if t == steps:
-            break
-        w = torch.full((num_paths, n), 1.0 / n, dtype=dtype) if weights is None else weights(t).to(dtype)
+    m = torch.zeros(num_paths, k, n, c, dtype=dtype, device=device)
+    v = torch.zeros(num_paths, k, dtype=dtype, device=device)
+    q0 = None
+    full_batch = torch.full((num_paths, n), 1.0 / n, dtype=dtype, device=device)
+    curves = CurveRecorder(loss, y, num_paths, steps, device)
+    for t in range(steps):
+        curves.record(t, f)
+        w = full_batch if weights is None else weights(t).to(device, dtype)
         r = w[..., None] * loss.per_sample_grad(f, y)
-        delta = torch.zeros_like(f)
+        d = apply_blocks(stacked, r, kind, k)  # (P, K, N, C): K_k r
+        q = (d * r[:, None]).sum((2, 3)).clamp_min(0.0)  # rᵀ K_k r = Σ_d g_d²/(√v_d + ε)
+        if q0 is None:
+            q0 = torch.where(q > 0, q, torch.ones_like(q))
         step_no = t + 1
-        group_delta = [torch.zeros_like(f) for _ in spec.groups] if wd else None
-        for k, gram in enumerate(grams):
-            gi = block_group[k]
-            gs = spec.groups[gi]
-            b1, b2 = gs.betas
-            d = apply_kernel(gram, r, kinds[k])
-            q = (d * r).flatten(1).sum(1).clamp_min(0.0)  # rᵀ K_k r = Σ_d g_d²/(√v_d + ε)
-            if q0[k] is None:
-                q0[k] = torch.where(q > 0, q, torch.ones_like(q))
-            v[k] = b2 * v[k] + (1 - b2) * q
-            m[k] = b1 * m[k] + (1 - b1) * d
-            rho = (v[k] / (1 - b2**step_no) / q0[k]).sqrt()
-            a = block_rms[k]
-            scale = (a + gs.eps) / (a * rho + gs.eps)
-            upd = -lrs[t, gi] * scale[:, None, None] * m[k] / (1 - b1**step_no)
-            delta = delta + upd
-            if wd:
-                group_delta[gi] = group_delta[gi] + upd
+        v = b2 * v + (1 - b2) * q
+        m = b1[:, None, None] * m + (1 - b1)[:, None, None] * d
+        rho = (v / (1 - b2**step_no) / q0).sqrt()
+        scale = (rms + eps) / (rms * rho + eps)
+        coef = -block_lrs[t] * scale / (1 - b1**step_no)  # (P, K)
+        upd = coef[..., None, None] * m
         if wd:
-            for gi, gs in enumerate(spec.groups):
-                if gs.weight_decay:
-                    decay = -lrs[t, gi] * gs.weight_decay * (jw[gi] + u[gi])
-                    delta = delta + decay
-                    group_delta[gi] = group_delta[gi] + decay
-                u[gi] = u[gi] + group_delta[gi]
-        f = f + delta
-    return SimulationResult(losses, errs, f, None)
+            moved = torch.einsum("pknc,kg->pgnc", upd, member)
+            moved = moved - (group_lrs[t] * decay)[:, None, None] * (jw + u)
+            u = u + moved
+            f = f + moved.sum(1)
+        else:
+            f = f + upd.sum(1)
+    curves.record(steps, f)
+    return curves.result(f)

@@ -21,20 +21,27 @@ step. The weight-decay term needs ``jvp_w0[g] = J_g · w_{0,g}`` (one ``torch.fu
 tangent w0 restricted to group g, computed by the caller). Without it we set it to zero,
 i.e. weight decay pulls towards w0 instead of towards 0 (a warning says so).
 
-Adam(W) (kind ``"adam"``/``"adamw"``): the caller passes the *preconditioned* Grams
-Θ_g = J_g P_g J_gᵀ (P = diag(1/(√v̂0 + ε)) estimated at w0) and the first moment is the
-bias-corrected EMA  B ← β1 B + (1 − β1) d,  upd = B / (1 − β1^{t+1}). This is an
-approximation (Adam's second moment evolves; the update is not linear in the gradient).
+Adam(W) is not linear in the gradients: the fit-start prediction uses
+:mod:`~lightning_ttp.dynamics.adam`. With a preconditioner held fixed (the closed loop
+re-linearises with P_k = diag(1/(√v̂_k + ε)) from the optimiser's own second moment), Adam is
+the bias-corrected EMA of the preconditioned direction, which this simulator runs when given
+``fixed_preconditioner=True``:  B ← β1 B + (1 − β1) d,  upd = B / (1 − β1^{k+t+1}).
 
 Starting mid-run (the closed loop, :mod:`lightning_ttp.relinearise`): ``f0`` are the outputs
 at the current weights w_k, the Grams and ``jvp_w0`` are taken at w_k, ``initial_buffers``
 are the images B_g = J_g b_g of the optimiser's buffers at step k (SGD: the momentum
 buffer; Adam: the preconditioned first moment J_g P m) and ``start_step = k`` continues
-Adam's bias correction 1 − β1^{k+t+1}.
+Adam's bias correction.
 
 The batch gradient is ∇_f L_B = w_t ⊙ G(f_t) with per-sample gradients G (see ``losses``)
 and batch weights w_t (1/N for gradient descent; see ``montecarlo`` for mini-batches).
-A leading "path" dimension P lets Monte Carlo simulate many batch sequences at once.
+A leading "path" dimension P lets Monte Carlo simulate many batch sequences at once: each
+step is one product (P, N·C) × (N·C, N·C) per group for all paths.
+
+Precision and device: the simulation runs on the Grams' device. The products Θ r run in the
+Grams' precision (float32 Grams from a float32 model: half the memory traffic of float64;
+float64 Grams: exact arithmetic as before); the state (f, u, momentum images) and the loss
+are float64, so rounding does not accumulate over thousands of steps.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ import torch
 from .losses import Loss
 from .optim_spec import OptimizerSpec
 
-__all__ = ["SimulationResult", "simulate_discrete", "apply_kernel", "kernel_kind", "single_thread"]
+__all__ = ["SimulationResult", "simulate_discrete", "apply_kernel", "as_gram", "kernel_kind", "single_thread"]
 
 
 @contextlib.contextmanager
@@ -99,12 +106,51 @@ def kernel_kind(gram: torch.Tensor, n: int, c: int) -> str:
     raise ValueError(f"Gram of size {gram.shape[0]} matches neither N·C = {n * c} nor N = {n}")
 
 
+def as_gram(gram) -> torch.Tensor:
+    """A Gram as the simulators use it: float64 stays float64, any other dtype becomes float32."""
+    gram = torch.as_tensor(gram)
+    return gram if gram.dtype == torch.float64 else gram.to(torch.float32)
+
+
 def apply_kernel(gram: torch.Tensor, r: torch.Tensor, kind: str) -> torch.Tensor:
-    """Θ r for r of shape (P, N, C): full Gram = (r·Θ) on the flattened sample-major vector."""
+    """Θ r for r of shape (P, N, C), computed in the Gram's precision and returned in r's.
+
+    Full Gram: (r·Θ) on the flattened sample-major vector (Θ is symmetric); trace: Σ_m Θ_nm r_mc.
+    """
     p, n, c = r.shape
+    x = r.to(gram.dtype)
     if kind == "full":
-        return (r.reshape(p, n * c) @ gram).reshape(p, n, c)
-    return torch.einsum("nm,pmc->pnc", gram, r)
+        out = (x.reshape(p, n * c) @ gram).reshape(p, n, c)
+    else:
+        out = torch.einsum("nm,pmc->pnc", gram, x)
+    return out.to(r.dtype)
+
+
+class CurveRecorder:
+    """Loss (and error) of every path at every step, kept on the simulation's device.
+
+    One host transfer at the end instead of a synchronisation per step.
+    """
+
+    def __init__(self, loss: Loss, y: torch.Tensor, paths: int, steps: int, device: torch.device) -> None:
+        self.loss, self.y = loss, y
+        self.values = torch.empty(steps + 1, paths, dtype=torch.float64, device=device)
+        self.errors: torch.Tensor | None = None
+
+    def record(self, t: int, f: torch.Tensor, value: torch.Tensor | None = None) -> None:
+        self.values[t] = self.loss.value(f, self.y) if value is None else value
+        e = self.loss.error(f, self.y)
+        if e is not None:
+            if self.errors is None:
+                self.errors = torch.empty_like(self.values)
+            self.errors[t] = e
+
+    def result(self, f: torch.Tensor) -> SimulationResult:
+        """The curves as (P, T+1) numpy arrays and the first step whose loss is not finite."""
+        losses = self.values.T.cpu().numpy()
+        errs = None if self.errors is None else self.errors.T.cpu().numpy()
+        bad = np.nonzero(~np.isfinite(losses[:, :-1]).all(0))[0]
+        return SimulationResult(losses, errs, f, int(bad[0]) if bad.size else None)
 
 
 def _check_schedule(lr_schedule: np.ndarray | Sequence, spec: OptimizerSpec) -> np.ndarray:
@@ -135,6 +181,7 @@ def simulate_discrete(
     dtype: torch.dtype = torch.float64,
     initial_buffers: Sequence[torch.Tensor | None] | None = None,
     start_step: int = 0,
+    fixed_preconditioner: bool = False,
 ) -> SimulationResult:
     """Iterate the linearised model in function space for ``len(lr_schedule)`` steps.
 
@@ -153,19 +200,26 @@ def simulate_discrete(
         initial_buffers: per group the image J_g b_g (N, C) of the optimiser's buffer when
             continuing a run (None: empty buffer, as at the first step).
         start_step: optimiser steps already taken (Adam's bias correction continues from it).
+        fixed_preconditioner: Adam-type ``spec`` only: the Grams already hold a fixed
+            preconditioner (J P Jᵀ); simulate Adam's first moment on them.
     Returns:
         :class:`SimulationResult` with the loss L_0..L_T on all N samples.
     """
     lrs = _check_schedule(lr_schedule, spec)
     steps, ngroups = lrs.shape
+    adam = spec.kind in ("adam", "adamw")
+    if adam and not fixed_preconditioner:
+        raise ValueError("Adam-type optimisers are not linear in the gradients: use dynamics.simulate_adam "
+                         "(or pass fixed_preconditioner=True with preconditioned Grams)")
     if len(grams) != ngroups:
         raise ValueError(f"got {len(grams)} Grams for {ngroups} parameter groups")
-    f0 = torch.as_tensor(f0).to(dtype)
+    grams = [as_gram(g) for g in grams]
+    device = grams[0].device
+    f0 = torch.as_tensor(f0).to(device, dtype)
     if f0.dim() == 1:
         f0 = f0[:, None]
     n, c = f0.shape
-    y = loss.prepare_targets(torch.as_tensor(targets), c)
-    grams = [torch.as_tensor(g).to(dtype) for g in grams]
+    y = loss.prepare_targets(torch.as_tensor(targets), c).to(device)
     kinds = [kernel_kind(g, n, c) for g in grams]
     need_u = spec.has_weight_decay
     if need_u:
@@ -174,37 +228,23 @@ def simulate_discrete(
                 "weight decay without jvp_w0 (J·w0): simulated as decay towards w0 instead of 0",
                 stacklevel=2,
             )
-            jw = [torch.zeros(n, c, dtype=dtype) for _ in grams]
+            jw = [torch.zeros(n, c, dtype=dtype, device=device) for _ in grams]
         else:
-            jw = [torch.as_tensor(j).to(dtype).reshape(n, c) for j in jvp_w0]
-        u = [torch.zeros(num_paths, n, c, dtype=dtype) for _ in grams]
+            jw = [torch.as_tensor(j).to(device, dtype).reshape(n, c) for j in jvp_w0]
+        u = [torch.zeros(num_paths, n, c, dtype=dtype, device=device) for _ in grams]
     f = f0.expand(num_paths, n, c).clone()
     bufs: list[torch.Tensor | None] = [None] * ngroups
     if initial_buffers is not None:
         if len(initial_buffers) != ngroups:
             raise ValueError(f"got {len(initial_buffers)} initial buffers for {ngroups} parameter groups")
-        bufs = [None if b is None else torch.as_tensor(b).to(dtype).reshape(n, c).expand(num_paths, n, c).clone()
-                for b in initial_buffers]
-    adam = spec.kind in ("adam", "adamw")
-    losses = np.empty((num_paths, steps + 1))
-    errs = None
-    diverged = None
-    for t in range(steps + 1):
-        if t < steps:
-            value, gsample = loss.value_and_grad(f, y)
-        else:
-            value = loss.value(f, y)
-        losses[:, t] = value.cpu().numpy()
-        e = loss.error(f, y)
-        if e is not None:
-            if errs is None:
-                errs = np.empty((num_paths, steps + 1))
-            errs[:, t] = e.cpu().numpy()
-        if t == steps:
-            break
-        if diverged is None and not np.all(np.isfinite(losses[:, t])):
-            diverged = t
-        w = torch.full((num_paths, n), 1.0 / n, dtype=dtype) if weights is None else weights(t).to(dtype)
+        bufs = [None if b is None else torch.as_tensor(b).to(device, dtype).reshape(n, c).expand(num_paths, n, c)
+                .clone() for b in initial_buffers]
+    full_batch = torch.full((num_paths, n), 1.0 / n, dtype=dtype, device=device)
+    curves = CurveRecorder(loss, y, num_paths, steps, device)
+    for t in range(steps):
+        value, gsample = loss.value_and_grad(f, y)
+        curves.record(t, f, value)
+        w = full_batch if weights is None else weights(t).to(device, dtype)
         r = w[..., None] * gsample
         delta = torch.zeros_like(f)
         for gi, gs in enumerate(spec.groups):
@@ -231,4 +271,5 @@ def simulate_discrete(
                 u[gi] = u[gi] + step
             delta = delta + step
         f = f + delta
-    return SimulationResult(losses, errs, f, diverged)
+    curves.record(steps, f)
+    return curves.result(f)

@@ -48,11 +48,13 @@ def lambda_max(grams, weights, n: int, c: int) -> float:
     """λmax of Σ_g weights_g Θ_g (dense eigvalsh up to 300 rows, else ARPACK Lanczos)."""
     m = sum(w * torch.as_tensor(g, dtype=torch.float64) for w, g in zip(weights, grams, strict=True))
     if m.shape[0] <= 300:
-        return float(torch.linalg.eigvalsh(m)[-1])
+        return float(torch.linalg.eigvalsh(m.cpu())[-1])
     # Matrix-vector products through torch (its thread setting), not numpy's BLAS pool.
-    op = LinearOperator(tuple(m.shape), matvec=lambda x: (m @ torch.from_numpy(np.ascontiguousarray(x,
-                                                                                      dtype=np.float64))).numpy(),
-                        dtype=float)
+    def matvec(x):
+        v = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)).to(m.device)
+        return (m @ v).cpu().numpy()
+
+    op = LinearOperator(tuple(m.shape), matvec=matvec, dtype=float)
     v0 = np.ones(m.shape[0])
     return float(eigsh(op, k=1, which="LA", return_eigenvectors=False, tol=1e-4, v0=v0)[0])
 
@@ -69,8 +71,9 @@ def _scale(gram: torch.Tensor, s: torch.Tensor, n: int, c: int) -> torch.Tensor:
     """H^{1/2} Θ H^{1/2} with H^{1/2} block-diagonal (N blocks C×C); trace kernels become K ⊗ I_C."""
     g = torch.as_tensor(gram, dtype=torch.float64)
     if g.shape[0] == n and c > 1:
-        g = torch.kron(g, torch.eye(c, dtype=torch.float64))
+        g = torch.kron(g, torch.eye(c, dtype=torch.float64, device=g.device))
     g4 = g.reshape(n, c, n, c)
+    s = s.to(g.device)
     return torch.einsum("iab,ibjd,jed->iaje", s, g4, s).reshape(n * c, n * c)
 
 

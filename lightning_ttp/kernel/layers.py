@@ -56,6 +56,10 @@ class LayerAdapter:
         """The output cotangent of one output c as (n, P, d_out)."""
         raise NotImplementedError
 
+    def stacked_deltas(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The output cotangents of all C outputs (each shaped like the output) as (n, C, P, d_out)."""
+        return torch.stack([self.delta_view(g) for g in grads], dim=1)
+
     def term(self, deltas: torch.Tensor, roles: list[str]) -> Term:
         """The term of the parameters named in ``roles`` (one group), deltas (n, C, P, d_out)."""
         raise NotImplementedError
@@ -134,6 +138,12 @@ class ConvAdapter(_AffineAdapter):
 
     def delta_view(self, grad: torch.Tensor) -> torch.Tensor:
         return grad.reshape(grad.shape[0], grad.shape[1], -1).transpose(1, 2)
+
+    def stacked_deltas(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        # stack the channel-first cotangents as they are and transpose the view: a transposed copy
+        # of every δ would cost more than the products that read them (which take this layout)
+        stacked = torch.stack(grads, dim=1)
+        return stacked.reshape(stacked.shape[0], stacked.shape[1], stacked.shape[2], -1).transpose(2, 3)
 
     def stored_numel(self) -> int:
         assert self.factor is not None and self.output is not None

@@ -7,7 +7,9 @@ Training Time Without Training", NeurIPS 2020), over the trainable parameters w.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from lightning_ttp._modes import preserve_modes
 from lightning_ttp.kernel.batch import batch_size, slice_batch
@@ -98,8 +101,10 @@ def empirical_ntk(
     materialised per-sample gradient is used. Every other trainable parameter (custom modules,
     parameters used outside their module's forward, tied weights, modules called twice) goes
     through ``torch.func.vmap(jacrev)`` per sample, or an autograd loop where vmap cannot run.
-    Each fast path is checked once against autograd on two samples; a mismatch moves the layer
-    to the fallback.
+    Each fast path is checked against autograd on two samples; a mismatch moves the layer to the
+    fallback. The verdict is cached per model (module tree, parameter objects and groups,
+    ``output_fn``, per-sample input shapes), so a second kernel of the same model skips the check;
+    a cached fast path that the forward no longer calls exactly once is re-checked.
 
     Args:
         model: any ``nn.Module``.
@@ -124,6 +129,35 @@ def empirical_ntk(
         ValueError: no trainable parameters, N = 0, outputs not (N, C) or not finite, bad options.
         NTKMemoryError: the request does not fit ``memory_budget`` (the message lists the options).
     """
+    try:
+        return _empirical_ntk(
+            model, inputs, output_fn=output_fn, kernel=kernel, projection_dim=projection_dim, projection=projection,
+            parameter_groups=parameter_groups, chunk_size=chunk_size, seed=seed, memory_budget=memory_budget,
+            use_cached_probe=True,
+        )
+    except _StaleProbe:
+        forget_probes(model)
+        return _empirical_ntk(
+            model, inputs, output_fn=output_fn, kernel=kernel, projection_dim=projection_dim, projection=projection,
+            parameter_groups=parameter_groups, chunk_size=chunk_size, seed=seed, memory_budget=memory_budget,
+            use_cached_probe=False,
+        )
+
+
+def _empirical_ntk(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    output_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    kernel: str = "full",
+    projection_dim: int | None = None,
+    projection: str = "sparse",
+    parameter_groups: ParameterGroups | None = None,
+    chunk_size: int | None = None,
+    seed: int = 0,
+    memory_budget: int | None = None,
+    use_cached_probe: bool = True,
+) -> NTK:
     started = time.perf_counter()
     _check_options(kernel, projection, projection_dim, chunk_size)
     n = batch_size(inputs)
@@ -137,7 +171,8 @@ def empirical_ntk(
     device = _device(model)
     rng_devices = [device] if device.type == "cuda" else []
     with _eval_mode(model), torch.enable_grad(), torch.random.fork_rng(devices=rng_devices):
-        adapters, num_outputs, per_sample = _verified_adapters(model, forward, inputs, group_of)
+        adapters, num_outputs, per_sample, cached = _verified_adapters(model, forward, inputs, group_of,
+                                                                        use_cached_probe)
         covered = {id(p) for a in adapters for p in a.parameters().values() if id(p) in group_of}
         fallback = [[p for p in group if id(p) not in covered] for group in groups]
         dtype = next(iter(group_of.values()))[1].dtype
@@ -154,7 +189,8 @@ def empirical_ntk(
         per_group: dict[tuple[int, int], Any] = defaultdict(list)
         for start in range(0, n, chunk):
             batch = slice_batch(inputs, start, min(start + chunk, n))
-            out, terms = _chunk_terms(forward, batch, adapters, group_of, fallback, names, methods, timings)
+            out, terms = _chunk_terms(forward, batch, adapters, group_of, fallback, names, methods, timings,
+                                      stale=_StaleProbe if cached else RuntimeError)
             outputs.append(out.detach())
             tick = time.perf_counter()
             for key, term in terms.items():
@@ -277,11 +313,16 @@ def _shared_parameters(model: nn.Module) -> set[int]:
 
 
 def _verified_adapters(
-    model: nn.Module, forward: ForwardFn, inputs: Any, group_of: dict[int, tuple[int, nn.Parameter]]
-) -> tuple[list[LayerAdapter], int, dict[str, float]]:
+    model: nn.Module,
+    forward: ForwardFn,
+    inputs: Any,
+    group_of: dict[int, tuple[int, nn.Parameter]],
+    use_cached: bool = True,
+) -> tuple[list[LayerAdapter], int, dict[str, float], bool]:
     """Fast-path adapters that are called once per forward and agree with autograd on a probe.
 
-    Also returns C and per-sample element counts (for the memory estimate).
+    Also returns C, per-sample element counts (for the memory estimate) and whether the verdict
+    came from the cache.
     """
     shared = _shared_parameters(model)
     candidates = []
@@ -292,6 +333,11 @@ def _verified_adapters(
         params = adapter.parameters()
         if any(id(p) in group_of for p in params.values()) and not any(id(p) in shared for p in params.values()):
             candidates.append(adapter)
+    key = _probe_key(model, forward, inputs, group_of)
+    cached = _PROBES.get(model, {}).get(key) if use_cached else None
+    if cached is not None:
+        indices, c, per_sample = cached
+        return [candidates[i] for i in indices], c, dict(per_sample), True
     probe_n = min(2, batch_size(inputs))
     probe = slice_batch(inputs, 0, probe_n)
     with Capture(candidates, probe_n) as capture:
@@ -318,7 +364,59 @@ def _verified_adapters(
     }
     for adapter in candidates:
         adapter.factor, adapter.output = None, None
-    return verified, c, per_sample
+    position = {id(a): i for i, a in enumerate(candidates)}
+    _PROBES.setdefault(model, {})[key] = ([position[id(a)] for a in verified], c, dict(per_sample))
+    return verified, c, per_sample, False
+
+
+class _StaleProbe(RuntimeError):
+    """A cached fast path was not called exactly once by this forward: verify again."""
+
+
+# Verified fast paths per model, keyed by everything the verification depends on (see _probe_key):
+# re-estimating the kernel of the same model (closed-loop refinement, what-if studies, a new
+# subset) skips the probe's forward, backward and comparisons. Entries die with the model.
+_PROBES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple]] = weakref.WeakKeyDictionary()
+
+
+def _probe_key(model: nn.Module, forward: ForwardFn, inputs: Any, group_of: dict[int, tuple[int, nn.Parameter]]):
+    """What the probe's verdict depends on: the module tree, the parameter objects, their shapes,
+    dtypes, devices and groups, the ``output_fn`` object, and the inputs' structure and per-sample
+    shapes (not the number of samples, not the weights' values)."""
+    leaves, spec = tree_flatten(inputs)
+    return (
+        tuple((name, type(m)) for name, m in model.named_modules(remove_duplicate=False)),
+        tuple((name, id(p), tuple(p.shape), p.dtype, p.device, group_of.get(id(p), (None,))[0])
+              for name, p in model.named_parameters(remove_duplicate=False)),
+        _callable_key(forward.output_fn),
+        str(spec),
+        tuple((tuple(t.shape[1:]), t.dtype, t.device) if isinstance(t, torch.Tensor) else repr(t) for t in leaves),
+    )
+
+
+def _callable_key(fn: Callable | None) -> Any:
+    """A function by its code and the objects its closure holds, a ``functools.partial`` by its
+    function and arguments (a wrapper that a caller creates afresh around the same user function
+    gets the same key); other callables by identity."""
+    if isinstance(fn, functools.partial):
+        held_kw = tuple((k, _callable_key(v) if callable(v) else id(v)) for k, v in sorted(fn.keywords.items()))
+        return _callable_key(fn.func), tuple(_callable_key(a) if callable(a) else id(a) for a in fn.args), held_kw
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return fn
+    held = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            value = None
+        held.append(_callable_key(value) if callable(value) else id(value))
+    return code, tuple(held)
+
+
+def forget_probes(model: nn.Module) -> None:
+    """Drop the cached fast-path verification of ``model`` (the next kernel probes again)."""
+    _PROBES.pop(model, None)
 
 
 def _close(ours: torch.Tensor, reference: torch.Tensor | None, p: nn.Parameter) -> bool:
@@ -372,6 +470,7 @@ def _chunk_terms(
     names: dict[int, str],
     methods: dict[str, str],
     timings: dict[str, float],
+    stale: type[RuntimeError] = RuntimeError,
 ) -> tuple[torch.Tensor, dict[tuple[int, int], Term]]:
     """f0 on one chunk and its terms, keyed by (group, index): index i ≥ 0 is adapter i, −(g+1) the
     fallback of group g. The index seeds the term's random projection."""
@@ -380,18 +479,19 @@ def _chunk_terms(
     with Capture(adapters, n) as capture:
         out = _check_outputs(forward(batch), n)
     if capture.failed or any(a.calls != 1 for a in adapters):
-        raise RuntimeError("a layer behaved differently on this chunk than on the probe; pass a fixed batch.")
+        raise stale("a layer behaved differently on this chunk than on the probe; pass a fixed batch.")
     c = out.shape[1]
-    deltas: list[list[torch.Tensor]] = [[] for _ in adapters]
+    grads: list[list[torch.Tensor]] = [[] for _ in adapters]
     if adapters:
         outs = [a.output for a in adapters]
         for k in range(c):
-            grads = torch.autograd.grad(out[:, k].sum(), outs, retain_graph=k < c - 1, allow_unused=True)
-            for i, (adapter, grad) in enumerate(zip(adapters, grads)):
-                deltas[i].append(adapter.delta_view(torch.zeros_like(outs[i]) if grad is None else grad))
+            per_layer = torch.autograd.grad(out[:, k].sum(), outs, retain_graph=k < c - 1, allow_unused=True)
+            for i, grad in enumerate(per_layer):
+                grads[i].append(torch.zeros_like(outs[i]) if grad is None else grad)
     terms: dict[tuple[int, int], Term] = {}
     for i, adapter in enumerate(adapters):
-        stacked = torch.stack(deltas[i], dim=1)  # (n, C, P, d)
+        stacked = adapter.stacked_deltas(grads[i])  # (n, C, P, d)
+        grads[i] = []
         by_group: dict[int, list[str]] = defaultdict(list)
         for role, p in adapter.parameters().items():
             if id(p) in group_of:

@@ -39,6 +39,25 @@ def _gram_of_features(features: torch.Tensor, kernel: str) -> torch.Tensor:
     return torch.einsum("ick,jck->ij", features, features)
 
 
+def outer_flops(n: int, c: int, p: int, d_in: int, d_out: int, kernel: str) -> tuple[float, float]:
+    """(ghost, materialised) multiply-adds of the Gram of g_ic = Σ_p δ_icp ⊗ a_ip over n samples."""
+    cc = c * c if kernel == "full" else c
+    if p == 1:
+        ghost = n * n * (d_in + cc * d_out)
+    else:
+        ghost = n * n * p * p * (d_in + c * d_out) + n * n * cc * p * d_out
+    materialised = n * c * p * d_in * d_out + n * n * cc * d_in * d_out
+    return float(ghost), float(materialised)
+
+
+def index_flops(n: int, c: int, p: int, d: int, used: int, kernel: str) -> tuple[float, float]:
+    """(ghost, materialised) multiply-adds of an embedding table's Gram; ``used`` distinct ids."""
+    cc = c * c if kernel == "full" else c
+    ghost = n * n * p * p * (1 + c * d) + n * n * cc * p * d
+    materialised = n * c * p * d + n * n * cc * used * d
+    return float(ghost), float(materialised)
+
+
 def _blocks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -148,17 +167,10 @@ class OuterTerm(Term):
     def num_parameters(self) -> int:  # type: ignore[override]
         return self.inputs.shape[-1] * self.deltas.shape[-1]
 
-    def flops(self, kernel: str) -> tuple[float, float]:
-        """(ghost, materialised) multiply-adds of the Gram contraction."""
-        n, c, p, d_out = self.deltas.shape
-        d_in = self.inputs.shape[-1]
-        cc = c * c if kernel == "full" else c
-        if p == 1:
-            ghost = n * n * (d_in + cc * d_out)
-        else:
-            ghost = n * n * p * p * (d_in + c * d_out) + n * n * cc * p * d_out
-        materialised = n * c * p * d_in * d_out + n * n * cc * d_in * d_out
-        return float(ghost), float(materialised)
+    def flops(self, kernel: str, n: int | None = None) -> tuple[float, float]:
+        """(ghost, materialised) multiply-adds of the Gram contraction, for ``n`` samples (default: held)."""
+        c, p, d_out = self.deltas.shape[1:]
+        return outer_flops(self.deltas.shape[0] if n is None else n, c, p, self.inputs.shape[-1], d_out, kernel)
 
     def _input_kernel(self, rows: slice, cols: slice) -> torch.Tensor:
         return torch.einsum("ipa,jqa->ijpq", self.inputs[rows], self.inputs[cols])
@@ -237,9 +249,7 @@ class IndexTerm(Term):
     def gram(self, kernel: str) -> tuple[torch.Tensor, str]:
         n, c, p, d = self.deltas.shape
         used = torch.unique(self.ids)
-        cc = c * c if kernel == "full" else c
-        ghost = n * n * p * p * (1 + c * d) + n * n * cc * p * d
-        materialised = n * c * p * d + n * n * cc * len(used) * d
+        ghost, materialised = index_flops(n, c, p, d, len(used), kernel)
         if ghost <= materialised:
             return _ghost_gram(self._input_kernel, self.deltas, kernel), "ghost"
         return _gram_of_features(self._scatter(used), kernel), "materialised"

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["matplotlib_available", "plot_prediction", "save_figure"]
+__all__ = ["matplotlib_available", "plot_give_up", "plot_prediction", "save_figure"]
 
 
 def matplotlib_available() -> bool:
@@ -100,3 +100,72 @@ def save_figure(fig: Any, path: str | os.PathLike[str]) -> str:
         os.makedirs(parent, exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def plot_give_up(
+    history: Sequence[Mapping[str, Any]],
+    *,
+    t1: float,
+    checkpoint_epoch: int,
+    decision_epoch: int | None = None,
+    decision: str | None = None,
+    title: str = "Early give-up: DAI scores per validation round",
+) -> Any:
+    """A figure of the give-up scores per validation round (``EarlyGiveUp.history``).
+
+    Top: s_F (eq. 7) with the threshold t1, and s_Fv (eq. 8) with v_t when the accuracy is known.
+    Bottom: the compression |log s_o| (eq. 2–3) and the shift η-free s_s (eq. 4–5). The
+    checkpoint epoch and the decision (epoch and kind) are marked on both.
+
+    Returns:
+        A ``matplotlib.figure.Figure``.
+    """
+    _require_matplotlib()
+    from matplotlib.figure import Figure
+
+    epochs = np.array([float(h["epoch"]) for h in history])
+
+    def col(key: str) -> np.ndarray:
+        return np.array([float(h.get(key, np.nan)) for h in history])
+
+    fig = Figure(figsize=(7.0, 5.6), dpi=110)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.plot(epochs, col("s_F"), "o-", color="tab:blue", label="s_F (eq. 7)")
+    top.axhline(t1, color="tab:blue", linestyle="--", linewidth=1.0, label=f"t1 = {t1:g}")
+    acc = top.twinx()
+    if np.isfinite(col("v_t")).any():
+        acc.plot(epochs, col("s_Fv"), "s-", color="tab:green", label="s_Fv (eq. 8)")
+        acc.plot(epochs, col("v_t"), "^:", color="tab:gray", label="v_t (val acc)")
+        acc.set_ylim(0.0, 1.02)
+        acc.set_ylabel("accuracy")
+    else:
+        acc.set_axis_off()
+    top.set_ylabel("s_F")
+    s_o = col("s_o")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bottom.plot(epochs, np.abs(np.log(s_o)), "o-", color="tab:purple", label="|log s_o| (eq. 2-3)")
+    shift = bottom.twinx()
+    shift.plot(epochs, col("s_s"), "d-", color="tab:orange", label="s_s (eq. 4-5)")
+    shift.axhline(0.0, color="tab:orange", linewidth=0.6, alpha=0.5)
+    shift.set_ylabel("s_s")
+    bottom.set_ylabel("|log s_o|")
+    bottom.set_xlabel("epoch (validation round)")
+    for ax in (top, bottom):
+        ax.axvline(checkpoint_epoch, color="black", linestyle=":", linewidth=1.0,
+                   label=f"checkpoint ({checkpoint_epoch})")
+        if decision_epoch is not None:
+            ax.axvline(decision_epoch, color="tab:red", linewidth=1.2, alpha=0.7,
+                       label=f"decision @ {decision_epoch}: {decision}")
+        ax.grid(alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (top, bottom, shift):
+        ax.ticklabel_format(axis="y", useOffset=False)
+    for ax, twin in ((top, acc), (bottom, shift)):
+        handles = ax.get_legend_handles_labels()
+        extra = twin.get_legend_handles_labels() if twin.axison else ([], [])
+        ax.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=7, loc="lower right", framealpha=0.85)
+    top.set_title(title)
+    fig.tight_layout()
+    return fig

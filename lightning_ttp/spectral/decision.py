@@ -1,21 +1,21 @@
-"""The give-up rule at the checkpoint round (DAI paper, Sec. V–VI).
+"""The give-up rule (DAI paper, Sec. V–VI, with the guards described in :mod:`.scores`).
 
-Order of the checks (first match wins):
+:func:`decide` is pure: the scores of one round and the :class:`~.scores.SpectralConfig` in,
+``(give_up, kind, reason)`` out. Order of the checks (first match wins):
 
-1. ``dead``: every monitored layer has all-zero activations -> give up.
-2. ``nonfinite``: no layer has a finite spectrum (NaN/inf activations: the run diverged)
-   -> give up.
+1. ``diverged``: a monitored layer has no finite activation in the latest round (NaN/inf)
+   -> give up. The only kind that acts before the checkpoint (:attr:`GiveUpDecision.final`).
+2. ``dead``: every monitored layer outputs only zeros -> give up.
 3. ``insufficient``: fewer than two usable rounds in the window, so s_st (eq. 4) is
-   undefined -> continue (never kill on missing evidence).
-4. ``saturated``: s_ot >= t2 and s_st <= δ (eq. 7 sets s_F = 0): the spectrum is
-   compressed and no longer moving, further training will not change it -> stop.
-   With v_t known and ``keep_above`` set, a run whose accuracy is already at least
-   that value is kept here and in 5. (kind ``converged``: it stopped improving at a good
-   solution; stopping it loses nothing, but it is the user's call, not a give-up).
-5. ``fail``: s_F < t1 (paper: t1 = 0.25) -> give up.
-6. ``below_target``: a target on s_Fv (the predicted final accuracy, eq. 8) is set and
-   s_Fv < target -> give up.
-7. otherwise ``continue``.
+   undefined -> continue, and decide again at the next round (not final).
+4. ``converged``: one of 5–7 would fire, but v_t >= ``keep_above`` -> continue: the run
+   stopped improving at a good accuracy; stopping it is not a give-up.
+5. ``saturated``: s_ot >= t2, s_st <= δ and the activation scale not drifting (eq. 7 sets
+   s_F = 0) -> give up.
+6. ``stalled``: |s_st| <= δ and the scale not drifting: the representation stopped moving.
+7. ``fail``: s_F < t1 (paper: 0.25) -> give up.
+8. ``below_target``: s_Fv (the predicted final accuracy, eq. 8) < ``target`` -> give up.
+9. otherwise ``continue``.
 """
 
 from __future__ import annotations
@@ -23,65 +23,91 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .scores import Scores
+from .scores import Scores, SpectralConfig
 
-__all__ = ["GiveUpDecision", "decide"]
+__all__ = ["GiveUpDecision", "decide", "GIVE_UP_KINDS"]
+
+GIVE_UP_KINDS = ("diverged", "dead", "saturated", "stalled", "fail", "below_target")
 
 
 @dataclass(frozen=True)
 class GiveUpDecision:
+    """``give_up``; ``kind`` (one of :data:`GIVE_UP_KINDS`, ``insufficient``, ``converged``,
+    ``continue``, or from the callback ``error``/``other_rank``); ``reason``: a sentence."""
+
     give_up: bool
-    kind: str  # dead|nonfinite|insufficient|saturated|converged|fail|below_target|continue
+    kind: str
     reason: str
+
+    @property
+    def final(self) -> bool:
+        """Whether this settles the run (``insufficient`` waits for the next round)."""
+        return self.kind != "insufficient"
 
 
 def decide(
     scores: Scores,
-    t1: float = 0.25,
+    config: SpectralConfig,
     target: float | None = None,
     keep_above: float | None = None,
 ) -> GiveUpDecision:
-    """Apply the give-up rule (see the module docstring) to the scores of the checkpoint round."""
+    """Apply the give-up rule (see the module docstring) to the scores of one round.
+
+    Args:
+        scores: :func:`~.scores.compute_scores` of the round.
+        config: the thresholds t1, t2, δ, ``drift_tol`` (the same config that made the scores).
+        target: optional threshold on s_Fv, a predicted accuracy in [0, 1].
+        keep_above: never give up on a stuck run whose v_t is at least this.
+    """
     ep = scores.epoch
+    if scores.nonfinite_layers > 0 and scores.layers > 0:
+        return GiveUpDecision(
+            True,
+            "diverged",
+            f"epoch {ep}: {scores.nonfinite_layers} of {scores.layers} monitored layers have no finite "
+            "activation (NaN/inf): the run diverged",
+        )
     if scores.layers and scores.dead_layers == scores.layers:
         return GiveUpDecision(
             True, "dead", f"epoch {ep}: all {scores.layers} monitored layers output only zeros (dead units)"
         )
-    if not math.isfinite(scores.s_o):
-        return GiveUpDecision(
-            True,
-            "nonfinite",
-            f"epoch {ep}: no monitored layer has a finite spectrum (NaN/inf activations: the run diverged)",
-        )
-    if scores.rounds < 2 or not math.isfinite(scores.s_s):
+    if scores.rounds < 2 or not math.isfinite(scores.s_s) or not math.isfinite(scores.s_F):
         return GiveUpDecision(
             False,
             "insufficient",
-            f"epoch {ep}: only {scores.rounds} usable validation round(s), need 2 to score the shift (eq. 4)",
+            f"epoch {ep}: only {scores.rounds} usable validation round(s), need 2 to score the shift (eq. 4); "
+            "deciding at the next round",
         )
+    t1 = config.t1
+    moving = "" if not math.isfinite(scores.drift) else f", scale drift {scores.drift:.3g}/round"
     keep = keep_above is not None and math.isfinite(scores.v_t) and scores.v_t >= keep_above
-    stuck = scores.saturated or (math.isfinite(scores.s_F) and scores.s_F < t1)
+    stuck = scores.saturated or scores.stalled or scores.s_F < t1
     if keep and stuck:
         return GiveUpDecision(
             False,
             "converged",
-            f"epoch {ep}: s_F={scores.s_F:.4g} (saturated={scores.saturated}) but v_t={scores.v_t:.4g} >= "
-            f"keep_above={keep_above:g}; kept (converged at a good accuracy)",
+            f"epoch {ep}: s_F={scores.s_F:.4g} (saturated={scores.saturated}, stalled={scores.stalled}) but "
+            f"v_t={scores.v_t:.4g} >= keep_above={keep_above:g}; kept (converged at a good accuracy)",
         )
     if scores.saturated:
         return GiveUpDecision(
             True,
             "saturated",
-            f"epoch {ep}: saturated, s_o={scores.s_o:.4g} >= t2 and s_s={scores.s_s:.3g} <= delta "
-            "(spectrum compressed and no longer changing; more training will not help)",
+            f"epoch {ep}: saturated, s_o={scores.s_o:.4g} >= t2={config.t2:g} and s_s={scores.s_s:.3g} <= "
+            f"delta={config.delta:g}{moving} (spectrum compressed and no longer changing)",
         )
-    if not math.isfinite(scores.s_F):
-        return GiveUpDecision(False, "insufficient", f"epoch {ep}: s_F is undefined")
+    if scores.stalled:
+        return GiveUpDecision(
+            True,
+            "stalled",
+            f"epoch {ep}: stalled, |s_s|={abs(scores.s_s):.3g} <= delta={config.delta:g}{moving} <= "
+            f"{config.drift_tol:g} (the representation no longer changes)",
+        )
     if scores.s_F < t1:
         return GiveUpDecision(
             True,
             "fail",
-            f"epoch {ep}: s_F={scores.s_F:.4g} < t1={t1:g} (s_o={scores.s_o:.4g}, s_s={scores.s_s:.3g}): "
+            f"epoch {ep}: s_F={scores.s_F:.4g} < t1={t1:g} (s_o={scores.s_o:.4g}, s_s={scores.s_s:.3g}{moving}): "
             "predicted not to train successfully",
         )
     if target is not None and math.isfinite(scores.s_Fv) and scores.s_Fv < target:

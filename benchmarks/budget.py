@@ -1,0 +1,152 @@
+"""The cost budget on a transformer fine-tune: prediction cost vs. the run, and what it costs in accuracy.
+
+Task (generated, nothing downloaded): sequences of 24 tokens over a vocabulary of 64; a
+2-layer Transformer encoder (d=96, 4 heads) with a mean-pooled linear head is pre-trained to
+tell which of 5 token groups is most frequent (task A), then every layer is fine-tuned with SGD
++ momentum on new sequences where the count is position-weighted and the classes are renamed
+(task B). We time
+
+* the real fine-tuning loop (``--steps`` optimiser steps of batch 32),
+* the prediction under the default budget (5 % of the run's predicted cost, floor 3 s),
+* the prediction with ``budget=None`` (the exact kernel on all ``--num-samples`` samples),
+
+and compare both predicted ε-training-times with the real one (mini-batch losses smoothed over
+one epoch, the package's definition). Prints a table and writes
+``benchmarks/results/budget.json``.
+
+    python benchmarks/budget.py            # ~2-3 min on 2 CPU cores
+    python benchmarks/budget.py --quick    # a smaller run (the budget's floor then binds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_ttp import predict_training_time
+from lightning_ttp.dynamics import still_falling
+from lightning_ttp.refine import default_smoothing_window, epsilon_training_time, smooth_losses
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VOCAB, LENGTH, CLASSES = 64, 24, 5
+
+
+class Encoder(nn.Module):
+    def __init__(self, d: int = 96) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, d)
+        self.position = nn.Parameter(torch.randn(LENGTH, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=True)
+        self.body = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, CLASSES)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.embed(tokens) + self.position).mean(1))
+
+
+def make_task(n: int, seed: int, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (n, LENGTH), generator=g)
+    # which of 5 token groups is most frequent, counted with position weights in task B
+    weights = torch.ones(LENGTH) if task == "A" else torch.linspace(0.5, 1.5, LENGTH)
+    counts = torch.stack([(((tokens % CLASSES) == c).float() * weights).sum(1) for c in range(CLASSES)], 1)
+    labels = counts.add(torch.rand(n, CLASSES, generator=g) * 0.1).argmax(1)
+    return tokens, labels if task == "A" else torch.tensor([3, 0, 4, 1, 2])[labels]  # B: new class names
+
+
+def pretrain(model: nn.Module, steps: int) -> None:
+    x, y = make_task(2048, 0, "A")
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for step in range(steps):
+        idx = torch.randint(0, len(y), (64,), generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+
+
+def fine_tune(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, steps: int) -> tuple[list, float]:
+    losses, start = [], time.perf_counter()
+    while len(losses) < steps:
+        for x, y in loader:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if len(losses) == steps:
+                break
+    return losses, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--train-size", type=int, default=1024)
+    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--quick", action="store_true", help="200 steps on 512 samples")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.train_size = 200, 512
+    torch.manual_seed(0)
+    model = Encoder()
+    pretrain(model, 300)
+    x, y = make_task(args.train_size, 1, "B")
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+
+    def optimizer(m: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9)
+
+    rows = {}
+    for name, budget in (("default budget", 0.05), ("exact (budget=None)", None)):
+        start = time.perf_counter()
+        pred = predict_training_time(model, loader, optimizer(model), args.steps, num_samples=args.num_samples,
+                                     budget=budget)
+        rows[name] = {"seconds": time.perf_counter() - start, "prediction": pred}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    real_losses, train_seconds = fine_tune(model, loader, optimizer(model), args.steps)
+    model.load_state_dict(state)
+    window = default_smoothing_window(len(loader), False)
+    real_curve = smooth_losses(real_losses, window)
+    summary = {"steps": args.steps, "train_seconds": train_seconds, "rows": {}}
+    print(f"\ntransformer fine-tune: {args.steps} steps of batch 32 on {args.train_size} sequences, "
+          f"training loop {train_seconds:.1f} s")
+    print(f"{'prediction':<22}{'seconds':>9}{'/ run':>8}{'kernel':>22}" + "".join(
+        f"{'T(ε=' + format(e, 'g') + ')':>12}{'error':>8}" for e in (0.1, 0.01)))
+    for name, row in rows.items():
+        pred = row["prediction"]
+        choice = pred.diagnostics.get("budget") or {}
+        kernel = f"{pred.diagnostics.kernel} on {pred.diagnostics.kernel_samples}"
+        cells, errors = "", {}
+        for eps in (0.1, 0.01):
+            predicted, real = pred.training_time(eps), epsilon_training_time(real_curve, eps)
+            if still_falling(real_curve, eps):
+                real = None  # not converged within the run: no ε-time to compare with
+            err = None if predicted is None or not real else abs(predicted - real) / real
+            errors[str(eps)] = {"predicted": predicted, "real": real, "relative_error": err}
+            cells += f"{predicted!s:>12}{'n/a' if err is None else format(err, '.0%'):>8}"
+        ratio = row["seconds"] / train_seconds
+        print(f"{name:<22}{row['seconds']:>9.1f}{ratio:>8.1%}{kernel:>22}{cells}")
+        summary["rows"][name] = {"seconds": row["seconds"], "ratio_to_run": ratio, "kernel": kernel,
+                                 "choice": choice, "training_times": errors}
+    print("real ε-times (smoothed over one epoch): " + ", ".join(
+        f"ε={e:g}: " + ("not converged" if still_falling(real_curve, e) else str(epsilon_training_time(real_curve, e)))
+        for e in (0.1, 0.01)))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "budget.json").write_text(json.dumps(summary, indent=1, default=float))
+    print(json.dumps({k: {"ratio_to_run": v["ratio_to_run"], "kernel": v["kernel"]}
+                      for k, v in summary["rows"].items()}))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    np.set_printoptions(precision=4)
+    main()
