@@ -227,6 +227,7 @@ def estimate_kernel(
     seed: int = 0,
     batch_size: int | None = None,
     memory_budget: int | None = None,
+    batch_statistics: bool | None = None,
 ) -> KernelEstimate:
     """f0 and the per-group empirical NTK Θ_g = J_g J_gᵀ (eq. 2) at the current weights w0.
 
@@ -245,6 +246,11 @@ def estimate_kernel(
         inputs, targets: the N0 kernel samples (inputs: tensor or tuple/dict of tensors).
         spec / optimizer: the optimiser (one of them); its params must belong to ``model``.
         kernel: "full", "trace" or "auto" (full if N0·C ≤ 2500).
+        batch_statistics: SGD only: with BatchNorm layers in train mode, f0 and the Grams of the
+            kernel samples as *one training batch* (the batched train-mode Jacobian,
+            :func:`lightning_ttp.relinearise.batch_statistics_state`) instead of eval mode;
+            default (None): when the model has such layers, no ``projection_dim`` is set and the
+            Jacobian fits ``lightning_ttp.relinearise.JACOBIAN_MAX_BYTES``.
     """
     from .kernel import empirical_ntk
 
@@ -317,6 +323,15 @@ def estimate_kernel(
     else:
         grams = raw
     jw = _jvp_w0(model, inputs, groups, output_fn) if spec.has_weight_decay else None
+    if not adam and projection_dim is None and batch_statistics is not False:
+        from . import relinearise as rl  # lazy: relinearise imports this module
+
+        if batch_statistics or (rl.has_batch_statistics(model)
+                                and 8 * n * c * sum(p.numel() for g in groups for p in g) <= rl.JACOBIAN_MAX_BYTES):
+            f0, grams, _, jw = rl.batch_statistics_state(model, inputs, groups, kernel=kernel, scales=None,
+                                                         tangents={}, weight_decay=spec.has_weight_decay,
+                                                         output_fn=output_fn)
+            info["batch_statistics"] = True
     return KernelEstimate(f0.cpu(), y, grams, kernel, loss_obj, jw, adam, time.perf_counter() - started, info,
                           adam_blocks)
 

@@ -6,7 +6,9 @@ linearisation (faster or slower). At a few steps k of the run (geometric: 2, 5, 
 40 % of T; :func:`checkpoint_steps`) the closed loop
 
 1. re-estimates the empirical NTK Θ^{(k)} at the current weights w_k on the *same* kernel
-   subset (:func:`lightning_ttp.api.estimate_kernel`, eval mode), and the outputs f_k;
+   subset (:func:`lightning_ttp.api.estimate_kernel`, eval mode), and the outputs f_k; a
+   model with BatchNorm in train mode on the subset as one training batch instead
+   (:func:`batch_statistics_state`: the batched train-mode Jacobian, as training sees it);
 2. measures the drift against the fit-start kernel Θ^{(0)}: the scale
    s_k = Σ_g η_g tr Θ_g^{(k)} / Σ_g η_g tr Θ_g^{(0)} and the centred kernel-target alignment
    A(K) = ⟨K_c, (YYᵀ)_c⟩_F / (‖K_c‖_F ‖(YYᵀ)_c‖_F), K_c = HKH, H = I − 11ᵀ/N
@@ -17,11 +19,12 @@ linearisation (faster or slower). At a few steps k of the run (geometric: 2, 5, 
    moment (the kernel is then J P_k Jᵀ), each by one ``torch.func.jvp``;
 4. simulates the remaining steps k..T in function space from f_k
    (:func:`lightning_ttp.dynamics.simulate_discrete`, buffers and Adam's step count carried;
-   Monte Carlo mini-batch paths for SGD), with the kernel's top eigenvalues clipped at the
-   stability limit of the remaining lrs when the linearisation would diverge (the real
-   network self-stabilises at the edge of stability) and, optionally, the lrs multiplied by
-   the extrapolated kernel scale m(t) = ŝ(t)/ŝ(k), ŝ(t) = α + β log(1 + t) fitted to (0, 1),
-   (k_j, s_{k_j}) (scaling Θ by m is scaling η by m), m clipped to [1/``max_drift``, ``max_drift``];
+   the expected gradient, or Monte Carlo mini-batch paths with ``num_paths`` ≥ 1), with the
+   kernel's top eigenvalues clipped at the stability limit of the remaining lrs when the
+   linearisation would diverge (the real network self-stabilises at the edge of stability)
+   and, optionally, the lrs multiplied by the extrapolated kernel scale m(t) = ŝ(t)/ŝ(k),
+   ŝ(t) = α + β log(1 + t) fitted to (0, 1), (k_j, s_{k_j})
+   (scaling Θ by m is scaling η by m), m clipped to [1/``max_drift``, ``max_drift``];
 5. joins the simulated curve S_τ (τ = t − k) to the observed prefix multiplicatively at the
    observed level ℓ_k (a straight line through the last observed losses, evaluated at k):
    L̂_t = ℓ_k S_{t−k}/S_0 for t ≥ k, the smoothed observed losses before k;
@@ -29,12 +32,15 @@ linearisation (faster or slower). At a few steps k of the run (geometric: 2, 5, 
    losses observed since its step with :func:`lightning_ttp.refine.refine_curve` (time warp
    a, log a ~ N(0, 1), evidence gate 1) and the new continuation is warped,
    L̂_{k+τ} ← L̂_{k+aτ}: how much faster (a > 1) or slower the real run went than its last
-   linearisation.
+   linearisation;
+7. blends the result R with the power law P fitted to the observed prefix after step k,
+   L̂ = w R + (1 − w) P, w = e_P/(e_R + e_P) from the previous call's out-of-sample mean
+   squared log errors on the losses observed since it (once ≥ 10 % of T lies between them).
 
 For a model that is linear in its parameters steps 1–4 are exact: the continuation equals
 real ``torch.optim.SGD`` training from step k, momentum included (tests check it step by
-step), and steps 5–6 change nothing. Adam's second moment is held at its value at step k
-(an approximation).
+step), steps 5–6 change nothing and step 7 gives the exact curve a weight near 1. Adam's
+second moment is held at its value at step k (an approximation).
 
 This module is pure torch/numpy/scipy: no Lightning.
 """
@@ -228,8 +234,64 @@ def _buffers(module: torch.nn.Module, inputs: Any, groups: list[list[torch.nn.Pa
     return out
 
 
+def has_batch_statistics(model: torch.nn.Module) -> bool:
+    """Whether ``model`` trains on batch statistics: a BatchNorm layer in train mode."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+               and (m.track_running_stats is False or m.momentum != 0) for m in model.modules())
+
+
+def batch_statistics_state(model, inputs, groups: list[list[torch.nn.Parameter]], *, kernel: str,
+                            scales: dict[int, torch.Tensor] | None, tangents: dict[int, torch.Tensor],
+                            weight_decay: bool, output_fn) -> tuple[torch.Tensor, list, list, list | None]:
+    """Outputs, Grams, buffer images and J_g w_g of the subset as *one training batch*.
+
+    BatchNorm in train mode normalises by the statistics of the batch, so each output depends
+    on every sample of it: the Jacobian J = ∂f/∂w of the batched forward (rows (i, c)) is taken
+    with the subset as the batch (one backward pass per output, running statistics untouched), and
+    Θ_g = J_g S_g J_gᵀ, B_g = J_g S_g v_g, with S_g = diag(s²) for Adam's preconditioner (``scales``)
+    and the identity for SGD. This is the kernel of the dynamics the training steps follow;
+    the eval-mode (running statistics) kernel of :func:`estimate_kernel` trains faster than them.
+    """
+    forward = _Forward(model, output_fn)
+    flat = [p for g in groups for p in g]
+    modes = {m: m.training for m in model.modules()}
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+    tracking = [m.track_running_stats for m in bns]
+    model.eval()  # dropout and the like off; BatchNorm on the subset's batch statistics, running ones untouched
+    for m in bns:
+        m.train()
+        m.track_running_stats = False
+    try:
+        with torch.enable_grad():
+            out = forward(inputs)
+            rows = [torch.autograd.grad(o, flat, retain_graph=True, allow_unused=True) for o in out.reshape(-1)]
+    finally:
+        for m, flag in zip(bns, tracking, strict=True):
+            m.track_running_stats = flag
+        for m, flag in modes.items():
+            m.training = flag
+    out = out.detach()
+    n, c = out.shape
+    jf = {id(p): torch.stack([torch.zeros(p.numel()) if r[i] is None else r[i].reshape(-1) for r in rows])
+          .to(torch.float64) for i, p in enumerate(flat)}
+    scale2 = {id(p): (torch.ones(p.numel(), dtype=torch.float64) if scales is None
+                      else scales[id(p)].reshape(-1).to(torch.float64) ** 2) for p in flat}
+    grams, bufs, jw = [], [], []
+    for group in groups:
+        g = sum(((jf[id(p)] * scale2[id(p)]) @ jf[id(p)].T for p in group), torch.zeros(n * c, n * c,
+                                                                                          dtype=torch.float64))
+        grams.append(g if kernel == "full" else torch.einsum("icjc->ij", g.reshape(n, c, n, c)) / c)
+        have = [p for p in group if id(p) in tangents]
+        bufs.append(sum(jf[id(p)] @ (scale2[id(p)] * tangents[id(p)].reshape(-1).to(torch.float64))
+                        for p in have).reshape(n, c) if have else None)
+        jw.append(sum(jf[id(p)] @ p.detach().reshape(-1).to(torch.float64) for p in group).reshape(n, c)
+                  if group else torch.zeros(n, c, dtype=torch.float64))
+    return out.to(torch.float64).cpu(), grams, bufs, (jw if weight_decay else None)
+
+
 def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch.optim.Optimizer, *, loss,
-                   output_fn, kernel: str, projection_dim: int | None, seed: int) -> tuple[KernelEstimate, list, int]:
+                   output_fn, kernel: str, projection_dim: int | None, seed: int,
+                   reference: KernelEstimate | None = None) -> tuple[KernelEstimate, list, int]:
     """The kernel estimate at w_k (with J_g w_{k,g} under weight decay), the buffer images and Adam's step.
 
     SGD: the kernel of the model's param groups, B_g = J_g b_g from ``momentum_buffer``.
@@ -239,13 +301,23 @@ def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch
     Jacobian; tensors without state or whose rms √v̂ is below ``FROZEN_RMS`` × the median
     tensor's — no gradient reaches them in training, e.g. a bias before BatchNorm — are frozen,
     s = 0) and B_g = J_g diag(s²) m_g = J_{z,g} (s ⊙ m_g) from ``exp_avg``.
+    With a ``reference`` (the fit-start estimate on the same subset) the subset is one training
+    batch (BatchNorm on its statistics, :func:`batch_statistics_state`) instead of eval mode.
     """
     groups = [list(g) for g in spec.params]
     state = optimizer.state
     forward = _Forward(model, output_fn)
+    batch_statistics = reference is not None
+    if batch_statistics and spec.kind not in ("adam", "adamw"):
+        tangents = {id(p): state[p]["momentum_buffer"].detach() for g in groups for p in g
+                    if state.get(p, {}).get("momentum_buffer") is not None}
+        out, grams, bufs, jw = batch_statistics_state(model, inputs, groups, kernel=kernel, scales=None,
+                                                       tangents=tangents, weight_decay=spec.has_weight_decay,
+                                                       output_fn=output_fn)
+        return _estimate(out, reference, grams, jw), bufs, 0
     if spec.kind not in ("adam", "adamw"):
         ke = estimate_kernel(model, inputs, targets, spec, loss=loss, output_fn=output_fn, kernel=kernel,
-                             projection_dim=projection_dim, seed=seed)
+                             projection_dim=projection_dim, seed=seed, batch_statistics=False)
         bufs = _buffers(forward, inputs, groups, lambda p: state.get(p, {}).get("momentum_buffer"))
         return ke, bufs, 0
     flat = [p for g in groups for p in g]
@@ -269,6 +341,12 @@ def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch
             continue
         v_hat = torch.maximum(v_hat, ADAM_V_FLOOR * v_hat.mean())  # as at fit start (estimate_kernel)
         scales.append((v_hat.sqrt() + spec.groups[group_of[id(p)]].eps).rsqrt().to(p.dtype))
+    if batch_statistics:
+        tangents = {id(p): state[p]["exp_avg"].detach() for p in flat if "exp_avg" in state.get(p, {})}
+        out, grams, bufs, jw = batch_statistics_state(
+            model, inputs, groups, kernel=kernel, scales=dict(zip(map(id, flat), scales, strict=True)),
+            tangents=tangents, weight_decay=spec.has_weight_decay, output_fn=output_fn)
+        return _estimate(out, reference, grams, jw), bufs, max(steps)
     wrapper = _Reparametrised(model, flat, scales, output_fn)
     z_of = dict(zip(map(id, flat), wrapper.z, strict=True))
     s_of = dict(zip(map(id, flat), scales, strict=True))
@@ -282,6 +360,11 @@ def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch
     if spec.has_weight_decay:
         ke.jvp_w0 = _buffers(forward, inputs, groups, lambda p: p.detach())
     return ke, bufs, max(steps)
+
+
+def _estimate(outputs, reference: KernelEstimate, grams, jvp_w) -> KernelEstimate:
+    """A :class:`KernelEstimate` of given outputs (N, C) and Grams on the subset of ``reference``."""
+    return KernelEstimate(outputs, reference.targets, grams, reference.kernel, reference.loss, jvp_w)
 
 
 # ---------------------------------------------------------------------------- prediction
@@ -359,7 +442,11 @@ def relinearised_prediction(
     stability_cap: bool = True,
     calibrate: bool = True,
     calibration_prior: float = 1.0,
-    num_paths: int = 4,
+    num_paths: int = 0,
+    batch_statistics: bool | None = None,
+    subset_correction: float = 0.0,
+    blend: bool = True,
+    blend_min_span: float = 0.1,
     seed: int = 0,
 ) -> LivePrediction:
     """Re-predict the loss curve of a run at step k = ``len(observed)`` (see module docstring).
@@ -377,8 +464,23 @@ def relinearised_prediction(
         history: the live predictions of earlier calls on this run (the scale trend is
             fitted to their drifts; the last one calibrates the speed, ``calibrate``).
         batch_size, dataset_size: the optimiser-step batch and the training-set size; with
-            batch_size < dataset_size the continuation is the mean of ``num_paths`` Monte Carlo
-            mini-batch paths, else full-batch GD.
+            batch_size < dataset_size and ``num_paths`` ≥ 1 the continuation is the mean of
+            ``num_paths`` Monte Carlo mini-batch paths; with ``num_paths=0`` (default) or a full
+            batch it follows the expected gradient (weights 1/N0: as accurate on
+            ``benchmarks/fidelity.py``, one path of cost).
+        batch_statistics: BatchNorm layers in train mode re-linearised on the batch statistics
+            of the kernel subset (:func:`batch_statistics_state`; the training dynamics) rather
+            than in eval mode; default (None): when the model has such layers, no
+            ``projection_dim`` is set and the subset's Jacobian fits ``JACOBIAN_MAX_BYTES``.
+        blend: combine the re-linearised curve R with the power law P fitted to the observed
+            prefix (:func:`power_law_curve`), L̂ = w R + (1 − w) P after step k, with the weights
+            w ∝ 1/e_R, 1 − w ∝ 1/e_P from the mean squared log errors e of the previous call's R
+            and P on the smoothed losses observed since that call — only once that span covers
+            ``blend_min_span`` · T steps (shorter spans favour the short-range power law); w = 1
+            before.
+        subset_correction: λ ∈ [0, 1]; with N0 < N the subset's self-terms are scaled by
+            (N0/N)^λ (:func:`_self_terms_scaled`); default 0 (off: on the benchmark it slows the
+            early predictions more than it helps late ones, see docs/prediction.md §8).
         smoothing_window: for the observed prefix (default: the package's,
             :func:`lightning_ttp.refine.default_smoothing_window`).
         projection_dim: random projection of the gradients (large models; cheaper kernels).
@@ -408,8 +510,12 @@ def relinearised_prediction(
     if lrs.shape[0] < total_steps:
         raise ValueError(f"lr_schedule has {lrs.shape[0]} steps, fewer than total_steps={total_steps}")
     kernel_started = time.perf_counter()
+    if batch_statistics is None:
+        batch_statistics = projection_dim is None and has_batch_statistics(model) and _jacobian_fits(
+            model, start, spec)
     ke, bufs, adam_step = _current_state(model, inputs, targets, spec, optimizer, loss=loss, output_fn=output_fn,
-                                         kernel=start.kernel, projection_dim=projection_dim, seed=seed)
+                                         kernel=start.kernel, projection_dim=projection_dim, seed=seed,
+                                         reference=start if batch_statistics else None)
     kernel_seconds = time.perf_counter() - kernel_started
     drift = kernel_drift(start.grams, ke.grams, start.targets, lrs[step], num_outputs=start.num_outputs, step=step)
     if extrapolate_drift:
@@ -417,9 +523,11 @@ def relinearised_prediction(
     else:
         mult = np.ones(total_steps - step)
     remaining = lrs[step:total_steps] * mult[:, None]
+    if subset_correction > 0 and n > n0:
+        ke.grams = [_self_terms_scaled(g, n0, (n0 / n) ** subset_correction) for g in ke.grams]
     grams, rho = _stability_capped(ke, spec, remaining) if stability_cap else (ke.grams, float("nan"))
     weights, paths = None, 1
-    if not full_batch:
+    if not full_batch and num_paths > 0:
         sampler = BatchSampler(n0, b, num_paths, n_total=n, seed=seed + step)
         weights, paths = sampler.weights, num_paths
     res = simulate_discrete(ke.outputs, ke.targets, grams, ke.loss, spec, remaining, jvp_w0=ke.jvp_w0,
@@ -429,16 +537,53 @@ def relinearised_prediction(
     # full batch on the whole data set: the simulated loss at k is the run's loss, no join needed
     level = float(cont[0]) if full_batch and n0 >= n else _level(obs, step, window)
     joined = level * cont / cont[0] if cont[0] > 0 else cont + (level - cont[0])
-    warp = _speed(history[-1].loss, history[-1].step, obs, calibration_prior) if calibrate and history else 1.0
+    previous = history[-1].info.get("relinearised_loss", history[-1].loss) if history else None
+    warp = _speed(previous, history[-1].step, obs, calibration_prior) if calibrate and history else 1.0
     if warp != 1.0:
         tau = np.arange(joined.size, dtype=np.float64)
         joined = np.interp(warp * tau, tau, joined)
     t_obs, finite = np.arange(step), np.isfinite(obs)
     prefix = smooth_losses(np.interp(t_obs, t_obs[finite], obs[finite]), window)  # missing losses interpolated
-    curve = np.concatenate([prefix, joined])
+    relinearised = np.concatenate([prefix, joined])
+    power = power_law_curve(obs, relinearised.size)
+    weight = 1.0
+    if blend and history and "relinearised_loss" in history[-1].info:
+        weight = _blend_weight(history[-1], prefix, min_span=blend_min_span * total_steps)
+    curve = relinearised.copy()
+    curve[step:] = weight * relinearised[step:] + (1.0 - weight) * power[step:]
     return LivePrediction(step, curve, cont, level, drift, mult, time.perf_counter() - started, kernel_seconds,
-                          {"smoothing_window": window, "num_paths": paths, "adam_step": adam_step,
+                          {"smoothing_window": window, "num_paths": paths if weights is not None else 0,
+                           "relinearised_loss": relinearised, "power_law_loss": power, "blend_weight": weight,
+                           "adam_step": adam_step,
+                           "batch_statistics": batch_statistics,
                            "warp": warp, "rho_max": rho})
+
+
+def _self_terms_scaled(gram: torch.Tensor, n0: int, factor: float) -> torch.Tensor:
+    """The Gram with each sample's own block Θ_(i,·),(i,·) multiplied by ``factor`` (= N0/N).
+
+    On a subset of N0 of the N training samples every subset sample stands for N/N0 of them
+    (batch weights of mean 1/N0): the cross terms Σ_j Θ_ij g_j/N0 estimate the whole set's
+    Σ_j Θ_ij g_j/N without bias, but a sample's own term Θ_ii g_i/N0 is N/N0 times its real
+    weight 1/N. Scaling the self blocks by N0/N removes this bias (it makes the subset memorise
+    N/N0 times faster than the data set). Negative eigenvalues of the result are clipped at 0.
+    """
+    g = torch.as_tensor(gram, dtype=torch.float64).clone()
+    c = g.shape[0] // n0
+    blocks = g.reshape(n0, c, n0, c)
+    idx = torch.arange(n0)
+    blocks[idx, :, idx, :] *= factor
+    vals, vecs = torch.linalg.eigh(blocks.reshape(n0 * c, n0 * c))
+    return (vecs * vals.clamp(min=0.0)) @ vecs.T  # the nearest PSD kernel (no direction grows)
+
+
+JACOBIAN_MAX_BYTES = 256 * 2**20  # the batch-statistics kernel holds the full Jacobian (N0·C × P float64)
+
+
+def _jacobian_fits(model: torch.nn.Module, start: KernelEstimate, spec: OptimizerSpec) -> bool:
+    """Whether the subset's full Jacobian of the trainable parameters fits ``JACOBIAN_MAX_BYTES``."""
+    count = sum(p.numel() for g in spec.params for p in g)
+    return 8 * start.num_samples * start.num_outputs * count <= JACOBIAN_MAX_BYTES
 
 
 def _stability_capped(ke: KernelEstimate, spec: OptimizerSpec, lrs: np.ndarray) -> tuple[list, float]:
@@ -475,6 +620,47 @@ def _speed(previous: np.ndarray, since: int, observed: np.ndarray, prior: float)
     if np.isfinite(seen).sum() < 3:
         return 1.0
     return refine_curve(np.asarray(previous)[since:], seen, warp_prior=prior, gate=1.0).warp
+
+
+def _power(t, a, b, c):
+    return a + b * (t + 1.0) ** (-c)
+
+
+def power_law_curve(observed: np.ndarray, length: int) -> np.ndarray:
+    """L(t) = a + b (t+1)^{−c} least-squares fitted to the finite observed losses (a, b ≥ 0,
+    0 ≤ c ≤ 10; ``scipy.optimize.curve_fit``), at t = 0..length−1; the mean of the last
+    observed losses where the fit fails."""
+    import warnings
+
+    from scipy.optimize import curve_fit
+
+    t = np.arange(observed.size, dtype=np.float64)
+    keep = np.isfinite(observed)
+    t, y = t[keep], observed[keep]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p, _ = curve_fit(_power, t, y, p0=(0.5 * y.min(), y[0], 0.5),
+                             bounds=([0.0, 0.0, 0.0], [np.inf, np.inf, 10.0]), maxfev=5000)
+        return _power(np.arange(length, dtype=np.float64), *p)
+    except (RuntimeError, ValueError):
+        return np.full(length, float(y[-5:].mean()))
+
+
+def _blend_weight(previous: LivePrediction, smoothed: np.ndarray, *, min_span: float) -> float:
+    """w of the re-linearised curve: inverse mean squared log errors of the previous call's
+    re-linearised and power-law curves on the smoothed losses observed since its step
+    (1 when fewer than ``min_span`` steps were observed since)."""
+    since, now = previous.step, smoothed.size
+    if now - since < max(int(min_span), 3):  # floored: calls at rounded steps 10 % of T apart qualify
+        return 1.0
+    seen = np.log(np.maximum(smoothed[since:now], 1e-12))
+    errors = [float(np.mean((np.log(np.maximum(np.asarray(previous.info[key])[since:now], 1e-12)) - seen) ** 2))
+              for key in ("relinearised_loss", "power_law_loss")]
+    if not all(np.isfinite(errors)):
+        return 1.0
+    inverse = [1.0 / max(e, 1e-12) for e in errors]
+    return inverse[0] / (inverse[0] + inverse[1])
 
 
 def checkpoint_steps(total_steps: int, fractions: Sequence[float] = DEFAULT_FRACTIONS, *,

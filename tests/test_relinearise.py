@@ -16,6 +16,8 @@ from lightning_ttp.dynamics import OptimizerSpec, stability_report
 from lightning_ttp.relinearise import (
     ClosedLoop,
     KernelDrift,
+    LivePrediction,
+    _blend_weight,
     _current_state,
     _speed,
     _stability_capped,
@@ -23,6 +25,7 @@ from lightning_ttp.relinearise import (
     checkpoint_steps,
     drift_multiplier,
     kernel_drift,
+    power_law_curve,
     relinearised_prediction,
 )
 
@@ -131,6 +134,7 @@ def test_closed_loop_stays_exact_over_several_calls():
     assert [p.step for p in preds] == loop.steps
     for p in preds:
         assert p.info["warp"] == pytest.approx(1.0, abs=1e-3)
+        np.testing.assert_allclose(p.loss[p.step:real.size], real[p.step:], rtol=0.03)  # joined, power-law blend
         np.testing.assert_allclose(p.multiplier, 1.0, atol=1e-9)
         np.testing.assert_allclose(p.continuation, real[p.step:], rtol=1e-4)
 
@@ -280,3 +284,55 @@ def test_model_and_optimizer_left_unchanged(name):
     for k, st in before_s["state"].items():
         for key, value in st.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(after_s["state"][k][key]))
+
+
+def test_batchnorm_kernel_uses_batch_statistics():
+    """With BatchNorm in train mode the kernel is J Jᵀ of the *batched* train-mode forward (each output
+    depends on every sample through the batch statistics): against torch.func.jacrev on a copy, the
+    momentum image J b as well; running statistics, modes and weights untouched."""
+    from torch.func import functional_call, jacrev
+
+    x, y = data()
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(D, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, C)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    spec = spec_of(opt)
+    start = estimate_kernel(model, x, y, spec)
+    train(model, opt, x, y, 4)
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    ke, bufs, _ = _current_state(model, x, y, spec, opt, loss="cross_entropy", output_fn=None, kernel="full",
+                                 projection_dim=None, seed=0, reference=start)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(m.training for m in model.modules())
+    ref = copy.deepcopy(model)
+    ref[1].track_running_stats = False
+    params = dict(ref.named_parameters())
+    jac = jacrev(lambda w: functional_call(ref, w, (x,)))({k: v.detach() for k, v in params.items()})
+    j = torch.cat([jac[k].reshape(N * C, -1) for k in params], dim=1)
+    b = torch.cat([opt.state[p]["momentum_buffer"].reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(ke.grams[0], j @ j.T, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(bufs[0], (j @ b).reshape(N, C), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ke.outputs, ref(x).detach(), rtol=1e-12, atol=1e-12)
+    eval_ke, _, _ = _current_state(model, x, y, spec, opt, loss="cross_entropy", output_fn=None, kernel="full",
+                                   projection_dim=None, seed=0)
+    assert (eval_ke.grams[0] - ke.grams[0]).norm() > 0.05 * ke.grams[0].norm()  # eval mode is another kernel
+    fit_start = estimate_kernel(model, x, y, spec)  # the open loop's kernel: the same batch-statistics kernel
+    assert fit_start.info["batch_statistics"]
+    torch.testing.assert_close(fit_start.grams[0], j @ j.T, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(estimate_kernel(model, x, y, spec, batch_statistics=False).grams[0], eval_ke.grams[0])
+
+
+def test_power_law_fit_and_blend_weights():
+    """The power-law fit recovers a + b(t+1)^-c; the blend weights are the inverse mean squared log errors
+    of the previous call's two curves on the losses observed since it (1 below the minimum span)."""
+    t = np.arange(200, dtype=np.float64)
+    law = 0.2 + 1.5 * (t + 1) ** -0.7
+    np.testing.assert_allclose(power_law_curve(law[:60], 200), law, rtol=1e-4)
+    truth = np.exp(-t / 50)
+    previous = LivePrediction(
+        10, truth, truth, 1.0, KernelDrift(10, 1.0, 0.5, 0.5), np.ones(1), 0.0, 0.0,
+        {"relinearised_loss": truth * np.exp(0.1), "power_law_loss": truth * np.exp(0.3)})
+    assert _blend_weight(previous, truth[:40], min_span=20) == pytest.approx(0.9)  # 0.01^-1 / (0.01^-1 + 0.09^-1)
+    assert _blend_weight(previous, truth[:25], min_span=20) == 1.0
