@@ -24,7 +24,7 @@ from .dynamics.losses import token_loss
 from .kernel.batch import batch_size as sample_count
 from .kernel.batch import index_batch
 
-__all__ = ["FULL_KERNEL_MAX", "KernelEstimate", "estimate_kernel", "model_outputs"]
+__all__ = ["FULL_KERNEL_MAX", "KernelEstimate", "OutputModule", "estimate_kernel", "model_outputs"]
 
 #: N·C above which ``kernel="auto"`` uses the trace kernel.
 FULL_KERNEL_MAX = 2500
@@ -83,8 +83,9 @@ def model_outputs(model: torch.nn.Module, inputs: Any, output_fn: Callable | Non
     return out[:, None] if out.dim() == 1 else out.reshape(out.shape[0], -1)
 
 
-class _OutputWrapper(torch.nn.Module):
-    """:func:`model_outputs` as a module, so ``functional_call`` can swap the weights."""
+class OutputModule(torch.nn.Module):
+    """:func:`model_outputs` as a module (the model as its submodule ``m``), so
+    ``torch.func.functional_call`` can swap the weights."""
 
     def __init__(self, model: torch.nn.Module, output_fn: Callable | None) -> None:
         super().__init__()
@@ -100,7 +101,7 @@ class _Preconditioned(torch.nn.Module):
 
     def __init__(self, model, params, second_moments, eps, output_fn) -> None:
         super().__init__()
-        self.inner = _OutputWrapper(model, output_fn)
+        self.inner = OutputModule(model, output_fn)
         names = {id(p): "m." + n for n, p in model.named_parameters()}
         self.names = [names[id(p)] for p in params]
         self.z = torch.nn.ParameterList(
@@ -145,7 +146,7 @@ def _jvp_w0(model, inputs, groups, output_fn) -> list[torch.Tensor]:
     """J_g · w_{0,g} per group with ``torch.func.jvp`` (central finite difference as fallback)."""
     from torch.func import functional_call, jvp
 
-    wrapper = _OutputWrapper(model, output_fn)
+    wrapper = OutputModule(model, output_fn)
     names = {id(p): "m." + n for n, p in model.named_parameters()}
     out = []
     with _eval_mode(model), torch.no_grad():

@@ -57,7 +57,7 @@ import torch
 
 from .dynamics import BatchSampler, OptimizerSpec, simulate_discrete, stability_report
 from .dynamics.training_time import epsilon_training_time
-from .estimate import ADAM_V_FLOOR, KernelEstimate, estimate_kernel
+from .estimate import ADAM_V_FLOOR, KernelEstimate, OutputModule, estimate_kernel
 from .refine import default_smoothing_window, refine_curve, smooth_losses
 
 __all__ = [
@@ -169,25 +169,12 @@ def drift_multiplier(history: Sequence[KernelDrift], step: int, total_steps: int
 
 
 # ---------------------------------------------------------------------------- optimiser state
-class _Forward(torch.nn.Module):
-    """``output_fn(model, inputs)`` as (N, C) outputs of a module, for ``functional_call``."""
-
-    def __init__(self, model: torch.nn.Module, output_fn: Callable | None) -> None:
-        super().__init__()
-        self.m = model
-        self.fn = output_fn
-
-    def forward(self, inputs):
-        out = self.fn(self.m, inputs) if self.fn is not None else self.m(inputs)
-        return out[:, None] if out.dim() == 1 else out.reshape(out.shape[0], -1)
-
-
 class _Reparametrised(torch.nn.Module):
     """w = w_k + s ⊙ z: at z = 0 its NTK in z is J diag(s²) Jᵀ (Adam: s² = 1/(√v̂ + ε))."""
 
     def __init__(self, model, params, scales, output_fn) -> None:
         super().__init__()
-        self.inner = _Forward(model, output_fn)
+        self.inner = OutputModule(model, output_fn)
         names = {id(p): "m." + n for n, p in model.named_parameters()}
         self.names = [names[id(p)] for p in params]
         self.w = [p.detach() for p in params]
@@ -252,7 +239,7 @@ def batch_statistics_state(model, inputs, groups: list[list[torch.nn.Parameter]]
     and the identity for SGD. This is the kernel of the dynamics the training steps follow;
     the eval-mode (running statistics) kernel of :func:`estimate_kernel` trains faster than them.
     """
-    forward = _Forward(model, output_fn)
+    forward = OutputModule(model, output_fn)
     flat = [p for g in groups for p in g]
     modes = {m: m.training for m in model.modules()}
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
@@ -306,7 +293,7 @@ def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch
     """
     groups = [list(g) for g in spec.params]
     state = optimizer.state
-    forward = _Forward(model, output_fn)
+    forward = OutputModule(model, output_fn)
     batch_statistics = reference is not None
     if batch_statistics and spec.kind not in ("adam", "adamw"):
         tangents = {id(p): state[p]["momentum_buffer"].detach() for g in groups for p in g
