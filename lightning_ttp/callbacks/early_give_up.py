@@ -294,6 +294,8 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         self._remove_logit_hook()
         if self.plot and self.state.history:
             self._guard("the give-up plot", self._save_plot, trainer)
+        if trainer.world_size > 1:  # the other ranks wait for rank zero's plot before tearing down
+            trainer.strategy.barrier("lightning_ttp.give_up.fit_end")
 
     # ------------------------------------------------------------------ validation rounds
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:

@@ -694,6 +694,8 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
                     self.plot_path = _report.save_plot(self, trainer, directory)
         except Exception as exc:  # noqa: BLE001
             self._fail("the end-of-fit report", exc)
+        if trainer.world_size > 1:  # the other ranks wait for rank zero's report before tearing down
+            trainer.strategy.barrier("lightning_ttp.predictor.fit_end")
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
