@@ -157,7 +157,8 @@ def save_plot(predictor: Any, trainer: Any, directory: str) -> str | None:
     fig = plot_prediction(
         pred.steps, pred.loss, band=pred.loss_band, real=real,
         real_smoothed=predictor.real_curve() if real is not None else None,
-        refined=None if predictor.refinement is None else predictor.refinement.loss,
+        refined=None if predictor.refinement is None and predictor.state.live_loss is None
+        else predictor.current_curve(),
         training_times=times,
     )
     path = save_figure(fig, os.path.join(directory, "ttp_prediction.png"))
