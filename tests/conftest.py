@@ -16,3 +16,11 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+#: ddp_spawn on gloo: a spawned rank sometimes aborts at interpreter exit, *after* the fit completed
+#: and its results were written ("terminate called without an active exception" in the process-group
+#: teardown). Distributed tests rerun on that failure only, never on a wrong result.
+GLOO_EXIT_ABORT = pytest.mark.flaky(
+    reruns=2, only_rerun=["terminated with signal SIGABRT", "terminate called without an active exception"]
+)

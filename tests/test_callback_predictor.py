@@ -22,6 +22,7 @@ from lightning_ttp.callbacks import TrainingTimePredictor
 from lightning_ttp.callbacks import predictor as predictor_module
 from lightning_ttp.callbacks._trainer_state import unsupported_strategy
 from lightning_ttp.dynamics import epsilon_training_time
+from tests.conftest import GLOO_EXIT_ABORT
 
 NAMESPACES = ["pytorch_lightning", "lightning.pytorch"]
 
@@ -501,6 +502,7 @@ class _RecordingPredictor(TrainingTimePredictor):
             json.dump(None if self.prediction is None else self.prediction.to_dict(), fh)
 
 
+@GLOO_EXIT_ABORT
 def test_ddp_spawn_two_processes_identical_predictions(tmp_path):
     ns = "pytorch_lightning"
     pl = _ns(ns)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ttp.callbacks import EarlyGiveUp
 from lightning_ttp.spectral import SpectralConfig, compute_scores
+from tests.conftest import GLOO_EXIT_ABORT
 
 NAMESPACES = ["pytorch_lightning", "lightning.pytorch"]
 
@@ -282,6 +283,7 @@ class _Frozen(MLP_pytorch_lightning):
         return torch.optim.SGD(self.parameters(), lr=0.0)  # the same weights on 1 and 2 processes
 
 
+@GLOO_EXIT_ABORT
 def test_scores_are_the_same_on_one_and_two_processes(tmp_path):
     """Measured: under ddp_spawn each rank scored its own shard (s_F 0.756 vs 0.787). The rows of the
     first num_samples validation samples are now gathered across ranks, and v_t is a synced metric."""

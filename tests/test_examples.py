@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import GLOO_EXIT_ABORT
+
 pytest.importorskip("sklearn")
 pytest.importorskip("lightning")
 
@@ -75,28 +77,18 @@ def test_transformer_fine_tuning_with_output_fn_predicts_from_dict_batches(tmp_p
     assert pred.loss[-1] < pred.loss[0]
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
+@GLOO_EXIT_ABORT
+def test_ddp_spawn_on_two_cpu_processes(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / "ddp_spawn_cpu.py"), "--epochs", "2", "--checkpoint-epoch", "2",
-         "--out", str(out)],
+         "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=240,
     )
-    return proc, out
-
-
-def test_ddp_spawn_on_two_cpu_processes(ddp_run):
-    proc, _ = ddp_run
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "distributed_backend=gloo" in log
     assert "× 2 process(es)" in log  # the predictor planned the global batch
     assert "[ddp] world size 2: predicted ε=0.1 at step" in log
     assert "give-up: epoch 2:" in log  # EarlyGiveUp decided (across both ranks) at the checkpoint
-
-
-def test_ddp_spawn_saves_the_prediction_plot(ddp_run):
-    proc, out = ddp_run
-    assert "end-of-fit report failed" not in proc.stdout + proc.stderr
-    assert list(out.rglob("ttp_prediction.png"))
+    assert "end-of-fit report failed" not in log
+    assert list(tmp_path.rglob("ttp_prediction.png"))  # rank zero's plot (log_dir read on every rank)
