@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import warnings
 
 import pytest
@@ -96,6 +97,7 @@ def trainer(ns: str, callbacks, max_epochs: int, **kw):
         enable_checkpointing=False,
         accelerator="cpu",
         devices=1,
+        default_root_dir=tempfile.mkdtemp(prefix="ttp-give-up-"),  # the give-up plot goes there, not into cwd
     )
     opts.update(kw)
     return pl.Trainer(**opts)
