@@ -78,6 +78,7 @@ def objective(trial: optuna.Trial, args: argparse.Namespace) -> float:
             "give_up", decision.reason
         ),
         verbose=False,
+        plot=False,  # no picture per trial
     )
     trainer = Trainer(
         max_epochs=args.epochs,
