@@ -94,11 +94,10 @@ def predict_run(
     if budget is not None and projection_dim is None and targets.shape[0] > MIN_SAMPLES:
         order = torch.randperm(targets.shape[0], generator=torch.Generator().manual_seed(seed))
         order = order.to(targets.device)
-        full_batch = plan.dataset_size is not None and plan.effective_batch_size >= plan.dataset_size
         choice = choose_kernel(model, index_batch(inputs, order), targets[order], steps=plan.steps,
                                batch_size=plan.effective_batch_size, budget=budget, loss=loss, output_fn=output_fn,
                                simulated_steps=max(plan.steps, round(continuation * plan.steps)),
-                               paths=1 if full_batch else num_paths)
+                               paths=1 if plan.full_batch else num_paths)
         if choice.num_samples < targets.shape[0]:
             keep = order[: choice.num_samples].sort().values
             inputs, targets = index_batch(inputs, keep), targets[keep]

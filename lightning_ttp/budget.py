@@ -25,7 +25,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -34,7 +33,7 @@ import torch
 from ._modes import preserve_modes
 from .data import take
 from .dynamics import Loss, get_loss
-from .estimate import model_outputs
+from .estimate import flat_output_fn, model_outputs
 from .kernel.cost import estimate_ntk_cost
 
 __all__ = ["FLOOR_SECONDS", "MIN_SAMPLES", "KernelChoice", "choose_kernel", "time_training_step"]
@@ -136,7 +135,7 @@ def choose_kernel(
     n_max = int(targets.shape[0])
     run_seconds = steps * time_training_step(model, inputs, targets, loss, batch_size, output_fn)
     allowed = max(budget * run_seconds, floor_seconds)
-    cost = estimate_ntk_cost(model, inputs, num_samples=n_max, output_fn=partial(_outputs_of, output_fn=output_fn))
+    cost = estimate_ntk_cost(model, inputs, num_samples=n_max, output_fn=flat_output_fn(output_fn))
     linear = cost.passes_seconds  # N forward + C backward passes
     quadratic = cost.contraction_seconds + cost.fallback_seconds  # the Gram contractions (~N²)
     # the simulation: one (paths, N·C) × (N·C, N·C) product per simulated step (memory-bound: timed)
@@ -157,8 +156,7 @@ def choose_kernel(
             reason += f"; {n_max} samples would take {predicted(n_max):.2g} s"
         return KernelChoice(n, "full", predicted(n), allowed, run_seconds, pilot, reason)
     # even MIN_SAMPLES exceeds the budget: the trace kernel contracts C times less
-    outputs = max(1, int(model_outputs_count(model, inputs, output_fn)))
-    trace_seconds = linear * n / n_max + quadratic * (n / n_max) ** 2 / outputs ** 2
+    trace_seconds = linear * n / n_max + quadratic * (n / n_max) ** 2 / max(1, cost.num_outputs) ** 2
     reason = (f"trace kernel on {n} samples: the exact one would take {predicted(n):.2g} s, over the budget of "
               f"{allowed:.2g} s ({budget:.0%} of the run's predicted {run_seconds:.2g} s)")
     if trace_seconds > allowed:
@@ -174,13 +172,3 @@ def _product_seconds(paths: int, size: int, largest: int = 4096) -> float:
     seconds = _timed(lambda: rows @ gram, repeats=3)
     return seconds * (size / m) ** 2
 
-
-def _outputs_of(model: torch.nn.Module, inputs: Any, *, output_fn: Callable | None) -> torch.Tensor:
-    return model_outputs(model, inputs, output_fn)
-
-
-def model_outputs_count(model: torch.nn.Module, inputs: Any, output_fn: Callable | None) -> int:
-    """C, the number of outputs per sample."""
-    with preserve_modes(model), torch.no_grad():
-        model.eval()
-        return int(model_outputs(model, take(inputs, 1), output_fn).shape[1])

@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.data import DataLoader, IterableDataset
+
+from .kernel.batch import index_batch, slice_batch
 
 __all__ = [
     "concat_batches",
@@ -54,7 +56,7 @@ def num_samples_in(batch: Any) -> int:
 
 def take(batch: Any, n: int) -> Any:
     """The first ``n`` samples of every tensor/array leaf of ``batch``; other leaves unchanged."""
-    return tree_map(lambda t: t[:n] if _is_array(t) and t.ndim > 0 else t, batch)
+    return slice_batch(batch, 0, n)
 
 
 def concat_batches(batches: list[Any]) -> Any:
@@ -114,7 +116,7 @@ def sample_subset(loader: DataLoader | tuple[Any, Any], num_samples: int, seed: 
         targets = torch.as_tensor(targets)
         if targets.shape[0] != size:
             raise ValueError(f"inputs have {size} samples but targets have {targets.shape[0]}")
-        return (tree_map(lambda t: t[order] if _is_array(t) and t.ndim > 0 else t, inputs), targets[order]), len(order)
+        return (index_batch(inputs, order), targets[order]), len(order)
     dataset = loader.dataset
     if not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
         size = len(dataset)  # type: ignore[arg-type]

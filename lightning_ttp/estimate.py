@@ -24,7 +24,7 @@ from .dynamics.losses import token_loss
 from .kernel.batch import batch_size as sample_count
 from .kernel.batch import index_batch
 
-__all__ = ["FULL_KERNEL_MAX", "KernelEstimate", "OutputModule", "estimate_kernel", "model_outputs"]
+__all__ = ["FULL_KERNEL_MAX", "KernelEstimate", "OutputModule", "estimate_kernel", "flat_output_fn", "model_outputs"]
 
 #: N·C above which ``kernel="auto"`` uses the trace kernel.
 FULL_KERNEL_MAX = 2500
@@ -116,6 +116,19 @@ class _Preconditioned(torch.nn.Module):
         return functional_call(self.inner, params, (inputs,), strict=False)
 
 
+def _prepared_targets(loss: Loss, targets: torch.Tensor, num_outputs: int, n: int) -> torch.Tensor:
+    y = loss.prepare_targets(torch.as_tensor(targets).detach().cpu(), num_outputs)
+    if y.shape[0] != n:
+        raise ValueError(f"got {y.shape[0]} targets for {n} inputs")
+    return y
+
+
+def _info(kernel_seconds: float, groups: list[list[torch.nn.Parameter]], projection_dim: int | None,
+          num_outputs: int, n: int, notes: list[str]) -> dict[str, Any]:
+    return {"kernel_seconds": kernel_seconds, "num_parameters": [int(sum(p.numel() for p in g)) for g in groups],
+            "projection_dim": projection_dim, "num_outputs": num_outputs, "num_samples": n, "notes": notes}
+
+
 def _probe_outputs(model: torch.nn.Module, inputs: Any,
                    output_fn: Callable | None) -> tuple[tuple[int, ...], list[str]]:
     """The shape of the model's logits on a couple of samples, and a note when they had to be
@@ -129,6 +142,12 @@ def _probe_outputs(model: torch.nn.Module, inputs: Any,
         notes.append(f"the model returns a {type(raw).__name__}; its {where} is taken as the logits "
                      "(pass output_fn=... to choose another).")
     return tuple(logits.shape), notes
+
+
+def flat_output_fn(output_fn: Callable | None) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
+    """``(model, inputs) -> (N, C)`` outputs as :func:`model_outputs` gives them, as a
+    ``functools.partial`` (the kernel engine's probe cache recognises it across calls)."""
+    return partial(_outputs_with, output_fn=output_fn)
 
 
 def _outputs_with(model: torch.nn.Module, inputs: Any, *, output_fn: Callable | None) -> torch.Tensor:
@@ -282,7 +301,21 @@ def estimate_kernel(
     tensor_groups = [b[1] for b in blocks] if adam else groups
     nonempty = [i for i, g in enumerate(tensor_groups) if g]
     kernel_model, kernel_groups = model, [tensor_groups[i] for i in nonempty]
-    kernel_fn: Callable | None = partial(_outputs_with, output_fn=output_fn)
+    kernel_fn: Callable | None = flat_output_fn(output_fn)
+    if not adam and projection_dim is None and batch_statistics is not False:
+        from . import relinearise as rl  # lazy: relinearise imports this module
+
+        if batch_statistics or (rl.has_batch_statistics(model)
+                                and 8 * n * c * sum(p.numel() for g in groups for p in g) <= rl.JACOBIAN_MAX_BYTES):
+            # the eval-mode kernel below is not computed at all: the batch-statistics one replaces it
+            f0, grams, _, jw = rl.batch_statistics_state(model, inputs, groups, kernel=kernel, scales=None,
+                                                         tangents={}, weight_decay=spec.has_weight_decay,
+                                                         output_fn=output_fn)
+            y = _prepared_targets(loss_obj, targets, c, n)
+            info = _info(time.perf_counter() - started, groups, projection_dim, c, n, notes)
+            info["batch_statistics"] = True
+            return KernelEstimate(f0.cpu(), y, grams, kernel, loss_obj, jw, False, time.perf_counter() - started,
+                                  info)
     if adam:
         flat = [p for g in groups for p in g]
         y_pre = loss_obj.prepare_targets(torch.as_tensor(targets).detach().cpu(), c)
@@ -300,9 +333,7 @@ def estimate_kernel(
     ntk = empirical_ntk(kernel_model, inputs, output_fn=kernel_fn, kernel=kernel, projection_dim=projection_dim,
                         parameter_groups=kernel_groups, seed=seed, memory_budget=memory_budget)
     f0 = ntk.outputs.detach().to(torch.float64)
-    y = loss_obj.prepare_targets(torch.as_tensor(targets).detach().cpu(), c)
-    if y.shape[0] != n:
-        raise ValueError(f"got {y.shape[0]} targets for {n} inputs")
+    y = _prepared_targets(loss_obj, targets, c, n)
     size = n * c if kernel == "full" else n
     # the Grams keep the kernel's precision: the simulators multiply in it and accumulate in float64
     raw = [torch.zeros(size, size, dtype=ntk.gram.dtype) for _ in tensor_groups]
@@ -310,9 +341,7 @@ def estimate_kernel(
         raw[i] = g.detach().cpu()
     if kernel == "trace":
         raw = [g / c for g in raw]
-    info: dict[str, Any] = {"kernel_seconds": ntk.seconds, "num_parameters": [int(sum(p.numel() for p in g))
-                                                                               for g in groups],
-                            "projection_dim": projection_dim, "num_outputs": c, "num_samples": n, "notes": notes}
+    info = _info(ntk.seconds, groups, projection_dim, c, n, notes)
     adam_blocks = None
     if adam:
         grams = [torch.zeros_like(raw[0]) for _ in groups]
@@ -324,15 +353,6 @@ def estimate_kernel(
     else:
         grams = raw
     jw = _jvp_w0(model, inputs, groups, output_fn) if spec.has_weight_decay else None
-    if not adam and projection_dim is None and batch_statistics is not False:
-        from . import relinearise as rl  # lazy: relinearise imports this module
-
-        if batch_statistics or (rl.has_batch_statistics(model)
-                                and 8 * n * c * sum(p.numel() for g in groups for p in g) <= rl.JACOBIAN_MAX_BYTES):
-            f0, grams, _, jw = rl.batch_statistics_state(model, inputs, groups, kernel=kernel, scales=None,
-                                                         tangents={}, weight_decay=spec.has_weight_decay,
-                                                         output_fn=output_fn)
-            info["batch_statistics"] = True
     return KernelEstimate(f0.cpu(), y, grams, kernel, loss_obj, jw, adam, time.perf_counter() - started, info,
                           adam_blocks)
 

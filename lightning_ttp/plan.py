@@ -71,6 +71,11 @@ class RunPlan:
         return self.batch_size * self.accumulate * self.world_size
 
     @property
+    def full_batch(self) -> bool:
+        """Every optimiser step sees the whole (known-size) data set: gradient descent."""
+        return self.dataset_size is not None and self.effective_batch_size >= self.dataset_size
+
+    @property
     def steps_per_epoch(self) -> int | None:
         """Optimiser steps per epoch (``None``: unknown)."""
         if not self.batches_per_epoch:
@@ -95,6 +100,7 @@ class RunPlan:
             "drop_last": self.drop_last,
             "iterable": self.iterable,
             "shuffle": self.shuffle,
+            "full_batch": self.full_batch,
             "global_steps_per_step": self.global_steps_per_step,
             "notes": list(self.notes) + list(self.schedule.notes),
         }

@@ -12,6 +12,7 @@ the documented smoothing of :func:`lightning_ttp.dynamics.training_time.smooth_c
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -25,7 +26,7 @@ from .dynamics.training_time import (
     still_falling,
 )
 
-__all__ = ["Diagnostics", "Prediction"]
+__all__ = ["Diagnostics", "Prediction", "plain_python"]
 
 
 def _array(x) -> np.ndarray | None:
@@ -36,12 +37,13 @@ def _band(b) -> tuple[np.ndarray, np.ndarray] | None:
     return None if b is None else (np.asarray(b[0], dtype=np.float64), np.asarray(b[1], dtype=np.float64))
 
 
-def _plain(x: Any) -> Any:
-    """numpy scalars/arrays and tuples as plain JSON-able Python."""
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
+def plain_python(x: Any) -> Any:
+    """Mappings, sequences, numpy scalars/arrays as plain JSON-able Python (str keys, lists);
+    what checkpoints loaded with ``weights_only=True`` accept."""
+    if isinstance(x, Mapping):
+        return {str(k): plain_python(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [plain_python(v) for v in x]
     if isinstance(x, np.ndarray):
         return x.tolist()
     if isinstance(x, np.generic):
@@ -120,7 +122,7 @@ class Diagnostics:
         """Plain Python (JSON-able); :meth:`from_dict` inverts it."""
         out = {name: getattr(self, name) for name in self._names()}
         out["extra"] = self.extra
-        return _plain(copy.deepcopy(out))
+        return plain_python(copy.deepcopy(out))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Diagnostics:

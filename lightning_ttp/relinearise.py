@@ -491,11 +491,7 @@ def relinearised_prediction(
     b = n if batch_size is None else int(batch_size)
     full_batch = b >= n
     window = smoothing_window or default_smoothing_window(-(-n // b), full_batch)
-    lrs = spec.constant_schedule(total_steps) if lr_schedule is None else np.asarray(lr_schedule, np.float64)
-    if lrs.ndim == 1:
-        lrs = lrs[:, None] * (spec.lrs / spec.lrs[0] if spec.lrs[0] else np.ones(spec.num_groups))[None, :]
-    if lrs.shape[0] < total_steps:
-        raise ValueError(f"lr_schedule has {lrs.shape[0]} steps, fewer than total_steps={total_steps}")
+    lrs = spec.schedule(lr_schedule, total_steps, steps_name="total_steps")
     kernel_started = time.perf_counter()
     if batch_statistics is None:
         batch_statistics = projection_dim is None and has_batch_statistics(model) and _jacobian_fits(

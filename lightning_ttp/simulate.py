@@ -163,17 +163,6 @@ _SIMULATORS: dict[Method, Callable[[_Run], SimulationResult]] = {
 }
 
 
-def _lr_schedule(spec: OptimizerSpec, steps: int, lr_schedule: np.ndarray | None) -> np.ndarray:
-    if lr_schedule is None:
-        return spec.constant_schedule(steps)
-    lrs = np.asarray(lr_schedule, dtype=np.float64)
-    if lrs.ndim == 1:
-        lrs = lrs[:, None] * (spec.lrs / spec.lrs[0] if spec.lrs[0] else np.ones(spec.num_groups))[None, :]
-    if lrs.shape[0] < steps:
-        raise ValueError(f"lr_schedule has {lrs.shape[0]} steps, fewer than steps={steps}")
-    return lrs[:steps]
-
-
 def simulate(
     kernel_estimate: KernelEstimate,
     spec: OptimizerSpec,
@@ -228,7 +217,7 @@ def simulate(
         raise ValueError("an Adam-type optimiser needs a kernel estimated with it (estimate_kernel(..., spec))")
     if len(ke.grams) != spec.num_groups:
         raise ValueError(f"the kernel has {len(ke.grams)} param groups, the optimiser {spec.num_groups}")
-    run = _Run(ke, spec, _lr_schedule(spec, steps, lr_schedule), b, n, drop_last, shuffle, num_paths, seed,
+    run = _Run(ke, spec, spec.schedule(lr_schedule, steps), b, n, drop_last, shuffle, num_paths, seed,
                sde_noise, list(ke.info.get("notes", [])) + list(spec.warnings))
     if chosen is Method.AUTO:
         chosen = Method.DISCRETE if run.full_batch else Method.MC

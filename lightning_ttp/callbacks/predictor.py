@@ -23,7 +23,7 @@ from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from ..api import DEFAULT_BUDGET, predict_run
 from ..data import sample_subset
 from ..dynamics import get_loss
-from ..prediction import Prediction
+from ..prediction import Prediction, plain_python
 from ..refine import Refinement, default_smoothing_window, epsilon_training_time, refine_curve, smooth_losses
 from ..relinearise import ClosedLoop
 from ..simulate import Method, check_what_if, what_if
@@ -69,7 +69,7 @@ class PredictorState:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python containers only, so a checkpoint loads with ``weights_only=True``."""
-        return _plain({
+        return plain_python({
             "prediction": None if self.prediction is None else self.prediction.to_dict(),
             "refinement": None if self.refinement is None else self.refinement.to_dict(),
             "plan": self.plan,
@@ -99,16 +99,6 @@ class PredictorState:
             live_step=data["live_step"],
             live_seconds=float(data["live_seconds"]),
         )
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (np.ndarray, np.generic)):
-        return obj.tolist()
-    return obj
 
 
 def _epsilons(epsilons: float | Sequence[float]) -> tuple[float, ...]:
@@ -431,9 +421,8 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         """The observed losses smoothed the package's one way (:func:`lightning_ttp.refine.smooth_losses`,
         window = steps per epoch, 1 for full-batch runs)."""
         plan = self.state.plan or {}
-        size = plan.get("dataset_size")
-        full_batch = size is not None and plan.get("effective_batch_size", 0) >= size
-        return smooth_losses(self.observed_losses, default_smoothing_window(plan.get("steps_per_epoch"), full_batch))
+        window = default_smoothing_window(plan.get("steps_per_epoch"), bool(plan.get("full_batch")))
+        return smooth_losses(self.observed_losses, window)
 
     # ------------------------------------------------------------------ failure policy
     def warn_once(self, key: str, message: str) -> None:
@@ -521,11 +510,10 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             rows = what_if(run.kernel, run.spec, plan, self._what_if, self.epsilons, method=self.method,
                            num_paths=self.num_paths, seed=self.seed) if self._what_if else []
         if self.refine:
-            full_batch = plan.dataset_size is not None and plan.effective_batch_size >= plan.dataset_size
             self._loop = ClosedLoop(
                 run.spec, run.inputs, run.targets, plan.steps, run.kernel, lr_schedule=plan.lr_schedule,
                 loss=self.loss, batch_size=plan.effective_batch_size, dataset_size=plan.dataset_size,
-                smoothing_window=default_smoothing_window(plan.steps_per_epoch, full_batch),
+                smoothing_window=default_smoothing_window(plan.steps_per_epoch, plan.full_batch),
                 output_fn=self.output_fn, projection_dim=self.projection_dim,
                 seed=self.seed)
             diag = run.prediction.diagnostics

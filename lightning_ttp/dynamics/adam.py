@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .discrete import CurveRecorder, SimulationResult, _check_schedule, _single_threaded, as_gram, kernel_kind
+from .discrete import CurveRecorder, SimulationResult, _single_threaded, as_gram, kernel_kind
 from .losses import Loss
 from .optim_spec import OptimizerSpec
 
@@ -97,7 +97,7 @@ def simulate_adam(
             for the caller's diagnostics); ``block_rms`` a_k = mean_d √v_d over the block.
         weights, num_paths: batch weights ``weights(t) -> (P, N)`` (default full batch) and P.
     """
-    lrs = _check_schedule(lr_schedule, spec)
+    lrs = spec.schedule(lr_schedule)
     steps = lrs.shape[0]
     k = len(block_grams)
     if not (len(block_group) == len(block_sizes) == len(block_rms) == k):

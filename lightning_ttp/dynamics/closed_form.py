@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .discrete import SimulationResult, _check_schedule, _single_threaded, kernel_kind
+from .discrete import SimulationResult, _single_threaded, kernel_kind
 from .losses import MSE
 from .optim_spec import OptimizerSpec
 
@@ -92,7 +92,7 @@ def simulate_mse_closed_form(f0, targets, grams, spec: OptimizerSpec, lr_schedul
         raise ValueError("the MSE closed form has no weight decay; use method='discrete' or 'ode'")
     if discrete and spec.has_momentum:
         raise ValueError("the discrete closed form is for plain GD; use method='discrete' with momentum")
-    lrs = _check_schedule(lr_schedule, spec)
+    lrs = spec.schedule(lr_schedule)
     factors = np.array([g.effective_lr_factor(spec.kind) if use_elr else 1.0 for g in spec.groups])
     s, ref = _proportional(lrs * factors[None, :])
     j = int(np.argmax(ref))

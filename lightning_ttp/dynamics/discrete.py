@@ -153,19 +153,6 @@ class CurveRecorder:
         return SimulationResult(losses, errs, f, int(bad[0]) if bad.size else None)
 
 
-def _check_schedule(lr_schedule: np.ndarray | Sequence, spec: OptimizerSpec) -> np.ndarray:
-    lrs = np.asarray(lr_schedule, dtype=float)
-    if lrs.ndim == 1:
-        lrs = lrs[:, None] * (spec.lrs / spec.lrs[0] if spec.lrs[0] else np.ones(spec.num_groups))[None, :]
-    if lrs.ndim != 2 or lrs.shape[1] != spec.num_groups:
-        raise ValueError(f"lr_schedule must have shape (steps, {spec.num_groups}), got {lrs.shape}")
-    if lrs.shape[0] < 1:
-        raise ValueError("lr_schedule is empty: steps must be >= 1")
-    if not np.all(np.isfinite(lrs)) or np.any(lrs < 0):
-        raise ValueError("learning rates must be finite and >= 0")
-    return lrs
-
-
 @_single_threaded
 def simulate_discrete(
     f0: torch.Tensor,
@@ -205,7 +192,7 @@ def simulate_discrete(
     Returns:
         :class:`SimulationResult` with the loss L_0..L_T on all N samples.
     """
-    lrs = _check_schedule(lr_schedule, spec)
+    lrs = spec.schedule(lr_schedule)
     steps, ngroups = lrs.shape
     adam = spec.kind in ("adam", "adamw")
     if adam and not fixed_preconditioner:

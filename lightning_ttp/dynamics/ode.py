@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
-from .discrete import SimulationResult, _check_schedule, _single_threaded, apply_kernel, kernel_kind
+from .discrete import SimulationResult, _single_threaded, apply_kernel, kernel_kind
 from .losses import Loss
 from .optim_spec import OptimizerSpec
 
@@ -129,7 +129,7 @@ def simulate_ode(f0, targets, grams: Sequence[torch.Tensor], loss: Loss, spec: O
     to LSODA, which otherwise builds it by finite differences when it switches to its stiff
     method (large lr).
     """
-    lrs = _check_schedule(lr_schedule, spec)
+    lrs = spec.schedule(lr_schedule)
     drift = FunctionSpaceDrift(f0, targets, grams, loss, spec, jvp_w0=jvp_w0, use_elr=use_elr)
     shape = (drift.state_groups, 1, drift.n, drift.c)
     u = torch.zeros(shape, dtype=torch.float64)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,6 +160,32 @@ class OptimizerSpec:
     def constant_schedule(self, steps: int) -> np.ndarray:
         """lr array ``(steps, num_groups)`` without a scheduler."""
         return np.tile(self.lrs, (steps, 1))
+
+    def schedule(self, lr_schedule: np.ndarray | Sequence | None = None, steps: int | None = None,
+                 *, steps_name: str = "steps") -> np.ndarray:
+        """Validated per-step, per-group lrs ``(T, num_groups)``.
+
+        ``None``: the constant lrs for ``steps`` steps. A ``(T,)`` schedule scales every group in
+        proportion to its own lr. With ``steps``, the schedule must cover them and is cut to them.
+        """
+        if lr_schedule is None:
+            if steps is None:
+                raise ValueError("pass an lr_schedule or the number of steps")
+            return self.constant_schedule(steps)
+        lrs = np.asarray(lr_schedule, dtype=np.float64)
+        if lrs.ndim == 1:
+            lrs = lrs[:, None] * (self.lrs / self.lrs[0] if self.lrs[0] else np.ones(self.num_groups))[None, :]
+        if lrs.ndim != 2 or lrs.shape[1] != self.num_groups:
+            raise ValueError(f"lr_schedule must have shape (steps, {self.num_groups}), got {lrs.shape}")
+        if lrs.shape[0] < 1:
+            raise ValueError("lr_schedule is empty: steps must be >= 1")
+        if not np.all(np.isfinite(lrs)) or np.any(lrs < 0):
+            raise ValueError("learning rates must be finite and >= 0")
+        if steps is not None:
+            if lrs.shape[0] < steps:
+                raise ValueError(f"lr_schedule has {lrs.shape[0]} steps, fewer than {steps_name}={steps}")
+            lrs = lrs[:steps]
+        return lrs
 
     def replace(self, **changes: Any) -> OptimizerSpec:
         """A what-if copy: ``spec.replace(lr=0.1, momentum=0.9)`` changes every group.

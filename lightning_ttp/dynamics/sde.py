@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from .discrete import SimulationResult, _check_schedule, _single_threaded
+from .discrete import SimulationResult, _single_threaded
 from .losses import Loss
 from .ode import FunctionSpaceDrift
 from .optim_spec import OptimizerSpec
@@ -55,7 +55,7 @@ def simulate_sde(f0, targets, grams, loss: Loss, spec: OptimizerSpec, lr_schedul
     """Euler–Maruyama with ``substeps`` sub-steps per optimiser step; all paths at once."""
     if noise not in ("rescaled", "exact"):
         raise ValueError(f"noise must be 'rescaled' or 'exact', got {noise!r}")
-    lrs = _check_schedule(lr_schedule, spec)
+    lrs = spec.schedule(lr_schedule)
     drift = FunctionSpaceDrift(f0, targets, grams, loss, spec, jvp_w0=jvp_w0)
     n, c = drift.n, drift.c
     n_total = n if n_total is None else int(n_total)

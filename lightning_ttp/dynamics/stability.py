@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from .discrete import _check_schedule, _single_threaded
+from .discrete import _single_threaded
 from .losses import Loss
 from .optim_spec import GroupSpec, OptimizerSpec
 
@@ -85,7 +85,7 @@ def stability_report(f0, targets, grams, loss: Loss, spec: OptimizerSpec, lr_sch
     ``cache``: a dict kept with the kernel (λmax per lr direction and the loss curvature), so
     what-if simulations on the same kernel skip the eigenvalue problems.
     """
-    lrs = _check_schedule(lr_schedule, spec)
+    lrs = spec.schedule(lr_schedule)
     f0 = torch.as_tensor(f0, dtype=torch.float64)
     f0 = f0[:, None] if f0.dim() == 1 else f0
     n, c = f0.shape

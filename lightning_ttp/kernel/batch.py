@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -22,8 +23,9 @@ def batch_size(inputs: Any) -> int:
 
 
 def index_batch(inputs: Any, index: slice | torch.Tensor) -> Any:
-    """Samples ``index`` (a slice or an index tensor) of every tensor leaf; other leaves pass through."""
-    return tree_map(lambda t: t[index] if isinstance(t, torch.Tensor) else t, inputs)
+    """Samples ``index`` (a slice or an index tensor) of every tensor or numpy-array leaf with a
+    sample axis; other leaves pass through."""
+    return tree_map(lambda t: t[index] if isinstance(t, (torch.Tensor, np.ndarray)) and t.ndim > 0 else t, inputs)
 
 
 def slice_batch(inputs: Any, start: int, stop: int) -> Any:
