@@ -6,7 +6,9 @@
     python benchmarks/kernel_speed.py --quick --models cnn --n 256   # the CNN at N=256, no dense projections
 
 Every measurement runs in a fresh process so that its peak memory (max RSS above the
-process's baseline after building the model and data) is its own. Errors are relative
+process's baseline after building the model and data) is its own. With ``--repeats R`` every
+variant is measured R times, the variants taking turns (so that a load change on a shared
+machine hits all of them), and the table shows the median seconds. Errors are relative
 Frobenius errors against the torch.func tutorial method (vmap(jacrev) + einsum), or, for the
 ResNet-18-sized model where that does not fit, against our exact path on a subset.
 Prints a table per model and a final JSON line.
@@ -18,6 +20,7 @@ import argparse
 import json
 import multiprocessing as mp
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -176,7 +179,8 @@ def trace_approximation_error(trace_path: str, full_path: str, c: int) -> float:
 
 
 def run_model(
-    name: str, n: int, projection_dim: int, with_reference: bool, workdir: Path, dense_projections: bool = True
+    name: str, n: int, projection_dim: int, with_reference: bool, workdir: Path, dense_projections: bool = True,
+    repeats: int = 1,
 ) -> list[dict]:
     c = MODELS[name][2]
     rows = []
@@ -193,18 +197,25 @@ def run_model(
         if name == "resnet18":
             options["memory_budget"] = RESNET_BUDGET
         variants.append((f"ours {projection} D'={projection_dim}", "ours", options))
-    for label, method, options in variants:
-        save = ref_path if method == "torch.func" else str(workdir / f"{name}-{len(rows)}.pt")
-        result = measure(name, n, method, options, save=save)
+    variants += [(f"1 forward + {b} backward", "fwd+bwd", {"backwards": b}) for b in (1, c)]
+    results: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
+    for _ in range(repeats):
+        for index, (label, method, options) in enumerate(variants):
+            save = ref_path if method == "torch.func" else str(workdir / f"{name}-{index}.pt")
+            results[label].append(measure(name, n, method, options, save=save if method != "fwd+bwd" else None))
+    for index, (label, method, options) in enumerate(variants):
+        runs = results[label]
+        result = dict(runs[0])
+        for key in ("seconds", "peak_mib", "contraction"):
+            if key in result:
+                result[key] = statistics.median(r[key] for r in runs)
+        result["all_seconds"] = [r["seconds"] for r in runs]
         result["label"] = label
-        if with_reference and method != "torch.func" and options.get("kernel") != "trace":
+        save = str(workdir / f"{name}-{index}.pt")
+        if with_reference and method == "ours" and options.get("kernel") != "trace":
             result["rel_error"] = rel_error(save, ref_path)
         if options.get("kernel") == "trace":
             result["trace_approximation_error"] = trace_approximation_error(save, ref_path, c)
-        rows.append(result)
-    for backwards in (1, c):
-        result = measure(name, n, "fwd+bwd", {"backwards": backwards})
-        result["label"] = f"1 forward + {backwards} backward"
         rows.append(result)
     return rows
 
@@ -233,31 +244,37 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="N=64 / 32, no dense projections: about a minute")
     parser.add_argument("--models", default="mlp,cnn,resnet18", help="comma-separated subset of mlp,cnn,resnet18")
     parser.add_argument("--n", type=int, default=None, help="samples for the MLP and the CNN (default 64 / 256)")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh-process runs per variant (median reported)")
     args = parser.parse_args()
     models = args.models.split(",")
     n_small, n_resnet, subset = (64, 32, 8) if args.quick else (256, 500, 48)
     n_small = args.n or n_small
     workdir = Path("benchmarks/results/kernel")
     workdir.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"quick": args.quick}
+    summary: dict = {"quick": args.quick, "repeats": args.repeats}
     for name in [m for m in ("mlp", "cnn") if m in models]:
-        rows = run_model(name, n_small, 1024, True, workdir, dense_projections=not args.quick)
+        rows = run_model(name, n_small, 1024, True, workdir, dense_projections=not args.quick, repeats=args.repeats)
         print_table(name, n_small, rows)
         by = {r["label"]: r for r in rows}
         ref, ours = by["torch.func (vmap(jacrev)+einsum)"], by["ours exact"]
-        limit = by[f"1 forward + {MODELS[name][2]} backward"]["seconds"] + ours["contraction"]
+        passes = by[f"1 forward + {MODELS[name][2]} backward"]["seconds"]
+        limit = passes + ours["contraction"]
         trace = by["ours trace (N x N)"]
         summary[name] = {
             "n": n_small,
             "trace_seconds": trace["seconds"],
             "trace_approximation_error": trace["trace_approximation_error"],
             "speedup_vs_torch_func": ref["seconds"] / ours["seconds"],
+            "speedups_per_repeat": [a / b for a, b in zip(ref["all_seconds"], ours["all_seconds"])],
+            "exact_over_forward_and_c_backward": ours["seconds"] / passes,
             "exact_rel_error": ours["rel_error"],
             "exact_over_physical_limit": ours["seconds"] / limit,
             "rows": rows,
         }
         print(
-            f"exact: {summary[name]['speedup_vs_torch_func']:.1f}x faster than torch.func, "
+            f"exact: {summary[name]['speedup_vs_torch_func']:.1f}x faster than torch.func (median of {args.repeats}; "
+            f"per repeat {', '.join(f'{r:.1f}' for r in summary[name]['speedups_per_repeat'])}), "
+            f"{summary[name]['exact_over_forward_and_c_backward']:.2f}x 1 forward + C backward, "
             f"{summary[name]['exact_over_physical_limit']:.2f}x the physical limit "
             f"(1 fwd + C bwd + contraction = {limit:.2f} s); kernel='trace' assumes Θ ≈ Θ_trace/C ⊗ I, "
             f"relative error {trace['trace_approximation_error']:.2f}"

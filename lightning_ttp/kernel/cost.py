@@ -37,6 +37,7 @@ from lightning_ttp.kernel.ntk import (
     _estimate_bytes,
     _eval_mode,
     _resolve_groups,
+    _streamed,
     _term_names,
     _verified_adapters,
 )
@@ -192,6 +193,8 @@ def estimate_ntk_cost(
     fb_flops = rows * rows * (fb_params if projection_dim is None else min(fb_params, projection_dim))
     fb_seconds = (passes + fb_flops / rate) if fb_params else 0.0
     budget = memory_budget if memory_budget is not None else default_budget(device)
+    _, stored = _streamed(adapters, per_sample, n, c, kernel, projection_dim is not None, False)
+    per_sample = {**per_sample, "stored": stored}
     chunk = _default_chunk(per_sample, budget, n, dtype)
     nbytes = _estimate_bytes(n, c, len(groups), kernel, projection_dim, per_sample, chunk, fallback, dtype)
     return NTKCost(

@@ -9,17 +9,24 @@ once. Each adapter turns (input factor, δ) into :mod:`~lightning_ttp.kernel.ter
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_ttp.kernel.terms import ConvTerm, DenseTerm, IndexTerm, OuterTerm, Term
+from lightning_ttp.kernel.terms import ConvTerm, DenseTerm, IndexTerm, OuterTerm, Term, _patches
+
+#: ``fn(delta, out)``: writes the per-sample gradients (n, k) of one output into ``out``.
+GradientFn = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 class LayerAdapter:
     """A module whose ``weight``/``bias`` gradients we compute from hooks."""
 
     roles: tuple[str, ...] = ("weight", "bias")
+    #: the term is only ever kept factored (never formed output by output with :meth:`gradient_fn`)
+    factored_only = False
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -60,9 +67,33 @@ class LayerAdapter:
         """The output cotangents of all C outputs (each shaped like the output) as (n, C, P, d_out)."""
         return torch.stack([self.delta_view(g) for g in grads], dim=1)
 
-    def term(self, deltas: torch.Tensor, roles: list[str]) -> Term:
-        """The term of the parameters named in ``roles`` (one group), deltas (n, C, P, d_out)."""
+    def term(self, deltas: torch.Tensor, roles: list[str], scale: torch.Tensor | None = None) -> Term:
+        """The term of the parameters named in ``roles`` (one group), deltas (n, C, P, d_out).
+
+        ``scale`` (see :meth:`scale_of`) multiplies every per-sample gradient elementwise.
+        """
         raise NotImplementedError
+
+    def gradient_fn(self, roles: list[str], scale: torch.Tensor | None = None) -> GradientFn:
+        """``fn(δ, out)``: δ (n, P, d_out) of one output → the per-sample gradients of ``roles``, times
+        ``scale``, written into ``out`` (n, k), a contiguous tensor.
+
+        Used where the gradients are materialised anyway: they are formed output by output, right
+        after each backward pass, so the cotangents of all C outputs are never held together.
+        """
+        raise NotImplementedError
+
+    def outer_dims(self, roles: list[str]) -> tuple[int, int, int] | None:
+        """(positions P, d_in, d_out) when the term is g = Σ_p δ_p ⊗ a_p (ghost or materialised), else None."""
+        return None
+
+    def scale_of(self, roles: list[str], scales: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        """The per-parameter scales (by parameter id) of ``roles`` in the layout of the term's gradient rows."""
+        params = self.parameters()
+        if not any(id(params[role]) in scales for role in roles):
+            return None
+        parts = [scales.get(id(params[role]), torch.ones_like(params[role])) for role in roles]
+        return torch.cat([part.detach().reshape(-1) for part in parts])
 
     def summed_gradients(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
         """Σ_i g_i for one output, delta (n, P, d_out); checks the fast path against autograd."""
@@ -72,15 +103,48 @@ class LayerAdapter:
 class _AffineAdapter(LayerAdapter):
     """y_p = W a_p + b at every position p (Linear on any leading shape; Conv as unfolded patches)."""
 
-    def term(self, deltas: torch.Tensor, roles: list[str]) -> Term:
+    def _inputs(self, roles: list[str]) -> torch.Tensor:
+        """a (n, P, d_in), with the constant input 1 of the bias appended when the bias is in ``roles``."""
         a = self.factor
         assert a is not None
-        if roles == ["weight", "bias"]:
-            ones = a.new_ones(a.shape[:-1] + (1,))
-            return OuterTerm(torch.cat([a, ones], dim=-1), deltas)
+        if "bias" not in roles:
+            return a
+        out = a.new_empty(a.shape[:-1] + (a.shape[-1] + 1,))
+        out[..., :-1] = a
+        out[..., -1] = 1
+        return out
+
+    def scale_of(self, roles: list[str], scales: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        flat = super().scale_of(roles, scales)
+        if flat is None or "weight" not in roles:
+            return flat
+        d_out = self.module.weight.shape[0]
+        weight = flat[: self.module.weight.numel()].reshape(d_out, -1)
         if roles == ["weight"]:
-            return OuterTerm(a, deltas)
-        return DenseTerm(deltas.sum(dim=2))
+            return weight
+        return torch.cat([weight, flat[self.module.weight.numel() :, None]], dim=1)  # rows (output unit, input + 1)
+
+    def outer_dims(self, roles: list[str]) -> tuple[int, int, int] | None:
+        if "weight" not in roles:
+            return None
+        assert self.factor is not None
+        return self.factor.shape[1], self.factor.shape[-1] + ("bias" in roles), self.module.weight.shape[0]
+
+    def term(self, deltas: torch.Tensor, roles: list[str], scale: torch.Tensor | None = None) -> Term:
+        if "weight" not in roles:
+            return DenseTerm(_scaled(deltas.sum(dim=2), scale))
+        return OuterTerm(self._inputs(roles), deltas, scale)
+
+    def gradient_fn(self, roles: list[str], scale: torch.Tensor | None = None) -> GradientFn:
+        if "weight" not in roles:
+            return _bias_gradients(scale)
+        a = self._inputs(roles)
+
+        def gradients(delta: torch.Tensor, out: torch.Tensor) -> None:  # (n, d_out, P) @ (n, P, d_in) per sample
+            torch.bmm(delta.transpose(1, 2), a, out=out.view(a.shape[0], -1, a.shape[-1]))
+            _scale_(out, scale)
+
+        return gradients
 
     def summed_gradients(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
         a = self.factor
@@ -150,15 +214,26 @@ class ConvAdapter(_AffineAdapter):
         positions = self.output[0, 0].numel()
         return self.factor.shape[0] * positions * self.module.weight[0].numel()
 
-    def term(self, deltas: torch.Tensor, roles: list[str]) -> Term:
+    def outer_dims(self, roles: list[str]) -> tuple[int, int, int] | None:
+        if "weight" not in roles:
+            return None
+        assert self.output is not None
+        weight = self.module.weight
+        return self.output[0, 0].numel(), weight[0].numel() + ("bias" in roles), weight.shape[0]
+
+    def _inputs(self, roles: list[str]) -> torch.Tensor:
+        assert self.factor is not None
+        return _patches(self.factor, self._geometry(), bias="bias" in roles)
+
+    def term(self, deltas: torch.Tensor, roles: list[str], scale: torch.Tensor | None = None) -> Term:
         assert self.factor is not None
         if "weight" not in roles:
-            return DenseTerm(deltas.sum(dim=2))
-        return ConvTerm(self.factor, deltas, self._geometry(), bias=roles == ["weight", "bias"])
+            return DenseTerm(_scaled(deltas.sum(dim=2), scale))
+        return ConvTerm(self.factor, deltas, self._geometry(), bias=roles == ["weight", "bias"], scale=scale)
 
     def summed_gradients(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
         assert self.factor is not None
-        patches = ConvTerm(self.factor, delta.unsqueeze(1), self._geometry(), bias=False)._outer().inputs
+        patches = _patches(self.factor, self._geometry())
         params = self.parameters()
         out = {"weight": torch.einsum("npd,npa->da", delta, patches).reshape(params["weight"].shape)}
         if "bias" in params:
@@ -168,6 +243,7 @@ class ConvAdapter(_AffineAdapter):
 
 class EmbeddingAdapter(LayerAdapter):
     roles = ("weight",)
+    factored_only = True
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
@@ -184,8 +260,10 @@ class EmbeddingAdapter(LayerAdapter):
             delta = delta * (self.factor != pad).unsqueeze(-1).to(delta.dtype)
         return delta
 
-    def term(self, deltas: torch.Tensor, roles: list[str]) -> Term:
+    def term(self, deltas: torch.Tensor, roles: list[str], scale: torch.Tensor | None = None) -> Term:
         assert self.factor is not None
+        if scale is not None:  # g[v] ⊙ s[v] = Σ_p [id_p = v] δ_p ⊙ s[id_p]: scale each position's cotangent
+            deltas = deltas * scale.reshape(self.module.weight.shape)[self.factor].unsqueeze(1)
         return IndexTerm(self.factor, deltas, self.module.num_embeddings)
 
     def summed_gradients(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -216,8 +294,15 @@ class _NormAdapter(LayerAdapter):
         assert self.factor is not None
         return torch.einsum("ncpk,npk->nck", deltas, self.factor)
 
-    def term(self, deltas: torch.Tensor, roles: list[str]) -> Term:
-        return DenseTerm(torch.cat([self._features(deltas, role) for role in roles], dim=-1))
+    def term(self, deltas: torch.Tensor, roles: list[str], scale: torch.Tensor | None = None) -> Term:
+        return DenseTerm(_scaled(torch.cat([self._features(deltas, role) for role in roles], dim=-1), scale))
+
+    def gradient_fn(self, roles: list[str], scale: torch.Tensor | None = None) -> GradientFn:
+        def gradients(delta: torch.Tensor, out: torch.Tensor) -> None:
+            torch.cat([self._features(delta.unsqueeze(1), role)[:, 0] for role in roles], dim=-1, out=out)
+            _scale_(out, scale)
+
+        return gradients
 
     def summed_gradients(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
         params = self.parameters()
@@ -273,6 +358,23 @@ ADAPTERS: tuple[type[LayerAdapter], ...] = (
     GroupNormAdapter,
     BatchNormAdapter,
 )
+
+
+def _scaled(features: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return features if scale is None else features * scale
+
+
+def _scale_(out: torch.Tensor, scale: torch.Tensor | None) -> None:
+    if scale is not None:
+        out.mul_(scale.reshape(-1))
+
+
+def _bias_gradients(scale: torch.Tensor | None) -> GradientFn:
+    def gradients(delta: torch.Tensor, out: torch.Tensor) -> None:
+        torch.sum(delta, dim=1, out=out)
+        _scale_(out, scale)
+
+    return gradients
 
 
 class _Unsupported(Exception):

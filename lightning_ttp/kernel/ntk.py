@@ -11,7 +11,7 @@ import functools
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,7 +25,7 @@ from lightning_ttp.kernel.fallback import ForwardFn, per_sample_jacobian
 from lightning_ttp.kernel.layers import Capture, LayerAdapter, adapter_for
 from lightning_ttp.kernel.memory import check_budget, default_budget
 from lightning_ttp.kernel.projection import PROJECTIONS
-from lightning_ttp.kernel.terms import TEMP_ELEMENTS, DenseTerm, Term, _gram_of_features
+from lightning_ttp.kernel.terms import TEMP_ELEMENTS, DenseTerm, Term, _gram_of_features, outer_flops
 
 KERNELS = ("full", "trace")
 ParameterGroups = Sequence[Iterable[nn.Parameter] | dict[str, Any]]
@@ -83,6 +83,7 @@ def empirical_ntk(
     chunk_size: int | None = None,
     seed: int = 0,
     memory_budget: int | None = None,
+    parameter_scales: Mapping[nn.Parameter, torch.Tensor] | None = None,
 ) -> NTK:
     """Compute the empirical NTK Gram matrix of ``model`` on ``inputs``.
 
@@ -124,6 +125,12 @@ def empirical_ntk(
         chunk_size: samples per forward/backward pass; default from the memory budget.
         seed: seed of the projection (the same seed gives the same result).
         memory_budget: bytes the computation may use; default half of the free memory.
+        parameter_scales: ``{parameter: s}`` with ``s`` of the parameter's shape: the kernel of the
+            diagonally preconditioned gradient, Θ_P = J diag(s²) Jᵀ, i.e. the NTK of w = w0 + s ⊙ z in z
+            (Adam at w0: s = (√v + ε)^{-1/2}). Parameters not listed have s = 1. Every fast path
+            takes the scales: materialised gradients are scaled as they are formed, dense layers
+            (one position) contract K_d(i, j) = Σ_a s_da² a_ia a_ja, embedding cotangents are
+            scaled per token; the Kronecker projection of a scaled layer is a dense Gaussian one.
 
     Raises:
         ValueError: no trainable parameters, N = 0, outputs not (N, C) or not finite, bad options.
@@ -133,14 +140,14 @@ def empirical_ntk(
         return _empirical_ntk(
             model, inputs, output_fn=output_fn, kernel=kernel, projection_dim=projection_dim, projection=projection,
             parameter_groups=parameter_groups, chunk_size=chunk_size, seed=seed, memory_budget=memory_budget,
-            use_cached_probe=True,
+            parameter_scales=parameter_scales, use_cached_probe=True,
         )
     except _StaleProbe:
         forget_probes(model)
         return _empirical_ntk(
             model, inputs, output_fn=output_fn, kernel=kernel, projection_dim=projection_dim, projection=projection,
             parameter_groups=parameter_groups, chunk_size=chunk_size, seed=seed, memory_budget=memory_budget,
-            use_cached_probe=False,
+            parameter_scales=parameter_scales, use_cached_probe=False,
         )
 
 
@@ -156,6 +163,7 @@ def _empirical_ntk(
     chunk_size: int | None = None,
     seed: int = 0,
     memory_budget: int | None = None,
+    parameter_scales: Mapping[nn.Parameter, torch.Tensor] | None = None,
     use_cached_probe: bool = True,
 ) -> NTK:
     started = time.perf_counter()
@@ -164,6 +172,7 @@ def _empirical_ntk(
     if n == 0:
         raise ValueError("`inputs` has no samples (N = 0): pass at least one sample.")
     groups, group_of = _resolve_groups(model, parameter_groups)
+    scales = _resolve_scales(parameter_scales, group_of)
     names = {id(p): name for name, p in model.named_parameters(remove_duplicate=True)}
     forward = ForwardFn(model, output_fn)
     projected = projection_dim is not None
@@ -177,6 +186,8 @@ def _empirical_ntk(
         fallback = [[p for p in group if id(p) not in covered] for group in groups]
         dtype = next(iter(group_of.values()))[1].dtype
         budget = memory_budget if memory_budget is not None else default_budget(_device(model))
+        streamed, stored = _streamed(adapters, per_sample, n, num_outputs, kernel, projected, bool(scales))
+        per_sample = {**per_sample, "stored": stored}
         chunk = chunk_size or _default_chunk(per_sample, budget, n, dtype)
         estimate = _estimate_bytes(
             n, num_outputs, len(groups), kernel, projection_dim, per_sample, chunk, fallback, dtype
@@ -190,7 +201,7 @@ def _empirical_ntk(
         for start in range(0, n, chunk):
             batch = slice_batch(inputs, start, min(start + chunk, n))
             out, terms = _chunk_terms(forward, batch, adapters, group_of, fallback, names, methods, timings,
-                                      stale=_StaleProbe if cached else RuntimeError)
+                                      stale=_StaleProbe if cached else RuntimeError, streamed=streamed, scales=scales)
             outputs.append(out.detach())
             tick = time.perf_counter()
             for key, term in terms.items():
@@ -222,7 +233,7 @@ def _empirical_ntk(
         for name in list(methods):
             methods[name] = f"{projection} projection ({methods[name]})"
     total = grams[0] if len(grams) == 1 else torch.stack(grams).sum(0)
-    timings["contraction"] = time.perf_counter() - tick
+    timings["contraction"] += time.perf_counter() - tick
     return NTK(
         outputs=torch.cat(outputs),
         gram=total,
@@ -278,6 +289,24 @@ def _resolve_groups(
             "unfreeze the layers you fine-tune."
         )
     return groups, group_of
+
+
+def _resolve_scales(
+    parameter_scales: Mapping[nn.Parameter, torch.Tensor] | None, group_of: dict[int, tuple[int, nn.Parameter]]
+) -> dict[int, torch.Tensor]:
+    """``parameter_scales`` by parameter id, on each parameter's device and dtype, shapes checked."""
+    scales: dict[int, torch.Tensor] = {}
+    for p, s in (parameter_scales or {}).items():
+        if id(p) not in group_of:
+            continue  # frozen or in no group: not in the kernel
+        s = torch.as_tensor(s).detach()
+        if s.shape != p.shape:
+            raise ValueError(
+                f"parameter_scales: the scale of a parameter of shape {tuple(p.shape)} has shape {tuple(s.shape)}; "
+                "give one scale per entry (the parameter's shape)."
+            )
+        scales[id(p)] = s.to(device=p.device, dtype=p.dtype)
+    return scales
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -361,6 +390,13 @@ def _verified_adapters(
     per_sample = {
         "stored": sum(a.stored_numel() + c * a.output.numel() for a in verified) / probe_n,
         "activations": sum(a.output.numel() + a.factor.numel() for a in candidates if a.factor is not None) / probe_n,
+        # per verified layer: its factors' elements per sample, and per group (outer dims or None, parameters)
+        "layers": tuple(
+            ((a.stored_numel() + c * a.output.numel()) / probe_n,
+             tuple((g, a.outer_dims(roles), sum(a.parameters()[r].numel() for r in roles))
+                   for g, roles in _roles_by_group(a, group_of).items()))
+            for a in verified
+        ),
     }
     for adapter in candidates:
         adapter.factor, adapter.output = None, None
@@ -461,6 +497,45 @@ def _estimate_bytes(
     return int(size * (grams + stored + temporaries + activations))
 
 
+def _roles_by_group(adapter: LayerAdapter, group_of: dict[int, tuple[int, nn.Parameter]]) -> dict[int, list[str]]:
+    by_group: dict[int, list[str]] = defaultdict(list)
+    for role, p in adapter.parameters().items():
+        if id(p) in group_of:
+            by_group[group_of[id(p)][0]].append(role)
+    return by_group
+
+
+def _streamed(
+    adapters: list[LayerAdapter], per_sample: dict[str, Any], n: int, c: int, kernel: str, projected: bool, scaled: bool
+) -> tuple[set[tuple[int, int]], float]:
+    """The (group, layer) terms whose per-sample gradients are formed output by output during the
+    backward passes (no cotangents kept), and the elements stored per sample with that choice.
+
+    Exact kernels stream every term whose Gram is materialised anyway (norm layers, lone biases,
+    and affine layers where the materialised contraction needs fewer multiply-adds than the ghost
+    one over all ``n`` samples); scaled (preconditioned) kernels also every term that a projection
+    will project. Embedding tables stay factored.
+    """
+    streamed: set[tuple[int, int]] = set()
+    stored = 0.0
+    for i, (adapter, (factored, groups)) in enumerate(zip(adapters, per_sample["layers"])):
+        kept = False
+        for g, dims, params in groups:
+            if adapter.factored_only or (projected and not scaled):
+                stream = False
+            elif dims is None or projected:
+                stream = True
+            else:
+                ghost, materialised = outer_flops(n, c, *dims, kernel, scaled=scaled)
+                stream = materialised < ghost
+            if stream:
+                streamed.add((g, i))
+                stored += c * params
+            kept = kept or not stream
+        stored += factored if kept else 0.0
+    return streamed, stored
+
+
 def _chunk_terms(
     forward: ForwardFn,
     batch: Any,
@@ -471,9 +546,13 @@ def _chunk_terms(
     methods: dict[str, str],
     timings: dict[str, float],
     stale: type[RuntimeError] = RuntimeError,
+    streamed: set[tuple[int, int]] = frozenset(),
+    scales: dict[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[tuple[int, int], Term]]:
     """f0 on one chunk and its terms, keyed by (group, index): index i ≥ 0 is adapter i, −(g+1) the
-    fallback of group g. The index seeds the term's random projection."""
+    fallback of group g. The index seeds the term's random projection. ``streamed`` terms (see
+    :func:`_streamed`) are formed during the backward passes; ``scales`` by parameter id."""
+    scales = scales or {}
     n = batch_size(batch)
     tick = time.perf_counter()
     with Capture(adapters, n) as capture:
@@ -481,29 +560,49 @@ def _chunk_terms(
     if capture.failed or any(a.calls != 1 for a in adapters):
         raise stale("a layer behaved differently on this chunk than on the probe; pass a fixed batch.")
     c = out.shape[1]
-    grads: list[list[torch.Tensor]] = [[] for _ in adapters]
+    roles = [_roles_by_group(adapter, group_of) for adapter in adapters]
+    gradient_fns = [
+        {g: adapter.gradient_fn(r, adapter.scale_of(r, scales)) for g, r in by_group.items() if (g, i) in streamed}
+        for i, (adapter, by_group) in enumerate(zip(adapters, roles))
+    ]
+    factored = {i: [] for i, by_group in enumerate(roles) if any((g, i) not in streamed for g in by_group)}
+    sizes = {(g, i): sum(adapter.parameters()[role].numel() for role in r)
+             for i, (adapter, by_group) in enumerate(zip(adapters, roles)) for g, r in by_group.items()}
+    features: dict[tuple[int, int], torch.Tensor] = {}  # (C, n, k): output-major, written per backward
+    streaming = 0.0
     if adapters:
         outs = [a.output for a in adapters]
         for k in range(c):
             per_layer = torch.autograd.grad(out[:, k].sum(), outs, retain_graph=k < c - 1, allow_unused=True)
+            tock = time.perf_counter()
             for i, grad in enumerate(per_layer):
-                grads[i].append(torch.zeros_like(outs[i]) if grad is None else grad)
+                grad = torch.zeros_like(outs[i]) if grad is None else grad
+                if i in factored:
+                    factored[i].append(grad)
+                for g, fn in gradient_fns[i].items():
+                    if (g, i) not in features:
+                        features[(g, i)] = grad.new_empty((c, n, sizes[(g, i)]))
+                    fn(adapters[i].delta_view(grad), features[(g, i)][k])
+            streaming += time.perf_counter() - tock
+            del per_layer, grad
     terms: dict[tuple[int, int], Term] = {}
     for i, adapter in enumerate(adapters):
-        stacked = adapter.stacked_deltas(grads[i])  # (n, C, P, d)
-        grads[i] = []
-        by_group: dict[int, list[str]] = defaultdict(list)
-        for role, p in adapter.parameters().items():
-            if id(p) in group_of:
-                by_group[group_of[id(p)][0]].append(role)
-        for g, roles in by_group.items():
-            terms[(g, i)] = adapter.term(stacked, roles)
+        if i in factored:
+            stacked = adapter.stacked_deltas(factored.pop(i))  # (n, C, P, d)
+        for g, r in roles[i].items():
+            if (g, i) in streamed:
+                terms[(g, i)] = DenseTerm(features.pop((g, i)).transpose(0, 1))
+            else:
+                terms[(g, i)] = adapter.term(stacked, r, adapter.scale_of(r, scales))
         adapter.factor, adapter.output = None, None
-    timings["passes"] += time.perf_counter() - tick
+    timings["passes"] += time.perf_counter() - tick - streaming
+    timings["contraction"] += streaming
     tick = time.perf_counter()
     for g, params in enumerate(fallback):
         if params:
             jac, how = per_sample_jacobian(forward, ["model." + names[id(p)] for p in params], params, batch)
+            if any(id(p) in scales for p in params):
+                jac = jac * torch.cat([scales.get(id(p), torch.ones_like(p)).reshape(-1) for p in params])
             terms[(g, -(g + 1))] = DenseTerm(jac.detach())
             for p in params:
                 methods[names[id(p)]] = f"fallback:{how}"

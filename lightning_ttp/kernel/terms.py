@@ -31,18 +31,32 @@ PROJECTION_ROWS = 2**14
 
 
 def _gram_of_features(features: torch.Tensor, kernel: str) -> torch.Tensor:
-    """Θ from materialised features (N, C, k): full (NC, NC) or trace (N, N)."""
+    """Θ from materialised features (N, C, k): full (NC, NC) or trace (N, N).
+
+    Features stored output-major (a transposed view of a contiguous (C, N, k) tensor, as the
+    engine forms them output by output) are multiplied in that layout and the small Gram permuted.
+    """
     n, c, k = features.shape
-    if kernel == "full":
-        flat = features.reshape(n * c, k)
-        return flat @ flat.T
-    return torch.einsum("ick,jck->ij", features, features)
+    if kernel == "trace":
+        return torch.einsum("ick,jck->ij", features, features)
+    if c > 1 and not features.is_contiguous() and features.transpose(0, 1).is_contiguous():
+        flat = features.transpose(0, 1).reshape(c * n, k)
+        return (flat @ flat.T).view(c, n, c, n).permute(1, 0, 3, 2).reshape(n * c, n * c)
+    flat = features.reshape(n * c, k)
+    return flat @ flat.T
 
 
-def outer_flops(n: int, c: int, p: int, d_in: int, d_out: int, kernel: str) -> tuple[float, float]:
-    """(ghost, materialised) multiply-adds of the Gram of g_ic = Σ_p δ_icp ⊗ a_ip over n samples."""
+def outer_flops(n: int, c: int, p: int, d_in: int, d_out: int, kernel: str,
+                scaled: bool = False) -> tuple[float, float]:
+    """(ghost, materialised) multiply-adds of the Gram of g_ic = Σ_p δ_icp ⊗ a_ip over n samples.
+
+    ``scaled``: the gradients are scaled elementwise (a diagonal preconditioner); the ghost
+    contraction then needs K_d(i, j) = Σ_a s_da² a_ia a_ja per output unit d and exists for P = 1 only.
+    """
     cc = c * c if kernel == "full" else c
-    if p == 1:
+    if scaled:
+        ghost = n * n * (d_in * d_out + (cc + c) * d_out) if p == 1 else math.inf
+    elif p == 1:
         ghost = n * n * (d_in + cc * d_out)
     else:
         ghost = n * n * p * p * (d_in + c * d_out) + n * n * cc * p * d_out
@@ -61,6 +75,25 @@ def index_flops(n: int, c: int, p: int, d: int, used: int, kernel: str) -> tuple
 def _blocks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
+
+
+def _scaled_dense_ghost(a: torch.Tensor, deltas: torch.Tensor, scale: torch.Tensor, kernel: str) -> torch.Tensor:
+    """Θ[(i,c),(j,e)] = Σ_d δ_icd δ_jed K_d(i,j), K_d(i,j) = Σ_a s_da² a_ia a_ja: a dense layer (P = 1) whose
+    gradients g_ic = (δ_ic ⊗ a_i) ⊙ s are never formed. a (n, d_in), deltas (n, C, d_out), scale (d_out, d_in)."""
+    n, c, d_out = deltas.shape
+    out = deltas.new_zeros((n * c, n * c) if kernel == "full" else (n, n))
+    squared = scale * scale
+    per_unit = max(n * n * (c + 1) + n * a.shape[1], 1)
+    for units in _blocks(d_out, max(1, TEMP_ELEMENTS // per_unit)):
+        weighted = a[None] * squared[units, None, :]  # (d, n, d_in)
+        ka = weighted @ a.T  # (d, n, n)
+        d = deltas[..., units]
+        if kernel == "trace":
+            out += torch.einsum("icd,jcd,dij->ij", d, d, ka)
+        else:
+            m = torch.einsum("icd,dij->icjd", d, ka)
+            out += torch.einsum("icjd,jed->icje", m, d).reshape(n * c, n * c)
+    return out
 
 
 def _ghost_gram(a_fn, deltas: torch.Tensor, kernel: str) -> torch.Tensor:
@@ -155,13 +188,15 @@ class DenseTerm(Term):
 
 @dataclass
 class OuterTerm(Term):
-    """g_ic = Σ_p δ_icp ⊗ a_ip with ``inputs`` a (N, P, d_in) and ``deltas`` δ (N, C, P, d_out).
+    """g_ic = (Σ_p δ_icp ⊗ a_ip) ⊙ s with ``inputs`` a (N, P, d_in) and ``deltas`` δ (N, C, P, d_out).
 
-    Row order of g (for projections) is (output unit, input unit), like ``weight.flatten()``.
+    Row order of g (for projections) is (output unit, input unit), like ``weight.flatten()``;
+    ``scale`` s (d_out, d_in), a diagonal preconditioner's square root, is None for plain gradients.
     """
 
     inputs: torch.Tensor
     deltas: torch.Tensor
+    scale: torch.Tensor | None = None
 
     @property
     def num_parameters(self) -> int:  # type: ignore[override]
@@ -170,7 +205,8 @@ class OuterTerm(Term):
     def flops(self, kernel: str, n: int | None = None) -> tuple[float, float]:
         """(ghost, materialised) multiply-adds of the Gram contraction, for ``n`` samples (default: held)."""
         c, p, d_out = self.deltas.shape[1:]
-        return outer_flops(self.deltas.shape[0] if n is None else n, c, p, self.inputs.shape[-1], d_out, kernel)
+        n = self.deltas.shape[0] if n is None else n
+        return outer_flops(n, c, p, self.inputs.shape[-1], d_out, kernel, scaled=self.scale is not None)
 
     def _input_kernel(self, rows: slice, cols: slice) -> torch.Tensor:
         return torch.einsum("ipa,jqa->ijpq", self.inputs[rows], self.inputs[cols])
@@ -178,6 +214,8 @@ class OuterTerm(Term):
     def gram(self, kernel: str) -> tuple[torch.Tensor, str]:
         ghost, materialised = self.flops(kernel)
         if ghost <= materialised:
+            if self.scale is not None:
+                return _scaled_dense_ghost(self.inputs[:, 0], self.deltas[:, :, 0], self.scale, kernel), "ghost"
             return _ghost_gram(self._input_kernel, self.deltas, kernel), "ghost"
         n, c = self.deltas.shape[:2]
         out = None
@@ -192,18 +230,23 @@ class OuterTerm(Term):
         n, c, _, d_out = self.deltas.shape
         for block, units in enumerate(_blocks(d_out, max(1, rows_per_block // self.inputs.shape[-1]))):
             g = torch.einsum("icpd,ipa->icda", self.deltas[..., units], self.inputs)
+            if self.scale is not None:
+                g = g * self.scale[units]
             yield block, g.reshape(n, c, -1)
 
     def kronecker_features(self, dim: int, *, seed: int, term: int) -> torch.Tensor:
         """Z = Σ_p (R_outᵀ δ_icp) ⊗ (R_inᵀ a_ip), E[Z Zᵀ] = Θ because E[(R_out ⊗ R_in)(R_out ⊗ R_in)ᵀ] = I.
 
         Each side is projected only where it is wider than its share (k_in ≈ √dim);
-        a layer with at most ``dim`` parameters is kept exact.
+        a layer with at most ``dim`` parameters is kept exact. Scaled gradients (no Kronecker
+        structure) are projected densely (Gaussian).
         """
         n, c, p, d_out = self.deltas.shape
         d_in = self.inputs.shape[-1]
         if d_in * d_out <= dim:
-            return torch.einsum("icpd,ipa->icda", self.deltas, self.inputs).reshape(n, c, -1)
+            return torch.cat([g for _, g in self.slices()], dim=-1)
+        if self.scale is not None:
+            return self.project(dim, seed=seed, term=term, kind="gaussian")
         k_in = min(d_in, math.ceil(math.sqrt(dim)))
         k_out = min(d_out, max(1, dim // k_in))
         a, delta = self.inputs, self.deltas
@@ -275,8 +318,8 @@ class IndexTerm(Term):
         return torch.einsum("icpo,ipk->icok", delta, a).reshape(n, c, -1)
 
 
-def _patches(images: torch.Tensor, geometry: tuple[tuple[int, ...], ...]) -> torch.Tensor:
-    """Unfolded patches (N, P, C_in·kh·kw), ordered like ``weight.flatten(1)``.
+def _patches(images: torch.Tensor, geometry: tuple[tuple[int, ...], ...], bias: bool = False) -> torch.Tensor:
+    """Unfolded patches (N, P, C_in·kh·kw), ordered like ``weight.flatten(1)``; ``bias`` appends a constant 1.
 
     Strided views + one copy: several times faster on CPU than ``F.unfold`` (im2col).
     """
@@ -285,7 +328,12 @@ def _patches(images: torch.Tensor, geometry: tuple[tuple[int, ...], ...]) -> tor
     for axis, (k, d, s) in enumerate(zip(kernel, dilation, stride)):
         x = x.unfold(2 + axis, (k - 1) * d + 1, s)[..., ::d]
     n, c_in, h, w = x.shape[:4]
-    return x.permute(0, 2, 3, 1, 4, 5).reshape(n, h * w, c_in * math.prod(kernel))
+    d_in = c_in * math.prod(kernel)
+    out = images.new_empty(n, h, w, d_in + bias)
+    out[..., :d_in].view(n, h, w, c_in, *kernel).copy_(x.permute(0, 2, 3, 1, 4, 5))
+    if bias:
+        out[..., -1] = 1
+    return out.view(n, h * w, d_in + bias)
 
 
 @dataclass
@@ -293,7 +341,8 @@ class ConvTerm(Term):
     """A convolution: an :class:`OuterTerm` whose inputs a_ip are the patches of ``images``.
 
     ``images`` (N, C_in, H, W) (Conv1d as height 1), ``deltas`` (N, C, P, C_out); ``geometry`` =
-    (kernel, dilation, padding, stride); ``bias`` appends the constant input 1 of the bias.
+    (kernel, dilation, padding, stride); ``bias`` appends the constant input 1 of the bias;
+    ``scale`` as for :class:`OuterTerm`.
     The patches (N, P, C_in·k) are unfolded only when needed; the Kronecker projection never
     unfolds: R_inᵀ a_ip is a convolution of the image with R_in as filters.
     """
@@ -302,12 +351,10 @@ class ConvTerm(Term):
     deltas: torch.Tensor
     geometry: tuple[tuple[int, ...], ...]
     bias: bool
+    scale: torch.Tensor | None = None
 
     def _outer(self) -> OuterTerm:
-        patches = _patches(self.images, self.geometry)
-        if self.bias:
-            patches = torch.cat([patches, patches.new_ones(patches.shape[:-1] + (1,))], dim=-1)
-        return OuterTerm(patches, self.deltas)
+        return OuterTerm(_patches(self.images, self.geometry, self.bias), self.deltas, self.scale)
 
     @property
     def num_parameters(self) -> int:  # type: ignore[override]
@@ -324,7 +371,7 @@ class ConvTerm(Term):
         n, c, p, d_out = self.deltas.shape
         c_in, kernel_size = self.images.shape[1], self.geometry[0]
         d_in = c_in * math.prod(kernel_size) + self.bias
-        if d_in * d_out <= dim:
+        if d_in * d_out <= dim or self.scale is not None:
             return self._outer().kronecker_features(dim, seed=seed, term=term)
         k_in = min(d_in, math.ceil(math.sqrt(dim)))
         k_out = min(d_out, max(1, dim // k_in))
