@@ -96,26 +96,6 @@ class OutputModule(torch.nn.Module):
         return model_outputs(self.m, inputs, self.fn)
 
 
-class _Preconditioned(torch.nn.Module):
-    """w = w0 + s ⊙ z with s = (√v + ε)^{-1/2}: its NTK in z at z = 0 is J diag(1/(√v+ε)) Jᵀ."""
-
-    def __init__(self, model, params, second_moments, eps, output_fn) -> None:
-        super().__init__()
-        self.inner = OutputModule(model, output_fn)
-        names = {id(p): "m." + n for n, p in model.named_parameters()}
-        self.names = [names[id(p)] for p in params]
-        self.z = torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.zeros_like(p, requires_grad=True)) for p in params])
-        self.w0 = [p.detach() for p in params]
-        self.s = [(v.sqrt() + e).rsqrt().to(p.dtype) for v, e, p in zip(second_moments, eps, params, strict=True)]
-
-    def forward(self, inputs):
-        from torch.func import functional_call
-
-        params = {n: w + s * z for n, w, s, z in zip(self.names, self.w0, self.s, self.z, strict=True)}
-        return functional_call(self.inner, params, (inputs,), strict=False)
-
-
 def _prepared_targets(loss: Loss, targets: torch.Tensor, num_outputs: int, n: int) -> torch.Tensor:
     y = loss.prepare_targets(torch.as_tensor(targets).detach().cpu(), num_outputs)
     if y.shape[0] != n:
@@ -300,8 +280,8 @@ def estimate_kernel(
     blocks = _blocks(groups) if adam else None
     tensor_groups = [b[1] for b in blocks] if adam else groups
     nonempty = [i for i, g in enumerate(tensor_groups) if g]
-    kernel_model, kernel_groups = model, [tensor_groups[i] for i in nonempty]
-    kernel_fn: Callable | None = flat_output_fn(output_fn)
+    kernel_groups = [tensor_groups[i] for i in nonempty]
+    kernel_fn = flat_output_fn(output_fn)
     if not adam and projection_dim is None and batch_statistics is not False:
         from . import relinearise as rl  # lazy: relinearise imports this module
 
@@ -316,6 +296,7 @@ def estimate_kernel(
             info["batch_statistics"] = True
             return KernelEstimate(f0.cpu(), y, grams, kernel, loss_obj, jw, False, time.perf_counter() - started,
                                   info)
+    scales = None
     if adam:
         flat = [p for g in groups for p in g]
         y_pre = loss_obj.prepare_targets(torch.as_tensor(targets).detach().cpu(), c)
@@ -324,21 +305,21 @@ def estimate_kernel(
         # otherwise get a 1/ε preconditioner that real Adam never applies once they move.
         moments = [torch.maximum(v, ADAM_V_FLOOR * v.mean()) for v in moments]
         eps_of = {id(p): spec.groups[gi].eps for gi, g in enumerate(groups) for p in g}
-        kernel_model = _Preconditioned(model, flat, moments, [eps_of[id(p)] for p in flat], output_fn)
-        kernel_fn = None
-        z_of = dict(zip(map(id, flat), kernel_model.z, strict=True))
-        kernel_groups = [[z_of[id(p)] for p in tensor_groups[i]] for i in nonempty]
+        # Θ_P = J diag(1/(√v + ε)) Jᵀ: the engine scales each per-sample gradient by s = (√v + ε)^{-1/2}
+        scales = {p: (v.sqrt() + eps_of[id(p)]).rsqrt().to(p.device, p.dtype) for p, v in zip(flat, moments)}
         mom = dict(zip(map(id, flat), moments, strict=True))
         adam_rms = [float(torch.cat([mom[id(p)].reshape(-1) for p in b[1]]).sqrt().mean()) for b in blocks]
-    ntk = empirical_ntk(kernel_model, inputs, output_fn=kernel_fn, kernel=kernel, projection_dim=projection_dim,
-                        parameter_groups=kernel_groups, seed=seed, memory_budget=memory_budget)
+    ntk = empirical_ntk(model, inputs, output_fn=kernel_fn, kernel=kernel, projection_dim=projection_dim,
+                        parameter_groups=kernel_groups, seed=seed, memory_budget=memory_budget,
+                        parameter_scales=scales)
     f0 = ntk.outputs.detach().to(torch.float64)
     y = _prepared_targets(loss_obj, targets, c, n)
     size = n * c if kernel == "full" else n
-    # the Grams keep the kernel's precision: the simulators multiply in it and accumulate in float64
-    raw = [torch.zeros(size, size, dtype=ntk.gram.dtype) for _ in tensor_groups]
+    # the Grams stay on the model's device (the simulators run there) in the kernel's precision:
+    # the simulators multiply in it and accumulate in float64
+    raw = [torch.zeros(size, size, dtype=ntk.gram.dtype, device=ntk.gram.device) for _ in tensor_groups]
     for i, g in zip(nonempty, ntk.grams, strict=True):
-        raw[i] = g.detach().cpu()
+        raw[i] = g.detach()
     if kernel == "trace":
         raw = [g / c for g in raw]
     info = _info(ntk.seconds, groups, projection_dim, c, n, notes)

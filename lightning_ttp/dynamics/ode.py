@@ -30,17 +30,21 @@ __all__ = ["simulate_ode", "FunctionSpaceDrift"]
 
 
 class FunctionSpaceDrift:
-    """The drift of eq. (1) on a state ``u`` of per-group displacements (G, P, N, C)."""
+    """The drift of eq. (1) on a state ``u`` of per-group displacements (G, P, N, C).
+
+    Everything lives on the Grams' device (``self.device``) in ``dtype``; so must ``u``.
+    """
 
     def __init__(self, f0, targets, grams, loss: Loss, spec: OptimizerSpec, *, jvp_w0=None,
                  use_elr: bool = True, dtype=torch.float64) -> None:
-        f0 = torch.as_tensor(f0).to(dtype)
+        self.grams = [torch.as_tensor(g).to(dtype) for g in grams]
+        self.device = self.grams[0].device if self.grams else torch.device("cpu")
+        f0 = torch.as_tensor(f0).to(self.device, dtype)
         if f0.dim() == 1:
             f0 = f0[:, None]
         self.f0 = f0
         self.n, self.c = f0.shape
-        self.y = loss.prepare_targets(torch.as_tensor(targets), self.c)
-        self.grams = [torch.as_tensor(g).to(dtype) for g in grams]
+        self.y = loss.prepare_targets(torch.as_tensor(targets), self.c).to(self.device)
         if len(self.grams) != spec.num_groups:
             raise ValueError(f"got {len(self.grams)} Grams for {spec.num_groups} parameter groups")
         self.kinds = [kernel_kind(g, self.n, self.c) for g in self.grams]
@@ -49,7 +53,7 @@ class FunctionSpaceDrift:
         self.jw = None
         if spec.has_weight_decay:
             self.jw = ([torch.zeros_like(f0) for _ in grams] if jvp_w0 is None
-                       else [torch.as_tensor(j).to(dtype).reshape(self.n, self.c) for j in jvp_w0])
+                       else [torch.as_tensor(j).to(self.device, dtype).reshape(self.n, self.c) for j in jvp_w0])
         self.ngroups = len(self.grams)
         # Without weight decay only f matters: keep one "group" of state.
         self.state_groups = self.ngroups if self.jw is not None else 1
@@ -65,6 +69,8 @@ class FunctionSpaceDrift:
     def jacobian(self, u: torch.Tensor, lrs: np.ndarray) -> np.ndarray | None:
         """Dense ∂(du/dt)/∂u for LSODA's stiff mode (built-in losses, state ≤ 3000), else None.
 
+        Built on the Grams' device, returned as a numpy array (LSODA runs on the CPU).
+
         ∂r/∂f = H/N with H the block-diagonal per-sample loss Hessians, so the block (s, s') is
         −Σ_{g→s} η̃_g Θ_g H/N, plus −η̃_s λ_s I (coupled) or −η_s λ_s I (decoupled) on the diagonal.
         """
@@ -77,11 +83,12 @@ class FunctionSpaceDrift:
             return None
         h = h.to(torch.float64) / n
         nc = n * c
-        jac = torch.zeros(k * nc, k * nc, dtype=torch.float64)
+        eye = torch.eye(nc, dtype=torch.float64, device=self.device)
+        jac = torch.zeros(k * nc, k * nc, dtype=torch.float64, device=self.device)
         for g, gs in enumerate(self.spec.groups):
-            gram = self.grams[g]
+            gram = self.grams[g].to(torch.float64)
             if self.kinds[g] == "trace" and c > 1:
-                gram = torch.kron(gram, torch.eye(c, dtype=torch.float64))
+                gram = torch.kron(gram, torch.eye(c, dtype=torch.float64, device=self.device))
             block = torch.einsum("iajb,jbd->iajd", gram.reshape(n, c, n, c), h).reshape(nc, nc)
             s = g if self.jw is not None else 0
             eta = lrs[g] * self.factors[g]
@@ -89,8 +96,8 @@ class FunctionSpaceDrift:
                 jac[s * nc : (s + 1) * nc, s2 * nc : (s2 + 1) * nc] -= eta * block
             if self.jw is not None and gs.weight_decay:
                 rate = (lrs[g] if gs.decoupled_weight_decay else eta) * gs.weight_decay
-                jac[s * nc : (s + 1) * nc, s * nc : (s + 1) * nc] -= rate * torch.eye(nc, dtype=torch.float64)
-        return jac.numpy()
+                jac[s * nc : (s + 1) * nc, s * nc : (s + 1) * nc] -= rate * eye
+        return jac.cpu().numpy()
 
     def __call__(self, u: torch.Tensor, lrs: np.ndarray) -> torch.Tensor:
         f = self.outputs(u)
@@ -132,34 +139,38 @@ def simulate_ode(f0, targets, grams: Sequence[torch.Tensor], loss: Loss, spec: O
     lrs = spec.schedule(lr_schedule)
     drift = FunctionSpaceDrift(f0, targets, grams, loss, spec, jvp_w0=jvp_w0, use_elr=use_elr)
     shape = (drift.state_groups, 1, drift.n, drift.c)
-    u = torch.zeros(shape, dtype=torch.float64)
-    states = [u[:, 0].clone()]
+
+    def state(y: np.ndarray) -> torch.Tensor:  # LSODA's numpy state on the Grams' device
+        return torch.from_numpy(y).reshape(shape).to(drift.device)
+
+    u = np.zeros(int(np.prod(shape)))
+    states = [u]
     for a, b in _segments(lrs):
         row = lrs[a]
 
         def rhs(_t, y, row=row):
-            return drift(torch.from_numpy(y).reshape(shape), row).reshape(-1).numpy()
+            return drift(state(y), row).reshape(-1).cpu().numpy()
 
         def jac(_t, y, row=row):
-            return drift.jacobian(torch.from_numpy(y).reshape(shape), row)
+            return drift.jacobian(state(y), row)
 
-        has_jac = use_jacobian and drift.jacobian(u, row) is not None
-        sol = solve_ivp(rhs, (a, b), u.reshape(-1).numpy(), method="LSODA", t_eval=np.arange(a + 1, b + 1),
+        has_jac = use_jacobian and drift.jacobian(state(u), row) is not None
+        sol = solve_ivp(rhs, (a, b), u, method="LSODA", t_eval=np.arange(a + 1, b + 1),
                         rtol=rtol, atol=atol, **({"jac": jac} if has_jac else {}))
         if not sol.success or sol.y.shape[1] != b - a:
             break
-        for k in range(sol.y.shape[1]):
-            states.append(torch.from_numpy(sol.y[:, k].copy()).reshape(shape)[:, 0])
-        u = torch.from_numpy(sol.y[:, -1].copy()).reshape(shape)
+        states.extend(sol.y.T)
+        u = sol.y[:, -1].copy()
     steps = lrs.shape[0]
-    fs = torch.stack([drift.f0 + s.sum(0) for s in states])  # (T'+1, N, C)
+    us = torch.from_numpy(np.stack(states)).to(drift.device).reshape((len(states),) + shape)
+    fs = drift.f0 + us[:, :, 0].sum(1)  # (T'+1, N, C)
     loss_curve = np.full(steps + 1, np.nan)
-    loss_curve[: fs.shape[0]] = loss.value(fs, drift.y).numpy()
+    loss_curve[: fs.shape[0]] = loss.value(fs, drift.y).cpu().numpy()
     err = loss.error(fs, drift.y)
     err_curve = None
     if err is not None:
         err_curve = np.full(steps + 1, np.nan)
-        err_curve[: fs.shape[0]] = err.numpy()
+        err_curve[: fs.shape[0]] = err.cpu().numpy()
         err_curve = err_curve[None]
     diverged = None if fs.shape[0] == steps + 1 else fs.shape[0]
-    return SimulationResult(loss_curve[None], err_curve, fs[-1][None], diverged)
+    return SimulationResult(loss_curve[None], err_curve, fs[-1][None].cpu(), diverged)
