@@ -4,6 +4,7 @@
     python benchmarks/kernel_speed.py --quick    # N=64 / N=32, no dense projections: about a minute
     python benchmarks/kernel_speed.py --models mlp,cnn
     python benchmarks/kernel_speed.py --quick --models cnn --n 256   # the CNN at N=256, no dense projections
+    python benchmarks/kernel_speed.py --optimizers --models mlp,cnn  # estimate_kernel for SGD vs AdamW
 
 Every measurement runs in a fresh process so that its peak memory (max RSS above the
 process's baseline after building the model and data) is its own. With ``--repeats R`` every
@@ -23,6 +24,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,7 +32,13 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lightning_ttp.estimate import estimate_kernel  # noqa: E402
 from lightning_ttp.kernel import empirical_ntk  # noqa: E402
+
+OPTIMIZERS = {
+    "SGD": lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
+    "AdamW": lambda params: torch.optim.AdamW(params, lr=1e-3),
+}
 
 
 def mlp() -> nn.Module:
@@ -141,6 +149,12 @@ def _worker(name: str, n: int, method: str, options: dict, save: str | None, que
         gram = torch_func_ntk(model, x)
     elif method == "fwd+bwd":
         forward_backward(model, x, options["backwards"])
+    elif method == "estimate":
+        warnings.simplefilter("ignore")  # the AdamW approximation warning, once per process
+        optimizer = OPTIMIZERS[options["optimizer"]](model.parameters())
+        y = torch.randint(0, MODELS[name][2], (n,), generator=torch.Generator().manual_seed(0))
+        ke = estimate_kernel(model, x, y, optimizer=optimizer, kernel="full", batch_statistics=False)
+        result["kernel_seconds"] = ke.info["kernel_seconds"]
     else:
         ntk = empirical_ntk(model, x, **options)
         gram = ntk.gram
@@ -220,6 +234,27 @@ def run_model(
     return rows
 
 
+def run_optimizers(name: str, n: int, repeats: int) -> dict:
+    """estimate_kernel (exact, full Gram) for SGD+momentum and AdamW: seconds and peak memory, the
+    preconditioned Adam kernel against the plain one."""
+    rows = {label: [] for label in OPTIMIZERS}
+    for _ in range(repeats):
+        for label in OPTIMIZERS:
+            rows[label].append(measure(name, n, "estimate", {"optimizer": label}))
+    out = {}
+    print(f"\n{name}: estimate_kernel, N={n}, C={MODELS[name][2]} (median of {repeats})")
+    print(f"{'optimizer':<10} {'seconds':>9} {'kernel s':>9} {'peak MiB':>9}")
+    for label, runs in rows.items():
+        out[label] = {key: statistics.median(r[key] for r in runs) for key in ("seconds", "kernel_seconds", "peak_mib")}
+        out[label]["all_seconds"] = [r["seconds"] for r in runs]
+        print(f"{label:<10} {out[label]['seconds']:>9.2f} {out[label]['kernel_seconds']:>9.2f} "
+              f"{out[label]['peak_mib']:>9.0f}")
+    ratio = out["AdamW"]["seconds"] / out["SGD"]["seconds"]
+    memory = out["AdamW"]["peak_mib"] / max(out["SGD"]["peak_mib"], 1.0)
+    print(f"AdamW / SGD: {ratio:.2f}x the time, {memory:.2f}x the peak memory")
+    return {"n": n, "adamw_over_sgd_seconds": ratio, "adamw_over_sgd_peak_mib": memory, "rows": out}
+
+
 def projection_error_on_subset(n: int, projection_dim: int, workdir: Path) -> float:
     """Kronecker-projected vs our exact Gram for the ResNet-18-sized model on ``n`` samples."""
     exact = str(workdir / "resnet-exact.pt")
@@ -245,6 +280,7 @@ def main() -> None:
     parser.add_argument("--models", default="mlp,cnn,resnet18", help="comma-separated subset of mlp,cnn,resnet18")
     parser.add_argument("--n", type=int, default=None, help="samples for the MLP and the CNN (default 64 / 256)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh-process runs per variant (median reported)")
+    parser.add_argument("--optimizers", action="store_true", help="estimate_kernel for SGD vs AdamW instead")
     args = parser.parse_args()
     models = args.models.split(",")
     n_small, n_resnet, subset = (64, 32, 8) if args.quick else (256, 500, 48)
@@ -252,6 +288,11 @@ def main() -> None:
     workdir = Path("benchmarks/results/kernel")
     workdir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"quick": args.quick, "repeats": args.repeats}
+    if args.optimizers:
+        for name in [m for m in ("mlp", "cnn") if m in models]:
+            summary[name] = run_optimizers(name, n_small, args.repeats)
+        print(json.dumps({"benchmark": "kernel_speed_optimizers", **summary}))
+        return
     for name in [m for m in ("mlp", "cnn") if m in models]:
         rows = run_model(name, n_small, 1024, True, workdir, dense_projections=not args.quick, repeats=args.repeats)
         print_table(name, n_small, rows)

@@ -78,21 +78,25 @@ def _blocks(n: int, size: int) -> Iterator[slice]:
 
 
 def _scaled_dense_ghost(a: torch.Tensor, deltas: torch.Tensor, scale: torch.Tensor, kernel: str) -> torch.Tensor:
-    """Θ[(i,c),(j,e)] = Σ_d δ_icd δ_jed K_d(i,j), K_d(i,j) = Σ_a s_da² a_ia a_ja: a dense layer (P = 1) whose
-    gradients g_ic = (δ_ic ⊗ a_i) ⊙ s are never formed. a (n, d_in), deltas (n, C, d_out), scale (d_out, d_in)."""
+    """Θ[(i,c),(j,e)] = Σ_d δ_icd K_d(i,j) δ_jed, K_d(i,j) = Σ_a (a_ia a_ja) s_da²: a dense layer (P = 1) whose
+    gradients g_ic = (δ_ic ⊗ a_i) ⊙ s are never formed; K is one product of the pairwise input products
+    with s². a (n, d_in), deltas (n, C, d_out), scale (d_out, d_in)."""
     n, c, d_out = deltas.shape
+    d_in = a.shape[1]
     out = deltas.new_zeros((n * c, n * c) if kernel == "full" else (n, n))
     squared = scale * scale
-    per_unit = max(n * n * (c + 1) + n * a.shape[1], 1)
-    for units in _blocks(d_out, max(1, TEMP_ELEMENTS // per_unit)):
-        weighted = a[None] * squared[units, None, :]  # (d, n, d_in)
-        ka = weighted @ a.T  # (d, n, n)
-        d = deltas[..., units]
-        if kernel == "trace":
-            out += torch.einsum("icd,jcd,dij->ij", d, d, ka)
-        else:
-            m = torch.einsum("icd,dij->icjd", d, ka)
-            out += torch.einsum("icjd,jed->icje", m, d).reshape(n * c, n * c)
+    per_unit = max(1, min(d_out, TEMP_ELEMENTS // (4 * n * (c + 1))))
+    for units in _blocks(d_out, per_unit):
+        s2, d = squared[units], deltas[..., units]
+        width = s2.shape[0]
+        for rows in _blocks(n, max(1, TEMP_ELEMENTS // (n * (d_in + width * (c + 1))))):
+            k = (a[rows, None, :] * a[None, :, :]) @ s2.T  # K_d(i, j): (bi, n, d)
+            if kernel == "trace":  # Σ_d K_d(i, j) Σ_c δ_icd δ_jcd
+                out[rows] += (k * torch.einsum("icd,jcd->ijd", d[rows], d)).sum(-1)
+                continue
+            w = k[:, :, None, :] * d[None]  # (bi, j, e, d) = K_d(i, j) δ_jed
+            blk = torch.bmm(d[rows], w.reshape(w.shape[0], n * c, width).transpose(1, 2))  # (bi, c, (j, e))
+            out[rows.start * c : rows.stop * c] += blk.reshape(-1, n * c)
     return out
 
 
