@@ -85,11 +85,11 @@ def _scaled_dense_ghost(a: torch.Tensor, deltas: torch.Tensor, scale: torch.Tens
     d_in = a.shape[1]
     out = deltas.new_zeros((n * c, n * c) if kernel == "full" else (n, n))
     squared = scale * scale
-    per_unit = max(1, min(d_out, TEMP_ELEMENTS // (4 * n * (c + 1))))
-    for units in _blocks(d_out, per_unit):
+    temp = TEMP_ELEMENTS // 16  # three temporaries (input products, K, K δ) of at most this many elements
+    for units in _blocks(d_out, max(1, min(d_out, temp // (4 * n * (c + 1))))):
         s2, d = squared[units], deltas[..., units]
         width = s2.shape[0]
-        for rows in _blocks(n, max(1, TEMP_ELEMENTS // (n * (d_in + width * (c + 1))))):
+        for rows in _blocks(n, max(1, temp // (n * (d_in + width * (c + 1))))):
             k = (a[rows, None, :] * a[None, :, :]) @ s2.T  # K_d(i, j): (bi, n, d)
             if kernel == "trace":  # Σ_d K_d(i, j) Σ_c δ_icd δ_jcd
                 out[rows] += (k * torch.einsum("icd,jcd->ijd", d[rows], d)).sum(-1)
