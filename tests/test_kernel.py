@@ -440,3 +440,16 @@ def test_cost_estimate_counts_the_contraction_the_engine_chooses():
     assert cost.seconds >= cost.passes_seconds > 0 and cost.bytes > 0
     projected = estimate_ntk_cost(model, x, projection_dim=8, projection="kronecker")
     assert projected.contraction_flops < estimate_ntk_cost(model, x).contraction_flops
+
+
+@pytest.mark.parametrize("rows", [1023, 1100, 4099])
+def test_gram_products_from_the_blocks_above_the_diagonal(rows):
+    from lightning_ttp.kernel.terms import _gram_of_features, _self_product
+
+    flat = torch.randn(rows, 37, dtype=torch.float64)
+    assert torch.allclose(_self_product(flat), flat @ flat.T, rtol=0, atol=1e-12)
+    # features stored output-major, as the engine forms them output by output: (C, N, k) viewed as (N, C, k)
+    output_major = torch.randn(3, rows // 3, 5, dtype=torch.float64)
+    features = output_major.transpose(0, 1)
+    dense = features.contiguous().reshape(-1, 5)
+    assert torch.allclose(_gram_of_features(features, "full"), dense @ dense.T, rtol=0, atol=1e-12)

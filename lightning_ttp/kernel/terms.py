@@ -41,9 +41,24 @@ def _gram_of_features(features: torch.Tensor, kernel: str) -> torch.Tensor:
         return torch.einsum("ick,jck->ij", features, features)
     if c > 1 and not features.is_contiguous() and features.transpose(0, 1).is_contiguous():
         flat = features.transpose(0, 1).reshape(c * n, k)
-        return (flat @ flat.T).view(c, n, c, n).permute(1, 0, 3, 2).reshape(n * c, n * c)
-    flat = features.reshape(n * c, k)
-    return flat @ flat.T
+        return _self_product(flat).view(c, n, c, n).permute(1, 0, 3, 2).reshape(n * c, n * c)
+    return _self_product(features.reshape(n * c, k))
+
+
+def _self_product(flat: torch.Tensor, min_rows: int = 512) -> torch.Tensor:
+    """flat @ flat.T from the blocks on and above the diagonal (the rest is their transpose): with b
+    row blocks of at least ``min_rows`` rows, (b + 1)/(2b) of the multiply-adds."""
+    rows = flat.shape[0]
+    blocks = min(8, rows // min_rows)
+    if blocks < 2:
+        return flat @ flat.T
+    out = flat.new_empty(rows, rows)
+    edges = [rows * b // blocks for b in range(blocks + 1)]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        part = flat[lo:hi] @ flat[lo:].T
+        out[lo:hi, lo:] = part
+        out[hi:, lo:hi] = part[:, hi - lo :].T
+    return out
 
 
 def outer_flops(n: int, c: int, p: int, d_in: int, d_out: int, kernel: str,
