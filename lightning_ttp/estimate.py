@@ -306,7 +306,8 @@ def estimate_kernel(
         moments = [torch.maximum(v, ADAM_V_FLOOR * v.mean()) for v in moments]
         eps_of = {id(p): spec.groups[gi].eps for gi, g in enumerate(groups) for p in g}
         # Θ_P = J diag(1/(√v + ε)) Jᵀ: the engine scales each per-sample gradient by s = (√v + ε)^{-1/2}
-        scales = {p: (v.sqrt() + eps_of[id(p)]).rsqrt().to(p.device, p.dtype) for p, v in zip(flat, moments)}
+        scales = {p: (v.sqrt() + eps_of[id(p)]).rsqrt().to(p.device, p.dtype)
+                  for p, v in zip(flat, moments, strict=True)}
         mom = dict(zip(map(id, flat), moments, strict=True))
         adam_rms = [float(torch.cat([mom[id(p)].reshape(-1) for p in b[1]]).sqrt().mean()) for b in blocks]
     ntk = empirical_ntk(model, inputs, output_fn=kernel_fn, kernel=kernel, projection_dim=projection_dim,
