@@ -38,8 +38,10 @@ class KernelEstimate:
     Attributes:
         outputs: f0 on the kernel samples, (N0, C), float64.
         targets: their targets (as the loss expects them).
-        grams: one Gram per optimiser param group, in the kernel's precision; "full" (N0·C)² sample-major or
-            "trace" (N0, N0) normalised so that Θ ≈ K ⊗ I_C (the engine's Σ_c divided by C).
+        grams: one Gram per optimiser param group, in the kernel's precision and on the model's device (the
+            simulators run there); "full" (N0·C)² sample-major or "trace" (N0, N0) normalised so that
+            Θ ≈ K ⊗ I_C (the engine's Σ_c divided by C). ``outputs``, ``targets`` and ``jvp_w0`` (N0 × C
+            each) are on the CPU.
         kernel: "full" or "trace".
         jvp_w0: per group J_g · w_{0,g} (N0, C) when the optimiser has weight decay, else None.
         loss: the resolved loss.
@@ -240,7 +242,9 @@ def estimate_kernel(
     moments of mini-batch gradients of size ``batch_size`` at w0 calibrate the per-block
     adaptive scales (an approximation, see :mod:`lightning_ttp.dynamics.adam` and
     ``docs/prediction.md``); ``grams`` then hold the preconditioned kernel at w0, used by the
-    ODE/SDE and the stability diagnostic.
+    ODE/SDE and the stability diagnostic. The preconditioned kernel Θ_P = J diag(1/(√v + ε)) Jᵀ goes
+    through the engine's fast paths (``parameter_scales`` of :func:`lightning_ttp.kernel.empirical_ntk`),
+    at about the cost and memory of the SGD kernel.
 
     Args:
         inputs, targets: the N0 kernel samples (inputs: tensor or tuple/dict of tensors).
