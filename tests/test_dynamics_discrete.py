@@ -190,3 +190,28 @@ def test_bad_schedule_shape():
     with pytest.raises(ValueError, match="shape"):
         simulate_discrete(f0, y, grams, get_loss("cross_entropy"), OptimizerSpec.sgd(0.1), np.ones((3, 2)))
     assert math.isfinite(float(f0.sum()))
+
+
+@pytest.mark.parametrize("lr, settles", [(0.5, True), (0.002, False)])
+def test_continuation_past_the_run_stops_once_the_loss_settled(lr, settles):
+    # MSE regression with a linear model converges at lr 0.5 within T = 200 steps: the continuation
+    # to 3T stops after a window or two and holds values within 1 % of the drop of the full
+    # simulation; at lr 0.002 the loss is still falling at T and the whole continuation runs.
+    x, y = make_data(task="mse")
+    model = linear_model()
+    f0, grams, jws = ref_grams(model, x, [list(model.parameters())])
+    spec = OptimizerSpec.sgd(lr)
+    loss, steps, run = get_loss("mse"), 600, 200
+    full = simulate_discrete(f0, y, grams, loss, spec, spec.constant_schedule(steps), jvp_w0=jws)
+    held = simulate_discrete(f0, y, grams, loss, spec, spec.constant_schedule(steps), jvp_w0=jws, settle_after=run)
+    assert full.settled_at is None
+    if not settles:
+        assert held.settled_at is None
+        np.testing.assert_array_equal(held.loss, full.loss)
+        return
+    assert run <= held.settled_at < 2 * run
+    stop = held.settled_at
+    np.testing.assert_array_equal(held.loss[:, : stop + 1], full.loss[:, : stop + 1])
+    assert np.all(held.loss[:, stop:] == held.loss[:, stop : stop + 1])
+    drop = full.loss[0, 0] - full.loss[0, -1]
+    assert np.abs(held.loss - full.loss).max() <= 0.01 * drop
