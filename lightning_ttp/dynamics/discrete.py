@@ -66,10 +66,6 @@ __all__ = ["Batch", "SimulationResult", "simulate_discrete", "apply_kernel", "as
            "single_thread"]
 
 
-#: the intra-op threads the caller had before :func:`single_thread`: the one large product of
-#: a step (:func:`product`) runs on them, the many tiny ops around it on one thread
-_caller_threads = 1
-
 #: the continuation past the run stops once the mean loss's drop over a window of T/10 steps
 #: is below this share of its total drop (the rest of the curve is then held: at most 10
 #: windows remain, so the held curve is within 1 % of the drop of the simulated one)
@@ -82,27 +78,15 @@ def single_thread():
 
     The simulators do thousands of tiny tensor ops; with several intra-op threads on a busy
     machine each op can cost milliseconds of thread synchronisation instead of microseconds.
-    The one large product per step still uses the caller's threads (:func:`product`).
+    (The one larger product per step gains ~1.8× from a second thread on an idle 2-core
+    machine but loses up to 10× when the cores are shared: one thread is the predictable choice.)
     """
-    global _caller_threads
-    before, saved = torch.get_num_threads(), _caller_threads
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    _caller_threads = before
     try:
         yield
     finally:
         torch.set_num_threads(before)
-        _caller_threads = saved
-
-
-def _on_caller_threads(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    if _caller_threads <= 1 or torch.get_num_threads() != 1:
-        return fn()
-    torch.set_num_threads(_caller_threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(1)
 
 
 def _single_threaded(fn):
@@ -167,14 +151,12 @@ def product(gram: torch.Tensor, r: torch.Tensor, kind: str, batch: Batch | None 
     x = r.to(gram.dtype)
     p, c = x.shape[0], x.shape[-1]
     if batch is None or batch.index is None:
-        if kind == "full":
-            return _on_caller_threads(lambda: x.reshape(p, -1) @ gram)
-        return _on_caller_threads(lambda: x.transpose(1, 2) @ gram)
+        return x.reshape(p, -1) @ gram if kind == "full" else x.transpose(1, 2) @ gram
     if kind == "full":  # rows i·C + c of the sample-major Gram, weighted by r_ic
         rows, weights = batch.gram_rows(c), x.reshape(p, -1)
     else:  # one bag of rows per (path, class)
         rows, weights = batch.trace_rows(c), x.transpose(1, 2).reshape(p * c, -1)
-    out = _on_caller_threads(lambda: F.embedding_bag(rows, gram, per_sample_weights=weights, mode="sum"))
+    out = F.embedding_bag(rows, gram, per_sample_weights=weights, mode="sum")
     return out if kind == "full" else out.reshape(p, c, -1)
 
 
