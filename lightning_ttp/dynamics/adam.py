@@ -24,8 +24,8 @@ lost: the per-coordinate evolution of v inside a block (only its block-average d
 followed), Adam's per-coordinate sign-like saturation, and AMSGrad. ``benchmarks/
 prediction_cost.py`` measures the resulting error against real AdamW runs (docs/prediction.md).
 
-Cost: one product (P, N·C) × (N·C, K·N·C) per step for all K blocks and P paths; with one
-block, what an SGD simulation costs.
+Cost: per step one product of the batch's rows of the K Grams side by side with the batch
+gradients of all P paths (``discrete.product``); with one block, what an SGD simulation costs.
 """
 
 from __future__ import annotations
