@@ -215,3 +215,23 @@ def test_continuation_past_the_run_stops_once_the_loss_settled(lr, settles):
     assert np.all(held.loss[:, stop:] == held.loss[:, stop : stop + 1])
     drop = full.loss[0, 0] - full.loss[0, -1]
     assert np.abs(held.loss - full.loss).max() <= 0.01 * drop
+
+
+def test_cross_entropy_reuses_its_targets_only_for_the_same_unchanged_tensor():
+    loss = get_loss("cross_entropy", label_smoothing=0.1)
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 7, 4, generator=g, dtype=torch.float64)
+
+    def check(y):
+        value, grad = loss.value_and_grad(f, y)
+        ref = f.clone().requires_grad_(True)
+        refs = torch.stack([F.cross_entropy(ref[p], y, label_smoothing=0.1) for p in range(2)])
+        (gref,) = torch.autograd.grad(refs.sum(), ref)
+        torch.testing.assert_close(value, refs.detach())
+        torch.testing.assert_close(grad / 7, gref)  # G_i = ∂ℓ_i/∂f_i, the mean's gradient × N
+
+    y = torch.randint(0, 4, (7,), generator=g)
+    check(y)
+    check((y + 1) % 4)  # another tensor of the same shape
+    y.add_(1).remainder_(4)  # the same tensor edited in place
+    check(y)

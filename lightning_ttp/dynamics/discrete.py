@@ -350,7 +350,7 @@ def simulate_discrete(
             break
         batch = full_batch if batches is None else batches(t)
         r = batch.gradient(gsample)
-        delta = torch.zeros_like(f)
+        delta = None
         for gi, gs in enumerate(spec.groups):
             lr = lrs[t, gi]
             d = apply_kernel(grams[gi], r, kinds[gi], batch)
@@ -373,7 +373,7 @@ def simulate_discrete(
                 step = step - lr * gs.weight_decay * (jw[gi] + u[gi])
             if need_u:
                 u[gi] = u[gi] + step
-            delta = delta + step
+            delta = step if delta is None else delta + step
         f = f + delta
     else:
         curves.record(steps, f)
