@@ -28,6 +28,7 @@ from .dynamics import (
     OptimizerSpec,
     SimulationResult,
     extrapolated_mse_curve,
+    kronecker_factor,
     simulate_discrete,
     simulate_minibatch,
     simulate_mse_closed_form,
@@ -90,7 +91,13 @@ class _Run:
     @property
     def args(self) -> tuple:
         ke = self.ke
-        return ke.outputs, ke.targets, ke.grams, ke.loss, self.spec, self.lrs
+        return ke.outputs, ke.targets, self.grams, ke.loss, self.spec, self.lrs
+
+    @property
+    def grams(self) -> list:
+        """The kernel's Grams, each full one that is exactly K ⊗ I_C (a linear probe) as its K."""
+        n, c = self.ke.outputs.shape[0], self.ke.num_outputs
+        return [g if (k := kronecker_factor(g, n, c)) is None else k for g in self.ke.grams]
 
     @property
     def adam(self) -> bool:

@@ -235,3 +235,30 @@ def test_cross_entropy_reuses_its_targets_only_for_the_same_unchanged_tensor():
     check((y + 1) % 4)  # another tensor of the same shape
     y.add_(1).remainder_(4)  # the same tensor edited in place
     check(y)
+
+
+def test_a_linear_probe_kernel_is_simulated_as_its_kronecker_factor():
+    # Only the head trains: Θ = K ⊗ I_C exactly, and the trace kernel K gives the same curves
+    # (mini-batches, momentum) as the full (N·C)² Gram; with the backbone training it is not K ⊗ I_C.
+    from lightning_ttp.dynamics import kronecker_factor, simulate_minibatch
+
+    x, y = make_data(task="ce")
+    probe = random_features_model()
+    params = [p for p in probe.parameters() if p.requires_grad]
+    f0, (gram,), _ = ref_grams(probe, x, [params])
+    n, c = f0.shape
+    k = kronecker_factor(gram, n, c)
+    assert k is not None and k.shape == (n, n)
+    spec = OptimizerSpec.sgd(0.3, momentum=0.9)
+    loss = get_loss("cross_entropy")
+    kw = dict(batch_size=8, num_paths=3, seed=2)
+    full = simulate_minibatch(f0, y, [gram], loss, spec, spec.constant_schedule(40), **kw)
+    compact = simulate_minibatch(f0, y, [k], loss, spec, spec.constant_schedule(40), **kw)
+    np.testing.assert_allclose(compact.loss, full.loss, rtol=1e-10)
+    whole = random_features_model()
+    for p in whole.parameters():
+        p.requires_grad_(True)
+    _, (gram_all,), _ = ref_grams(whole, x, [list(whole.parameters())])
+    assert kronecker_factor(gram_all, n, c) is None
+    assert kronecker_factor(gram + 1e-3 * gram.abs().max() * torch.eye(n * c, dtype=gram.dtype)[torch.randperm(n * c)],
+                            n, c) is None

@@ -63,7 +63,7 @@ from .losses import Loss
 from .optim_spec import OptimizerSpec
 
 __all__ = ["Batch", "SimulationResult", "simulate_discrete", "apply_kernel", "as_gram", "kernel_kind",
-           "single_thread"]
+           "kronecker_factor", "single_thread"]
 
 
 #: the continuation past the run stops once the mean loss's drop over a window of T/10 steps
@@ -119,6 +119,26 @@ def kernel_kind(gram: torch.Tensor, n: int, c: int) -> str:
     if gram.shape[0] == n:
         return "trace"
     raise ValueError(f"Gram of size {gram.shape[0]} matches neither N·C = {n * c} nor N = {n}")
+
+
+def kronecker_factor(gram: torch.Tensor, n: int, c: int, rtol: float = 1e-5) -> torch.Tensor | None:
+    """K (N, N) when a full sample-major Gram is K ⊗ I_C to ``rtol`` of its largest entry, else None.
+
+    That is the case exactly when only a final linear layer trains (a linear probe:
+    Θ_{(i,c),(j,c')} = δ_cc' (φ_i·φ_j + 1)); the trace kernel K then simulates the same
+    dynamics with C times fewer multiply-adds per step (``kernel_kind`` ``"trace"``).
+    """
+    if c < 2 or kernel_kind(gram, n, c) != "full":
+        return None
+    blocks = gram.reshape(n, c, n, c)
+    diag = torch.diagonal(blocks, dim1=1, dim2=3)  # (N, N, C): the class-diagonal blocks
+    scale = float(diag.abs().max())
+    if scale == 0 or float((diag - diag[..., :1]).abs().max()) > rtol * scale:
+        return None
+    off_diagonal = ~torch.eye(c, dtype=torch.bool, device=gram.device)
+    if float(blocks.abs().mul(off_diagonal[None, :, None, :]).max()) > rtol * scale:
+        return None
+    return diag[..., 0].contiguous()
 
 
 def as_gram(gram) -> torch.Tensor:
