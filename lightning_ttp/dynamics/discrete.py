@@ -256,8 +256,9 @@ class CurveRecorder:
         self.last = t
 
     def settled(self, t: int) -> bool:
-        """Past ``settle_after``, every T/10 steps: has the mean loss's drop over the last
-        window fallen below :data:`SETTLE_TOLERANCE` of its total drop (window means)?"""
+        """Past ``settle_after``, every T/10 steps: has the mean loss's change over the last
+        window fallen below :data:`SETTLE_TOLERANCE` of its total drop (window means)? A
+        loss that rises again (instability) is not settled."""
         if self.settle_after is None or t < self.settle_after or (t - self.settle_after) % self.window:
             return False
         w = self.window
@@ -266,7 +267,7 @@ class CurveRecorder:
         mean = self.values[t + 1 - 2 * w: t + 1].mean(1)
         recent, before = float(mean[w:].mean()), float(mean[:w].mean())
         total = float(self.values[0].mean()) - recent
-        return math.isfinite(recent) and total > 0 and before - recent <= SETTLE_TOLERANCE * total
+        return math.isfinite(recent) and total > 0 and abs(before - recent) <= SETTLE_TOLERANCE * total
 
     def result(self, f: torch.Tensor) -> SimulationResult:
         """The curves as (P, T+1) numpy arrays and the first step whose loss is not finite."""
