@@ -63,7 +63,7 @@ FLOOR_SECONDS = 0.5
 #: samples of the pilot kernel (fewer when the budget is small)
 PILOT_SAMPLES = 16
 #: simulated steps of the simulator's timing (after a call of a few steps with the stability report)
-_TIMED_STEPS = 48
+_TIMED_STEPS = 32
 
 
 @dataclass
@@ -172,7 +172,7 @@ def _synthetic_kernel(spec: OptimizerSpec, loss: Loss, targets: torch.Tensor, nu
     groups = spec.num_groups
     grams = []
     for _ in range(groups):
-        a = torch.randn(size, min(size, 32), generator=g, dtype=torch.float64)
+        a = torch.randn(size, min(size, 64), generator=g, dtype=torch.float64)
         grams.append((a @ a.T * (n / (4 * size * max(lr_max, 1e-12) * groups))).to(dtype))
     f0 = 0.1 * torch.randn(n, c, generator=g, dtype=torch.float64)
     y = loss.prepare_targets(targets.detach().cpu(), c)
@@ -304,16 +304,25 @@ def choose_kernel(
         return KernelChoice(n, kind, total, allowed, run_seconds, pilot_seconds, reason, components, step)
 
     def largest_fitting(kind: str) -> tuple[int, dict[str, float]] | None:
-        # the cost grows with n: bisect the candidates whose kernel alone fits (few simulator timings)
-        feasible = [n for n in _candidates(n_max) if fits(kernel_parts(kind, n))]
-        lo, hi, best = 0, len(feasible) - 1, None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            parts = {**kernel_parts(kind, feasible[mid]), **simulation_parts(kind, feasible[mid])}
-            if fits(parts):
-                best, hi = (feasible[mid], parts), mid - 1
-            else:
-                lo = mid + 1
+        # The cost grows with n and so does timing the simulator (its eigenvalue problems): go up
+        # from the smallest candidate; stop at the first that does not fit, or when timing it
+        # (guessed as the last timing × (n/n_last)³) would push the best so far over the budget.
+        best, last = None, None
+        for n in reversed(_candidates(n_max)):
+            parts = kernel_parts(kind, n)
+            if best is not None:
+                guess = last[1] * (n / last[0]) ** 3
+                if not fits({**parts, **{k: best[1][k] for k in ("simulation", "simulation_fixed")}}) or \
+                        not fits({**best[1], "timing": guess}):
+                    break
+            elif not fits(parts):
+                break
+            tick = time.perf_counter()
+            parts.update(simulation_parts(kind, n))
+            last = (n, time.perf_counter() - tick)
+            if not fits(parts):
+                break
+            best = (n, parts)
         return best
 
     found = largest_fitting("full")
