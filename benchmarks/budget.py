@@ -6,16 +6,20 @@ tell which of 5 token groups is most frequent (task A), then every layer is fine
 + momentum on new sequences where the count is position-weighted and the classes are renamed
 (task B). We time
 
-* the real fine-tuning loop (``--steps`` optimiser steps of batch 32),
-* the prediction under the default budget (5 % of the run's predicted cost, floor 3 s),
+* the real fine-tuning loop (``--steps`` optimiser steps of batch 32), and its parts
+  (data, forward + backward, zero_grad + step, ``loss.item()``),
+* the prediction under the default budget (5 % of the run's predicted cost, floor 0.5 s), and
+  its parts (the budget's pilot, the kernel's passes and contraction, J·w0/Adam extras, the
+  simulation and its fixed part), read by wrapping the functions ``predict_run`` calls,
 * the prediction with ``budget=None`` (the exact kernel on all ``--num-samples`` samples),
 
-and compare both predicted ε-training-times with the real one (mini-batch losses smoothed over
-one epoch, the package's definition). Prints a table and writes
-``benchmarks/results/budget.json``.
+and print, next to each measured part, what the budget predicted it would cost
+(``KernelChoice.components`` and ``step_seconds``); and compare both predicted
+ε-training-times with the real one (mini-batch losses smoothed over one epoch, the package's
+definition). Prints tables and writes ``benchmarks/results/budget.json``.
 
-    python benchmarks/budget.py            # ~2-3 min on 2 CPU cores
-    python benchmarks/budget.py --quick    # a smaller run (the budget's floor then binds)
+    python benchmarks/budget.py            # ~2 min on 2 CPU cores
+    python benchmarks/budget.py --quick    # 1000 steps on 512 samples (~45 s)
 """
 
 from __future__ import annotations

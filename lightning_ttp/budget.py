@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -102,11 +103,14 @@ class KernelChoice:
 def _timed(fn: Callable[[], Any], repeats: int = 4) -> float:
     """Fastest wall-clock of ``repeats`` calls after one warm-up call (on a shared machine the
     others' load only adds time: the fastest call is the least disturbed)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
     fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -202,8 +206,10 @@ def time_simulation(spec: OptimizerSpec, plan: RunPlan, targets: torch.Tensor, n
     seconds = []
     for k in (4, steps):
         start = time.perf_counter()
-        simulate(ke, spec, k, plan.effective_batch_size, lr_schedule=lrs[:k], method=method, num_paths=num_paths,
-                 seed=seed, dataset_size=plan.dataset_size, drop_last=plan.drop_last, shuffle=plan.shuffle)
+        with warnings.catch_warnings():  # about the random kernel: not the user's business
+            warnings.simplefilter("ignore")
+            simulate(ke, spec, k, plan.effective_batch_size, lr_schedule=lrs[:k], method=method, num_paths=num_paths,
+                     seed=seed, dataset_size=plan.dataset_size, drop_last=plan.drop_last, shuffle=plan.shuffle)
         seconds.append(time.perf_counter() - start)
     per_step = seconds[1] / steps
     return max(0.0, seconds[0] - 4 * per_step), per_step
