@@ -20,6 +20,7 @@ definition). Prints tables and writes ``benchmarks/results/budget.json``.
 
     python benchmarks/budget.py            # ~2 min on 2 CPU cores
     python benchmarks/budget.py --quick    # 1000 steps on 512 samples (~45 s)
+    python benchmarks/budget.py --sweep    # + exact/trace kernels on 64/128/256 samples (~1 min more)
 """
 
 from __future__ import annotations
@@ -36,8 +37,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ttp import api, predict_training_time
 from lightning_ttp import kernel as kernel_module
-from lightning_ttp.dynamics import still_falling
+from lightning_ttp.data import sample_subset, split_batch
+from lightning_ttp.dynamics import OptimizerSpec, still_falling
+from lightning_ttp.estimate import estimate_kernel
+from lightning_ttp.plan import plan_run
 from lightning_ttp.refine import default_smoothing_window, epsilon_training_time, smooth_losses
+from lightning_ttp.simulate import simulate_plan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB, LENGTH, CLASSES = 64, 24, 5
@@ -156,6 +161,24 @@ def _epsilon_errors(pred, real_curve) -> tuple[dict, str]:
     return errors, cells
 
 
+def sweep(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, steps: int, real_curve) -> list[dict]:
+    """The exact and the trace kernel on 64, 128 and 256 samples: what the budget trades."""
+    plan, spec = plan_run(loader, opt, steps), OptimizerSpec.from_optimizer(opt)
+    print(f"\n{'subset':>7}{'kernel':>8}{'seconds':>9}" + "".join(
+        f"{'T(ε=' + format(e, 'g') + ')':>12}{'error':>8}" for e in (0.1, 0.01)))
+    out = []
+    for n in (64, 128, 256):
+        inputs, targets = split_batch(sample_subset(loader, n, 0)[0])
+        for kind in ("full", "trace"):
+            start = time.perf_counter()
+            pred = simulate_plan(estimate_kernel(model, inputs, targets, spec, kernel=kind), spec, plan)
+            seconds = time.perf_counter() - start
+            errors, cells = _epsilon_errors(pred, real_curve)
+            print(f"{n:>7}{kind:>8}{seconds:>9.1f}{cells}")
+            out.append({"num_samples": n, "kernel": kind, "seconds": seconds, "training_times": errors})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=4000)
@@ -163,6 +186,8 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--quick", action="store_true", help="1000 steps on 512 samples")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also the exact and trace kernels on 64, 128, 256 samples (their ε-times and cost)")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.train_size = 1000, 512
@@ -228,6 +253,8 @@ def main() -> None:
         print(f"{part:<18}{run_pred[part]:>10.2f}{a:>10.2f}")
     print(f"{'total':<18}{choice.get('run_seconds', float('nan')):>10.2f}{train_seconds:>10.2f}")
     summary["run"] = {"predicted": run_pred, "actual": run_parts}
+    if args.sweep:
+        summary["sweep"] = sweep(model, loader, optimizer(model), args.steps, real_curve)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "budget.json").write_text(json.dumps(summary, indent=1, default=float))
     print(json.dumps({"run_seconds": train_seconds, **{k: {"ratio_to_run": v["ratio_to_run"], "kernel": v["kernel"]}

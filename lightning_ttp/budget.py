@@ -336,8 +336,8 @@ def choose_kernel(
     full = largest_fitting("full")
     if full is not None and full[0] == n_max:
         return choice("full", *full, f"exact kernel on all {n_max} samples")
-    # More samples matter more than the outputs' coupling (benchmarks/budget.py: at equal N the
-    # trace kernel's ε-times are within 25 % of the exact one's, from 64 to 256 samples they
+    # More samples matter more than the outputs' coupling (benchmarks/budget.py --sweep: at equal N the
+    # trace kernel's ε-times are within 30 % of the exact one's, from 64 to 256 samples they
     # triple): a trace kernel on more samples than the exact one fits on is preferred.
     trace = largest_fitting("trace", above=full[0] if full else 0)
     if trace is not None:
