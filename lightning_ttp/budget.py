@@ -20,11 +20,13 @@ measures what each part costs on this machine, and nothing is modelled from oper
    ``continuation``·T steps that :func:`~lightning_ttp.simulate.simulate_plan` simulates, plus
    its fixed part (the stability report), so the estimate follows the simulators whatever
    their implementation;
-4. the choice: the largest candidate subset (N_max, then ×¾ down to ``MIN_SAMPLES``) whose
-   kernel and simulation fit ``budget`` × run cost (never less than ``floor_seconds``) minus
-   what the pilot already spent, with the exact kernel, or else the trace kernel (Θ ≈ K ⊗ I_C:
-   a C² smaller Gram) when that fits on more samples; if nothing fits, the trace kernel on
-   ``MIN_SAMPLES`` with a note that the prediction will exceed its budget.
+4. the choice: the largest candidate subset (N_max, then ×¾ down to ``MIN_SAMPLES``; the
+   simulator is timed on the smallest and the largest candidate whose kernel fits, and
+   interpolated as a power of N in between) whose kernel and simulation fit ``budget`` × run
+   cost (never less than ``floor_seconds``) minus what the pilot already spent, with the exact
+   kernel, or else the trace kernel (Θ ≈ K ⊗ I_C: a C² smaller Gram) when that fits on more
+   samples; if nothing fits, the trace kernel on ``MIN_SAMPLES`` with a note that the
+   prediction will exceed its budget.
 
 The choice, its predicted cost per component and the measured run step are reported
 (:class:`KernelChoice`, kept in the prediction's diagnostics). It depends on the machine's
@@ -36,6 +38,7 @@ is measured per model in ``docs/kernel.md``. Pure torch: no Lightning.
 from __future__ import annotations
 
 import copy
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -309,28 +312,38 @@ def choose_kernel(
         reason = "; ".join([reason, *notes])
         return KernelChoice(n, kind, total, allowed, run_seconds, pilot_seconds, reason, components, step)
 
+    def interpolated(kind: str, n: int, small: int, large: int) -> dict[str, float]:
+        # between two timed sizes, each part as a power of n (its exponent measured by the two)
+        parts = {}
+        for key, a, b in zip(("simulation_fixed", "simulation"), timed_sims[kind, small], timed_sims[kind, large],
+                             strict=True):
+            exponent = max(0.0, math.log(b / a) / math.log(large / small)) if a > 0 and b > 0 else 0.0
+            parts[key] = max(a, b) if exponent == 0.0 else a * (n / small) ** exponent
+        parts["simulation"] *= simulated
+        return parts
+
     def largest_fitting(kind: str, above: int = 0) -> tuple[int, dict[str, float]] | None:
-        # The cost grows with n and so does timing the simulator (its eigenvalue problems): go up
-        # from the smallest candidate; stop at the first that does not fit, or when timing it
-        # (guessed as the last timing × (n/n_last)³) would push the best so far over the budget.
-        best, last = None, None
-        for n in reversed(_candidates(n_max)):
-            if n <= above:
-                continue
-            parts = kernel_parts(kind, n)
-            if best is not None:
-                guess = last[1] * (n / last[0]) ** 3
-                if not fits({**parts, **{k: best[1][k] for k in ("simulation", "simulation_fixed")}}) or \
-                        not fits({**best[1], "timing": guess}):
-                    break
-            elif not fits(parts):
-                break
-            tick = time.perf_counter()
-            parts.update(simulation_parts(kind, n))
-            last = (n, time.perf_counter() - tick)
-            if not fits(parts):
-                break
-            best = (n, parts)
+        # The kernel's cost is known for every candidate; the simulator is timed on the smallest
+        # and on the largest candidate whose kernel fits, and interpolated in between: at most two
+        # timings per kernel kind. The largest is timed only when that (guessed as the smallest's
+        # timing × n/n_small) leaves the smallest's prediction within the budget.
+        sizes = [n for n in _candidates(n_max) if n > above and fits(kernel_parts(kind, n))]
+        if not sizes:
+            return None
+        small, large = sizes[-1], sizes[0]
+        tick = time.perf_counter()
+        best = (small, {**kernel_parts(kind, small), **simulation_parts(kind, small)})
+        if not fits(best[1]):
+            return None
+        if large == small or not fits({**best[1], "timing": (time.perf_counter() - tick) * large / small}):
+            return best
+        top = {**kernel_parts(kind, large), **simulation_parts(kind, large)}
+        if fits(top):
+            return large, top
+        for n in sizes[1:-1]:
+            parts = {**kernel_parts(kind, n), **interpolated(kind, n, small, large)}
+            if fits(parts):
+                return n, parts
         return best
 
     full = largest_fitting("full")
