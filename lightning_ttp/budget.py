@@ -64,7 +64,7 @@ MIN_SAMPLES = 64
 #: the budget never asks for less than this (1/10 of a 5 s fine-tune): below it the pilot and
 #: the simulator's fixed costs are most of the prediction and no subset fits
 FLOOR_SECONDS = 0.5
-#: samples of the pilot kernel (fewer when the budget is small)
+#: samples of the pilot kernel (its passes scale by N/16, its contraction by (N/16)²)
 PILOT_SAMPLES = 16
 #: simulated steps of the simulator's timing (after a call of a few steps with the stability report)
 _TIMED_STEPS = 32
@@ -309,6 +309,9 @@ def choose_kernel(
                    + (f"{budget:.0%} of the run's predicted {run_seconds:.2g} s)" if allowed > floor_seconds else
                       f"the floor of {floor_seconds:g} s, more than {budget:.0%} of the run's predicted "
                       f"{run_seconds:.2g} s)"))
+        if total > allowed and "over the budget" not in reason:
+            notes.append(f"over the budget by {total - allowed:.2g} s: the pilot's timings of choices that did not "
+                         "fit cost more than guessed")
         reason = "; ".join([reason, *notes])
         return KernelChoice(n, kind, total, allowed, run_seconds, pilot_seconds, reason, components, step)
 

@@ -55,8 +55,8 @@ def test_the_subset_shrinks_with_the_budget_and_a_choice_that_fits_is_predicted_
     # a third of what all 256 samples cost: the contraction alone (~n²) forces a smaller subset
     tight = choose_kernel(model, x, y, opt, plan, budget=1e-9, floor_seconds=full.predicted_seconds / 3)
     assert tight.num_samples < 256 or tight.kernel == "trace"
-    if "exceed" not in tight.reason:
-        assert tight.predicted_seconds <= tight.budget_seconds
+    # the prediction as predicted (its pilot included) is within the budget, or the reason says why not
+    assert tight.predicted_seconds <= tight.budget_seconds or "over the budget" in tight.reason
 
 
 def test_the_predicted_kernel_and_simulation_costs_are_within_a_factor_of_the_measured_ones():
