@@ -54,6 +54,8 @@ def summary(predictor: Any) -> str:
                                           for e in predictor.epsilons))
     if predictor.cost_seconds is not None:
         parts.append(f"prediction took {predictor.cost_seconds:.2f} s")
+        if predictor.state.what_if:
+            parts[-1] += f" (+ {predictor.what_if_seconds:.2f} s for the what-if table)"
     parts.append("ETA appears in the progress bar / logs after the first steps")
     text = parts[0] + " " + "; ".join(parts[1:]) + "."
     notes = [str(w) for w in pred.diagnostics.warnings]
