@@ -244,6 +244,10 @@ def main() -> None:
     total_p = choice.get("predicted_seconds", float("nan"))
     print(f"{'total':<18}{total_p:>10.3f}{rows['default budget']['seconds']:>10.3f}"
           f"{rows['default budget']['seconds'] / total_p:>12.2f}")
+    settled = rows["default budget"]["prediction"].diagnostics.get("settled_at")
+    print(f"simulated steps: the budget charges {2 * args.steps} (2T, at most), the simulator ran "
+          f"{settled or 2 * args.steps}" + (" (the continuation stopped once the loss settled)" if settled else ""))
+    summary["rows"]["default budget"]["simulated_steps"] = settled or 2 * args.steps
     step = choice.get("step_seconds", {})
     run_pred = {"forward_backward": step.get("forward_backward", 0.0) * args.steps,
                 "optimizer": step.get("optimizer", 0.0) * args.steps, "data": 0.0, "item": 0.0}

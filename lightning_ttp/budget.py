@@ -17,9 +17,11 @@ measures what each part costs on this machine, and nothing is modelled from oper
    decay) and Adam's second moments are charged from the timed training step;
 3. the simulation: the package's own :func:`~lightning_ttp.simulate.simulate` on a random PSD
    kernel of the candidate's size, for a few dozen steps, extrapolated per step to the
-   ``continuation``·T steps that :func:`~lightning_ttp.simulate.simulate_plan` simulates, plus
-   its fixed part (the stability report), so the estimate follows the simulators whatever
-   their implementation;
+   ``continuation``·T steps that :func:`~lightning_ttp.simulate.simulate_plan` simulates at
+   most (the continuation stops once the loss has settled: an upper bound), plus its fixed
+   part (the stability report), so the estimate follows the simulators whatever their
+   implementation (a linear probe's Gram K ⊗ I_C is given that structure: the simulators
+   exploit it);
 4. the choice: the largest candidate subset (N_max, then ×¾ down to ``MIN_SAMPLES``; the
    simulator is timed on the smallest and the largest candidate whose kernel fits, and
    interpolated as a power of N in between) whose kernel and simulation fit ``budget`` × run
@@ -50,7 +52,7 @@ import torch
 
 from ._modes import preserve_modes
 from .data import take
-from .dynamics import Loss, OptimizerSpec, get_loss
+from .dynamics import Loss, OptimizerSpec, get_loss, kronecker_factor
 from .estimate import KernelEstimate, flat_output_fn, model_outputs
 from .kernel import empirical_ntk
 from .plan import RunPlan
@@ -170,17 +172,20 @@ def time_optimizer_step(optimizer: torch.optim.Optimizer) -> float:
 
 
 def _synthetic_kernel(spec: OptimizerSpec, loss: Loss, targets: torch.Tensor, num_outputs: int, kernel: str,
-                      dtype: torch.dtype, lr_max: float) -> KernelEstimate:
-    """A random PSD kernel of the real shapes, scaled to a stable lr (the simulators' cost does not
-    depend on the values, but diverging ones would end in inf/NaN arithmetic)."""
+                      dtype: torch.dtype, lr_max: float, kronecker: bool = False) -> KernelEstimate:
+    """A random PSD kernel of the real shapes (``kronecker``: K ⊗ I_C, as a linear probe's), scaled
+    to a stable lr (the simulators' cost does not depend on the values, but diverging ones would
+    end in inf/NaN arithmetic)."""
     n, c = int(targets.shape[0]), num_outputs
-    size = n * c if kernel == "full" else n
+    kronecker = kronecker and kernel == "full" and c > 1
+    size = n * c if kernel == "full" and not kronecker else n
     g = torch.Generator().manual_seed(0)
     groups = spec.num_groups
     grams = []
     for _ in range(groups):
         a = torch.randn(size, min(size, 64), generator=g, dtype=torch.float64)
-        grams.append((a @ a.T * (n / (4 * size * max(lr_max, 1e-12) * groups))).to(dtype))
+        gram = a @ a.T * (n / (4 * size * max(lr_max, 1e-12) * groups))
+        grams.append((torch.kron(gram, torch.eye(c, dtype=gram.dtype)) if kronecker else gram).to(dtype))
     f0 = 0.1 * torch.randn(n, c, generator=g, dtype=torch.float64)
     y = loss.prepare_targets(targets.detach().cpu(), c)
     adam = spec.kind in ("adam", "adamw")
@@ -195,9 +200,10 @@ def _synthetic_kernel(spec: OptimizerSpec, loss: Loss, targets: torch.Tensor, nu
 def time_simulation(spec: OptimizerSpec, plan: RunPlan, targets: torch.Tensor, num_outputs: int, *,
                     kernel: str = "full", loss: str | Loss | Callable = "cross_entropy",
                     dtype: torch.dtype = torch.float32, method: str | Method = Method.AUTO, num_paths: int = 8,
-                    seed: int = 0, steps: int = _TIMED_STEPS) -> tuple[float, float]:
+                    seed: int = 0, steps: int = _TIMED_STEPS, kronecker: bool = False) -> tuple[float, float]:
     """(fixed seconds, seconds per simulated step) of :func:`~lightning_ttp.simulate.simulate`
-    for ``plan`` on a random kernel of ``len(targets)`` samples.
+    for ``plan`` on a random kernel of ``len(targets)`` samples (``kronecker``: of a linear
+    probe's structure K ⊗ I_C, which the simulators exploit).
 
     One call of 4 steps pays the fixed part (the stability report, whose eigenvalue problems
     are then cached with the kernel); one of ``steps`` steps gives the per-step cost; the fixed
@@ -205,7 +211,7 @@ def time_simulation(spec: OptimizerSpec, plan: RunPlan, targets: torch.Tensor, n
     """
     lrs = plan.lr_schedule
     lrs = np.concatenate([lrs, np.repeat(lrs[-1:], max(0, steps - lrs.shape[0]), axis=0)])
-    ke = _synthetic_kernel(spec, get_loss(loss), targets, num_outputs, kernel, dtype, float(np.max(lrs)))
+    ke = _synthetic_kernel(spec, get_loss(loss), targets, num_outputs, kernel, dtype, float(np.max(lrs)), kronecker)
     seconds = []
     for k in (4, steps):
         start = time.perf_counter()
@@ -267,18 +273,21 @@ def choose_kernel(
     extras_per_sample = per_sample * (len(groups) if spec.has_weight_decay else 0)
     extras_fixed = forward_backward * min(8, max(1, n_max // batch)) if spec.kind in ("adam", "adamw") else 0.0
 
-    pilots: dict[str, tuple[int, int, dict[str, float]]] = {}
+    pilots: dict[str, tuple[int, int, dict[str, float], bool]] = {}
 
-    def pilot(kind: str) -> tuple[int, int, dict[str, float]]:
+    def pilot(kind: str) -> tuple[int, int, dict[str, float], bool]:
+        """(samples, outputs C, the kernel's timed parts, whether every Gram is K ⊗ I_C)."""
         if kind not in pilots:
             n_p = min(n_max, PILOT_SAMPLES)
             ntk = empirical_ntk(model, take(inputs, n_p), output_fn=flat_output_fn(output_fn), kernel=kind,
                                 parameter_groups=groups, seed=seed)
-            pilots[kind] = (n_p, int(ntk.outputs.shape[1]), ntk.timings)
+            c = int(ntk.outputs.shape[1])
+            kronecker = all(kronecker_factor(g.detach().cpu(), n_p, c) is not None for g in ntk.grams)
+            pilots[kind] = (n_p, c, ntk.timings, kronecker)
         return pilots[kind]
 
     def kernel_parts(kind: str, n: int) -> dict[str, float]:
-        n_p, _, t = pilot(kind)
+        n_p, _, t, _ = pilot(kind)
         return {"passes": (t["passes"] + t["fallback"]) * n / n_p, "contraction": t["contraction"] * (n / n_p) ** 2,
                 "extras": extras_per_sample * n + extras_fixed}
 
@@ -288,8 +297,10 @@ def choose_kernel(
     def simulation_parts(kind: str, n: int) -> dict[str, float]:
         if (kind, n) not in timed_sims:
             try:
-                timed_sims[kind, n] = time_simulation(spec, plan, targets[:n], pilot(kind)[1], kernel=kind, loss=loss,
-                                                      dtype=dtype, method=method, num_paths=num_paths, seed=seed)
+                _, c, _, kronecker = pilot(kind)
+                timed_sims[kind, n] = time_simulation(spec, plan, targets[:n], c, kernel=kind, loss=loss, dtype=dtype,
+                                                      method=method, num_paths=num_paths, seed=seed,
+                                                      kronecker=kronecker)
             except Exception as err:  # noqa: BLE001 - the budget must not stop the prediction
                 notes.append(f"the simulation could not be timed ({type(err).__name__}: {err}); it is not counted")
                 timed_sims[kind, n] = (0.0, 0.0)
@@ -303,8 +314,9 @@ def choose_kernel(
         pilot_seconds = time.perf_counter() - started
         components = {"pilot": pilot_seconds, **parts}
         total = sum(components.values())
-        reason += (f" (predicted {total:.2g} s: pilot {pilot_seconds:.2g} s, kernel "
-                   f"{parts['passes'] + parts['contraction'] + parts['extras']:.2g} s, simulation of {simulated} steps "
+        kernel_seconds = parts["passes"] + parts["contraction"] + parts["extras"]
+        reason += (f" (predicted {total:.2g} s: pilot {pilot_seconds:.2g} s, kernel {kernel_seconds:.2g} s, "
+                   f"simulation of up to {simulated} steps "
                    f"{parts['simulation'] + parts['simulation_fixed']:.2g} s; budget {allowed:.2g} s = "
                    + (f"{budget:.0%} of the run's predicted {run_seconds:.2g} s)" if allowed > floor_seconds else
                       f"the floor of {floor_seconds:g} s, more than {budget:.0%} of the run's predicted "
