@@ -6,16 +6,21 @@ tell which of 5 token groups is most frequent (task A), then every layer is fine
 + momentum on new sequences where the count is position-weighted and the classes are renamed
 (task B). We time
 
-* the real fine-tuning loop (``--steps`` optimiser steps of batch 32),
-* the prediction under the default budget (5 % of the run's predicted cost, floor 3 s),
+* the real fine-tuning loop (``--steps`` optimiser steps of batch 32), and its parts
+  (data, forward + backward, zero_grad + step, ``loss.item()``),
+* the prediction under the default budget (5 % of the run's predicted cost, floor 0.5 s), and
+  its parts (the budget's pilot, the kernel's passes and contraction, J·w0/Adam extras, the
+  simulation and its fixed part), read by wrapping the functions ``predict_run`` calls,
 * the prediction with ``budget=None`` (the exact kernel on all ``--num-samples`` samples),
 
-and compare both predicted ε-training-times with the real one (mini-batch losses smoothed over
-one epoch, the package's definition). Prints a table and writes
-``benchmarks/results/budget.json``.
+and print, next to each measured part, what the budget predicted it would cost
+(``KernelChoice.components`` and ``step_seconds``); and compare both predicted
+ε-training-times with the real one (mini-batch losses smoothed over one epoch, the package's
+definition). Prints tables and writes ``benchmarks/results/budget.json``.
 
-    python benchmarks/budget.py            # ~2-3 min on 2 CPU cores
-    python benchmarks/budget.py --quick    # a smaller run (the budget's floor then binds)
+    python benchmarks/budget.py            # ~2 min on 2 CPU cores
+    python benchmarks/budget.py --quick    # 1000 steps on 512 samples (~45 s)
+    python benchmarks/budget.py --sweep    # + exact/trace kernels on 64/128/256 samples (~1 min more)
 """
 
 from __future__ import annotations
@@ -30,9 +35,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ttp import predict_training_time
-from lightning_ttp.dynamics import still_falling
+from lightning_ttp import api, predict_training_time
+from lightning_ttp import kernel as kernel_module
+from lightning_ttp.data import sample_subset, split_batch
+from lightning_ttp.dynamics import OptimizerSpec, still_falling
+from lightning_ttp.estimate import estimate_kernel
+from lightning_ttp.plan import plan_run
 from lightning_ttp.refine import default_smoothing_window, epsilon_training_time, smooth_losses
+from lightning_ttp.simulate import simulate_plan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB, LENGTH, CLASSES = 64, 24, 5
@@ -71,18 +81,102 @@ def pretrain(model: nn.Module, steps: int) -> None:
         opt.step()
 
 
-def fine_tune(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, steps: int) -> tuple[list, float]:
-    losses, start = [], time.perf_counter()
+def fine_tune(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer,
+              steps: int) -> tuple[list, float, dict[str, float]]:
+    """The real loop; also its parts' seconds (data, forward + backward, zero_grad + step, loss.item())."""
+    losses, parts = [], dict.fromkeys(("data", "forward_backward", "optimizer", "item"), 0.0)
+    start = tick = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal tick
+        now = time.perf_counter()
+        parts[name] += now - tick
+        tick = now
+
     while len(losses) < steps:
         for x, y in loader:
+            lap("data")
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
+            lap("forward_backward")
             opt.step()
+            lap("optimizer")
             losses.append(loss.item())
+            lap("item")
             if len(losses) == steps:
                 break
-    return losses, time.perf_counter() - start
+        tick = time.perf_counter()
+    return losses, time.perf_counter() - start, parts
+
+
+class Recorder:
+    """Wall-clock of the prediction's parts, read by wrapping the functions ``predict_run`` calls."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.ntk_timings: dict[str, float] = {}
+        self.patches = [(api, "choose_kernel"), (api, "estimate_kernel"), (api, "simulate_plan"),
+                        (kernel_module, "empirical_ntk")]
+
+    def __enter__(self) -> Recorder:
+        self.saved = [getattr(mod, name) for mod, name in self.patches]
+        for (mod, name), fn in zip(self.patches, self.saved, strict=True):
+            setattr(mod, name, self._wrap(name, fn))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for (mod, name), fn in zip(self.patches, self.saved, strict=True):
+            setattr(mod, name, fn)
+
+    def _wrap(self, name: str, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.seconds[name] = time.perf_counter() - start
+            if name == "empirical_ntk":
+                self.ntk_timings = dict(out.timings)
+            return out
+        return wrapper
+
+    def components(self, total: float, prediction) -> dict[str, float]:
+        """The measured seconds of the parts the budget predicts (``KernelChoice.components``)."""
+        s, t, d = self.seconds, self.ntk_timings, prediction.diagnostics
+        parts = {"pilot": s.get("choose_kernel", 0.0), "passes": t["passes"] + t["fallback"],
+                 "contraction": t["contraction"], "extras": s["estimate_kernel"] - s["empirical_ntk"],
+                 "simulation": d.simulation_seconds, "simulation_fixed": s["simulate_plan"] - d.simulation_seconds}
+        parts["other"] = total - sum(parts.values())
+        return parts
+
+
+def _epsilon_errors(pred, real_curve) -> tuple[dict, str]:
+    cells, errors = "", {}
+    for eps in (0.1, 0.01):
+        predicted, real = pred.training_time(eps), epsilon_training_time(real_curve, eps)
+        if still_falling(real_curve, eps):
+            real = None  # not converged within the run: no ε-time to compare with
+        err = None if predicted is None or not real else abs(predicted - real) / real
+        errors[str(eps)] = {"predicted": predicted, "real": real, "relative_error": err}
+        cells += f"{predicted!s:>12}{'n/a' if err is None else format(err, '.0%'):>8}"
+    return errors, cells
+
+
+def sweep(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, steps: int, real_curve) -> list[dict]:
+    """The exact and the trace kernel on 64, 128 and 256 samples: what the budget trades."""
+    plan, spec = plan_run(loader, opt, steps), OptimizerSpec.from_optimizer(opt)
+    print(f"\n{'subset':>7}{'kernel':>8}{'seconds':>9}" + "".join(
+        f"{'T(ε=' + format(e, 'g') + ')':>12}{'error':>8}" for e in (0.1, 0.01)))
+    out = []
+    for n in (64, 128, 256):
+        inputs, targets = split_batch(sample_subset(loader, n, 0)[0])
+        for kind in ("full", "trace"):
+            start = time.perf_counter()
+            pred = simulate_plan(estimate_kernel(model, inputs, targets, spec, kernel=kind), spec, plan)
+            seconds = time.perf_counter() - start
+            errors, cells = _epsilon_errors(pred, real_curve)
+            print(f"{n:>7}{kind:>8}{seconds:>9.1f}{cells}")
+            out.append({"num_samples": n, "kernel": kind, "seconds": seconds, "training_times": errors})
+    return out
 
 
 def main() -> None:
@@ -91,10 +185,12 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=1024)
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--lr", type=float, default=0.02)
-    parser.add_argument("--quick", action="store_true", help="200 steps on 512 samples")
+    parser.add_argument("--quick", action="store_true", help="1000 steps on 512 samples")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also the exact and trace kernels on 64, 128, 256 samples (their ε-times and cost)")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.train_size = 200, 512
+        args.steps, args.train_size = 1000, 512
     torch.manual_seed(0)
     model = Encoder()
     pretrain(model, 300)
@@ -106,16 +202,17 @@ def main() -> None:
         return torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9)
 
     rows = {}
-    for name, budget in (("default budget", 0.05), ("exact (budget=None)", None)):
-        start = time.perf_counter()
-        pred = predict_training_time(model, loader, optimizer(model), args.steps, num_samples=args.num_samples,
-                                     budget=budget)
-        rows[name] = {"seconds": time.perf_counter() - start, "prediction": pred}
+    for name, budget in (("default budget", api.DEFAULT_BUDGET), ("exact (budget=None)", None)):
+        with Recorder() as rec:
+            start = time.perf_counter()
+            pred = predict_training_time(model, loader, optimizer(model), args.steps,
+                                         num_samples=args.num_samples, budget=budget)
+            seconds = time.perf_counter() - start
+        rows[name] = {"seconds": seconds, "prediction": pred, "actual": rec.components(seconds, pred)}
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    real_losses, train_seconds = fine_tune(model, loader, optimizer(model), args.steps)
+    real_losses, train_seconds, run_parts = fine_tune(model, loader, optimizer(model), args.steps)
     model.load_state_dict(state)
-    window = default_smoothing_window(len(loader), False)
-    real_curve = smooth_losses(real_losses, window)
+    real_curve = smooth_losses(real_losses, default_smoothing_window(len(loader), False))
     summary = {"steps": args.steps, "train_seconds": train_seconds, "rows": {}}
     print(f"\ntransformer fine-tune: {args.steps} steps of batch 32 on {args.train_size} sequences, "
           f"training loop {train_seconds:.1f} s")
@@ -123,27 +220,49 @@ def main() -> None:
         f"{'T(ε=' + format(e, 'g') + ')':>12}{'error':>8}" for e in (0.1, 0.01)))
     for name, row in rows.items():
         pred = row["prediction"]
-        choice = pred.diagnostics.get("budget") or {}
         kernel = f"{pred.diagnostics.kernel} on {pred.diagnostics.kernel_samples}"
-        cells, errors = "", {}
-        for eps in (0.1, 0.01):
-            predicted, real = pred.training_time(eps), epsilon_training_time(real_curve, eps)
-            if still_falling(real_curve, eps):
-                real = None  # not converged within the run: no ε-time to compare with
-            err = None if predicted is None or not real else abs(predicted - real) / real
-            errors[str(eps)] = {"predicted": predicted, "real": real, "relative_error": err}
-            cells += f"{predicted!s:>12}{'n/a' if err is None else format(err, '.0%'):>8}"
+        errors, cells = _epsilon_errors(pred, real_curve)
         ratio = row["seconds"] / train_seconds
         print(f"{name:<22}{row['seconds']:>9.1f}{ratio:>8.1%}{kernel:>22}{cells}")
         summary["rows"][name] = {"seconds": row["seconds"], "ratio_to_run": ratio, "kernel": kernel,
-                                 "choice": choice, "training_times": errors}
+                                 "choice": pred.diagnostics.get("budget") or {}, "actual_components": row["actual"],
+                                 "training_times": errors}
     print("real ε-times (smoothed over one epoch): " + ", ".join(
         f"ε={e:g}: " + ("not converged" if still_falling(real_curve, e) else str(epsilon_training_time(real_curve, e)))
         for e in (0.1, 0.01)))
+
+    choice = summary["rows"]["default budget"]["choice"]
+    predicted = choice.get("components", {})
+    actual = rows["default budget"]["actual"]
+    print(f"\nthe default-budget prediction, predicted by the budget vs measured (s); "
+          f"choice: {choice.get('kernel')} on {choice.get('num_samples')}")
+    print(f"{'component':<18}{'predicted':>10}{'actual':>10}{'actual/pred':>12}")
+    for part in actual:
+        p, a = predicted.get(part), actual[part]
+        print(f"{part:<18}{'-' if p is None else format(p, '.3f'):>10}{a:>10.3f}"
+              f"{'-' if not p else format(a / p, '.2f'):>12}")
+    total_p = choice.get("predicted_seconds", float("nan"))
+    print(f"{'total':<18}{total_p:>10.3f}{rows['default budget']['seconds']:>10.3f}"
+          f"{rows['default budget']['seconds'] / total_p:>12.2f}")
+    settled = rows["default budget"]["prediction"].diagnostics.get("settled_at")
+    print(f"simulated steps: the budget charges {2 * args.steps} (2T, at most), the simulator ran "
+          f"{settled or 2 * args.steps}" + (" (the continuation stopped once the loss settled)" if settled else ""))
+    summary["rows"]["default budget"]["simulated_steps"] = settled or 2 * args.steps
+    step = choice.get("step_seconds", {})
+    run_pred = {"forward_backward": step.get("forward_backward", 0.0) * args.steps,
+                "optimizer": step.get("optimizer", 0.0) * args.steps, "data": 0.0, "item": 0.0}
+    print("\nthe run, predicted by the budget's pilot vs measured in the loop (s)")
+    print(f"{'component':<18}{'predicted':>10}{'actual':>10}")
+    for part, a in run_parts.items():
+        print(f"{part:<18}{run_pred[part]:>10.2f}{a:>10.2f}")
+    print(f"{'total':<18}{choice.get('run_seconds', float('nan')):>10.2f}{train_seconds:>10.2f}")
+    summary["run"] = {"predicted": run_pred, "actual": run_parts}
+    if args.sweep:
+        summary["sweep"] = sweep(model, loader, optimizer(model), args.steps, real_curve)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "budget.json").write_text(json.dumps(summary, indent=1, default=float))
-    print(json.dumps({k: {"ratio_to_run": v["ratio_to_run"], "kernel": v["kernel"]}
-                      for k, v in summary["rows"].items()}))
+    print(json.dumps({"run_seconds": train_seconds, **{k: {"ratio_to_run": v["ratio_to_run"], "kernel": v["kernel"]}
+                                                       for k, v in summary["rows"].items()}}))
 
 
 if __name__ == "__main__":

@@ -173,14 +173,16 @@ def run_phase(pl, name: str, module, train, val, args, *, steps: int, what_if=No
         print(f"{eps:>6g} {fmt(p):>10} {fmt(refined[0.1]):>6} {fmt(refined[0.25]):>6} {fmt(refined[0.5]):>6} "
               f"{fmt(real):>6}   {ptime:>14} {rtime:>10}")
     cost = float(predictor.cost_seconds or 0.0)
+    what_if_text = f" (+ {predictor.what_if_seconds:.2f} s what-if table)" if what_if else ""
     print(f"[demo] fit: {trainer.global_step} steps in {fit_seconds:.1f} s ({sps * 1000:.1f} ms/step); "
-          f"prediction at fit start: {cost:.2f} s; max stable lr (GD): "
+          f"prediction at fit start: {cost:.2f} s{what_if_text}; max stable lr (GD): "
           f"{pred.diagnostics.get('max_stable_lr', float('nan')):.3g}")
     plot = getattr(predictor, "plot_path", None)
     if plot:
         print(f"[demo] plot: {plot}")
     return {"phase": name, "steps": trainer.global_step, "fit_seconds": round(fit_seconds, 2),
-            "prediction_seconds": round(cost, 2), "training_times": rows, "plot": plot}
+            "prediction_seconds": round(cost, 2), "what_if_seconds": round(predictor.what_if_seconds, 2),
+            "training_times": rows, "plot": plot}
 
 
 def main() -> None:

@@ -94,10 +94,9 @@ def predict_run(
     if budget is not None and projection_dim is None and targets.shape[0] > MIN_SAMPLES:
         order = torch.randperm(targets.shape[0], generator=torch.Generator().manual_seed(seed))
         order = order.to(targets.device)
-        choice = choose_kernel(model, index_batch(inputs, order), targets[order], steps=plan.steps,
-                               batch_size=plan.effective_batch_size, budget=budget, loss=loss, output_fn=output_fn,
-                               simulated_steps=max(plan.steps, round(continuation * plan.steps)),
-                               paths=1 if plan.full_batch else num_paths)
+        choice = choose_kernel(model, index_batch(inputs, order), targets[order], optimizer, plan, budget=budget,
+                               loss=loss, output_fn=output_fn, method=method, num_paths=num_paths, seed=seed,
+                               continuation=continuation)
         if choice.num_samples < targets.shape[0]:
             keep = order[: choice.num_samples].sort().values
             inputs, targets = index_batch(inputs, keep), targets[keep]
@@ -163,7 +162,7 @@ def predict_training_time(
         target_fn: ``target_fn(batch) -> targets`` for batches that are not ``(x, y, ...)``.
         batch_size: overrides the loader's batch size; accumulate: micro-batches per step.
         budget: keep the kernel's cost within this share of the run's predicted cost (default
-            5 %, never below 3 s) by a smaller subset or the trace kernel; ``None``: no budget.
+            5 %, never below ``budget.FLOOR_SECONDS``) by a smaller subset or the trace kernel; ``None``: no budget.
     Returns:
         :class:`~lightning_ttp.prediction.Prediction` (with its continuation to 2T).
     """

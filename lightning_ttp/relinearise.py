@@ -509,12 +509,12 @@ def relinearised_prediction(
     if subset_correction > 0 and n > n0:
         ke.grams = [_self_terms_scaled(g, n0, (n0 / n) ** subset_correction) for g in ke.grams]
     grams, rho = _stability_capped(ke, spec, remaining) if stability_cap else (ke.grams, float("nan"))
-    weights, paths = None, 1
+    batches, paths = None, 1
     if not full_batch and num_paths > 0:
-        sampler = BatchSampler(n0, b, num_paths, n_total=n, seed=seed + step)
-        weights, paths = sampler.weights, num_paths
+        sampler = BatchSampler(n0, b, num_paths, n_total=n, seed=seed + step, device=grams[0].device)
+        batches, paths = sampler.batch, num_paths
     res = simulate_discrete(ke.outputs, ke.targets, grams, ke.loss, spec, remaining, jvp_w0=ke.jvp_w0,
-                            weights=weights, num_paths=paths, initial_buffers=bufs, start_step=adam_step,
+                            batches=batches, num_paths=paths, initial_buffers=bufs, start_step=adam_step,
                             fixed_preconditioner=spec.kind in ("adam", "adamw"))
     cont = res.loss.mean(axis=0)
     # full batch on the whole data set: the simulated loss at k is the run's loss, no join needed
@@ -535,7 +535,7 @@ def relinearised_prediction(
     curve = relinearised.copy()
     curve[step:] = weight * relinearised[step:] + (1.0 - weight) * power[step:]
     return LivePrediction(step, curve, cont, level, drift, mult, time.perf_counter() - started, kernel_seconds,
-                          {"smoothing_window": window, "num_paths": paths if weights is not None else 0,
+                          {"smoothing_window": window, "num_paths": paths if batches is not None else 0,
                            "relinearised_loss": relinearised, "power_law_loss": power, "blend_weight": weight,
                            "adam_step": adam_step,
                            "batch_statistics": batch_statistics,

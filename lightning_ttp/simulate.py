@@ -28,6 +28,7 @@ from .dynamics import (
     OptimizerSpec,
     SimulationResult,
     extrapolated_mse_curve,
+    kronecker_factor,
     simulate_discrete,
     simulate_minibatch,
     simulate_mse_closed_form,
@@ -81,6 +82,7 @@ class _Run:
     seed: int
     sde_noise: str
     notes: list[str]
+    settle_after: int | None = None  # the run's T when a continuation is simulated past it
 
     @property
     def full_batch(self) -> bool:
@@ -89,7 +91,13 @@ class _Run:
     @property
     def args(self) -> tuple:
         ke = self.ke
-        return ke.outputs, ke.targets, ke.grams, ke.loss, self.spec, self.lrs
+        return ke.outputs, ke.targets, self.grams, ke.loss, self.spec, self.lrs
+
+    @property
+    def grams(self) -> list:
+        """The kernel's Grams, each full one that is exactly K ⊗ I_C (a linear probe) as its K."""
+        n, c = self.ke.outputs.shape[0], self.ke.num_outputs
+        return [g if (k := kronecker_factor(g, n, c)) is None else k for g in self.ke.grams]
 
     @property
     def adam(self) -> bool:
@@ -99,13 +107,14 @@ class _Run:
 def _adam(run: _Run, mini_batch: bool) -> SimulationResult:
     ke, blocks = run.ke, run.ke.adam_blocks
     assert blocks is not None
-    weights, paths = None, 1
+    batches, paths = None, 1
     if mini_batch:
         sampler = BatchSampler(ke.num_samples, run.batch, run.num_paths, n_total=run.n, drop_last=run.drop_last,
-                               shuffle=run.shuffle, seed=run.seed)
-        weights, paths = sampler.weights, run.num_paths
+                               shuffle=run.shuffle, seed=run.seed, device=blocks["grams"][0].device)
+        batches, paths = sampler.batch, run.num_paths
     return simulate_adam(ke.outputs, ke.targets, blocks["grams"], blocks["group"], blocks["sizes"], blocks["rms"],
-                         ke.loss, run.spec, run.lrs, jvp_w0=ke.jvp_w0, weights=weights, num_paths=paths)
+                         ke.loss, run.spec, run.lrs, jvp_w0=ke.jvp_w0, batches=batches, num_paths=paths,
+                         settle_after=run.settle_after)
 
 
 def _discrete(run: _Run) -> SimulationResult:
@@ -114,14 +123,15 @@ def _discrete(run: _Run) -> SimulationResult:
     if not run.full_batch:
         run.notes.append("method='discrete' with mini-batches simulates the expected (full-batch) gradient; "
                          "use 'mc' for SGD noise")
-    return simulate_discrete(*run.args, jvp_w0=run.ke.jvp_w0)
+    return simulate_discrete(*run.args, jvp_w0=run.ke.jvp_w0, settle_after=run.settle_after)
 
 
 def _mc(run: _Run) -> SimulationResult:
     if run.adam:
         return _adam(run, mini_batch=True)
     return simulate_minibatch(*run.args, batch_size=run.batch, n_total=run.n, drop_last=run.drop_last,
-                              shuffle=run.shuffle, num_paths=run.num_paths, seed=run.seed, jvp_w0=run.ke.jvp_w0)
+                              shuffle=run.shuffle, num_paths=run.num_paths, seed=run.seed, jvp_w0=run.ke.jvp_w0,
+                              settle_after=run.settle_after)
 
 
 def _ode(run: _Run) -> SimulationResult:
@@ -195,7 +205,10 @@ def simulate(
             :mod:`lightning_ttp.dynamics.montecarlo`.
         horizon: the run's own length T ≤ ``steps``: the prediction covers 0..T, the remaining
             simulated steps become its ``continuation``, and the stability diagnostic and its
-            warning speak of the T steps of the run (default: ``steps``).
+            warning speak of the T steps of the run (default: ``steps``). The discrete, Monte
+            Carlo and Adam simulators stop the continuation once the loss has settled and hold
+            its last value (``dynamics.discrete.CurveRecorder``; the step is in
+            ``diagnostics.extra["settled_at"]``).
     """
     started = time.perf_counter()
     steps = check_steps(steps)
@@ -218,7 +231,8 @@ def simulate(
     if len(ke.grams) != spec.num_groups:
         raise ValueError(f"the kernel has {len(ke.grams)} param groups, the optimiser {spec.num_groups}")
     run = _Run(ke, spec, spec.schedule(lr_schedule, steps), b, n, drop_last, shuffle, num_paths, seed,
-               sde_noise, list(ke.info.get("notes", [])) + list(spec.warnings))
+               sde_noise, list(ke.info.get("notes", [])) + list(spec.warnings),
+               settle_after=horizon if horizon < steps else None)
     if chosen is Method.AUTO:
         chosen = Method.DISCRETE if run.full_batch else Method.MC
     res = _SIMULATORS[chosen](run)
@@ -255,6 +269,8 @@ def simulate(
         lr_first=run.lrs[0].tolist(), lr_last=run.lrs[horizon - 1].tolist(), warnings=run.notes,
         extra={k: v for k, v in ke.info.items() if k in ("num_parameters", "projection_dim")},
     )
+    if res.settled_at is not None:
+        diagnostics.extra["settled_at"] = res.settled_at
     prediction = Prediction(np.arange(steps + 1), loss, loss_band, error, error_band, diagnostics)
     return prediction if horizon == steps else prediction.truncated(horizon)
 

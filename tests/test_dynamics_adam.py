@@ -82,7 +82,7 @@ def test_paths_are_simulated_independently_of_how_many_run_together():
     for paths in (2, 5):
         sampler = BatchSampler(N, 8, paths, seed=3)
         curves.append(simulate_adam(f0, y, grams, [0, 0], [D * C, C], rms, get_loss("cross_entropy"), spec,
-                                    spec.constant_schedule(20), jvp_w0=[jw], weights=sampler.weights,
+                                    spec.constant_schedule(20), jvp_w0=[jw], batches=sampler.batch,
                                     num_paths=paths).loss)
     np.testing.assert_allclose(curves[1][:2], curves[0], rtol=1e-12)
     assert np.abs(curves[1][2] - curves[1][3]).max() > 1e-6  # different batches, different paths

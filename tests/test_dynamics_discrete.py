@@ -190,3 +190,75 @@ def test_bad_schedule_shape():
     with pytest.raises(ValueError, match="shape"):
         simulate_discrete(f0, y, grams, get_loss("cross_entropy"), OptimizerSpec.sgd(0.1), np.ones((3, 2)))
     assert math.isfinite(float(f0.sum()))
+
+
+@pytest.mark.parametrize("lr, settles", [(0.5, True), (0.002, False)])
+def test_continuation_past_the_run_stops_once_the_loss_settled(lr, settles):
+    # MSE regression with a linear model converges at lr 0.5 within T = 200 steps: the continuation
+    # to 3T stops after a window or two and holds values within 1 % of the drop of the full
+    # simulation; at lr 0.002 the loss is still falling at T and the whole continuation runs.
+    x, y = make_data(task="mse")
+    model = linear_model()
+    f0, grams, jws = ref_grams(model, x, [list(model.parameters())])
+    spec = OptimizerSpec.sgd(lr)
+    loss, steps, run = get_loss("mse"), 600, 200
+    full = simulate_discrete(f0, y, grams, loss, spec, spec.constant_schedule(steps), jvp_w0=jws)
+    held = simulate_discrete(f0, y, grams, loss, spec, spec.constant_schedule(steps), jvp_w0=jws, settle_after=run)
+    assert full.settled_at is None
+    if not settles:
+        assert held.settled_at is None
+        np.testing.assert_array_equal(held.loss, full.loss)
+        return
+    assert run <= held.settled_at < 2 * run
+    stop = held.settled_at
+    np.testing.assert_array_equal(held.loss[:, : stop + 1], full.loss[:, : stop + 1])
+    assert np.all(held.loss[:, stop:] == held.loss[:, stop : stop + 1])
+    drop = full.loss[0, 0] - full.loss[0, -1]
+    assert np.abs(held.loss - full.loss).max() <= 0.01 * drop
+
+
+def test_cross_entropy_reuses_its_targets_only_for_the_same_unchanged_tensor():
+    loss = get_loss("cross_entropy", label_smoothing=0.1)
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 7, 4, generator=g, dtype=torch.float64)
+
+    def check(y):
+        value, grad = loss.value_and_grad(f, y)
+        ref = f.clone().requires_grad_(True)
+        refs = torch.stack([F.cross_entropy(ref[p], y, label_smoothing=0.1) for p in range(2)])
+        (gref,) = torch.autograd.grad(refs.sum(), ref)
+        torch.testing.assert_close(value, refs.detach())
+        torch.testing.assert_close(grad / 7, gref)  # G_i = ∂ℓ_i/∂f_i, the mean's gradient × N
+
+    y = torch.randint(0, 4, (7,), generator=g)
+    check(y)
+    check((y + 1) % 4)  # another tensor of the same shape
+    y.add_(1).remainder_(4)  # the same tensor edited in place
+    check(y)
+
+
+def test_a_linear_probe_kernel_is_simulated_as_its_kronecker_factor():
+    # Only the head trains: Θ = K ⊗ I_C exactly, and the trace kernel K gives the same curves
+    # (mini-batches, momentum) as the full (N·C)² Gram; with the backbone training it is not K ⊗ I_C.
+    from lightning_ttp.dynamics import kronecker_factor, simulate_minibatch
+
+    x, y = make_data(task="ce")
+    probe = random_features_model()
+    params = [p for p in probe.parameters() if p.requires_grad]
+    f0, (gram,), _ = ref_grams(probe, x, [params])
+    n, c = f0.shape
+    k = kronecker_factor(gram, n, c)
+    assert k is not None and k.shape == (n, n)
+    spec = OptimizerSpec.sgd(0.3, momentum=0.9)
+    loss = get_loss("cross_entropy")
+    kw = dict(batch_size=8, num_paths=3, seed=2)
+    full = simulate_minibatch(f0, y, [gram], loss, spec, spec.constant_schedule(40), **kw)
+    compact = simulate_minibatch(f0, y, [k], loss, spec, spec.constant_schedule(40), **kw)
+    np.testing.assert_allclose(compact.loss, full.loss, rtol=1e-10)
+    whole = random_features_model()
+    for p in whole.parameters():
+        p.requires_grad_(True)
+    _, (gram_all,), _ = ref_grams(whole, x, [list(whole.parameters())])
+    assert kronecker_factor(gram_all, n, c) is None
+    assert kronecker_factor(gram + 1e-3 * gram.abs().max() * torch.eye(n * c, dtype=gram.dtype)[torch.randperm(n * c)],
+                            n, c) is None

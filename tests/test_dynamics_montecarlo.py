@@ -68,7 +68,7 @@ def test_sequential_batches_are_exact():
 def test_short_last_batch_and_drop_last():
     s = BatchSampler(10, 4, 2, drop_last=False, seed=0)
     assert s.sizes == [4, 4, 2] and s.steps_per_epoch == 3
-    w = torch.stack([s.weights(t) for t in range(3)])  # one epoch: a partition of the 10 samples
+    w = torch.stack([s.batch(t).dense(10) for t in range(3)])  # one epoch: a partition of the 10 samples
     np.testing.assert_allclose((w > 0).sum(0).numpy(), 1)
     np.testing.assert_allclose(w[2][w[2] > 0].numpy(), 0.5)
     assert BatchSampler(10, 4, 1, drop_last=True).sizes == [4, 4]
@@ -78,7 +78,7 @@ def test_subset_mapping_matches_gradient_noise_of_full_dataset():
     # N0 = 20 kernel samples standing for N = 200: weights unbiased, noise variance = fpc * var / |B|.
     n0, n, b = 20, 200, 16
     s = BatchSampler(n0, b, 4000, n_total=n, seed=0)
-    w = s.weights(0).numpy()  # (paths, n0)
+    w = s.batch(0).dense(n0).numpy()  # (paths, n0)
     a = np.random.default_rng(1).normal(size=n0)
     est = w @ a
     np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-12)
@@ -100,3 +100,48 @@ def test_mean_of_real_sgd_runs_lies_in_predicted_band():
     assert inside.mean() >= 0.9, inside.mean()
     assert np.mean(hi - lo) > 1e-4  # a real band, not a line
     assert real_mean[-1] < 0.9 * real_mean[0]
+
+
+@pytest.mark.parametrize("kind", ["full", "trace"])
+def test_sparse_batch_product_equals_the_dense_weights_product(kind):
+    # Θ (w ⊙ G) from the batch's rows of Θ (embedding_bag) vs the dense (P, N·C) × Θ product,
+    # repeated samples included (with-replacement draws add up); also K Grams side by side.
+    from lightning_ttp.dynamics.adam import apply_blocks
+    from lightning_ttp.dynamics.discrete import Batch, apply_kernel
+
+    g = torch.Generator().manual_seed(0)
+    n, c, p, k = 12, 3, 4, 5
+    size = n * c if kind == "full" else n
+    a = torch.randn(size, size, generator=g, dtype=torch.float64)
+    gram, gram2 = a @ a.T, a.T @ a
+    gsample = torch.randn(p, n, c, generator=g, dtype=torch.float64)
+    index = torch.randint(0, n, (p, k), generator=g)
+    index[:, 1] = index[:, 0]  # a repeated sample in every path
+    batch = Batch(torch.rand(p, k, generator=g, dtype=torch.float64), index)
+    dense = batch.dense(n)
+    assert torch.allclose(dense.sum(1), batch.weight.sum(1))
+    sparse_out = apply_kernel(gram, batch.gradient(gsample), kind, batch)
+    dense_out = apply_kernel(gram, dense[..., None] * gsample, kind)
+    torch.testing.assert_close(sparse_out, dense_out, rtol=1e-12, atol=1e-12)
+    stacked = torch.cat([gram, gram2], 1)
+    torch.testing.assert_close(apply_blocks(stacked, batch.gradient(gsample), kind, 2, batch),
+                               apply_blocks(stacked, dense[..., None] * gsample, kind, 2), rtol=1e-12, atol=1e-12)
+
+
+def test_subset_batches_are_sparse_draws_with_the_noise_of_the_full_dataset():
+    # N0 = 64 kernel samples standing for N = 200, |B| = 8: |B'| ≈ |B|/κ draws with replacement
+    # (8 or 9), kept as indices; unbiased, noise variance κ var/|B| (κ = (N − |B|)/(N − 1)).
+    n0, n, b = 64, 200, 8
+    s = BatchSampler(n0, b, 4000, n_total=n, seed=0)
+    batches = [s.batch(t) for t in range(3)]
+    assert all(bt.index is not None and bt.index.shape[1] in (8, 9) for bt in batches)
+    w = batches[0].dense(n0).numpy()
+    a = np.random.default_rng(1).normal(size=n0)
+    est = w @ a
+    np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-12)
+    assert abs(est.mean() - a.mean()) < 4 * est.std() / np.sqrt(len(est))
+    draws = np.array([s._draws(b) for _ in range(20000)])
+    kappa = (n - b) / (n - 1)
+    assert abs(np.mean(1.0 / draws) / (kappa / b) - 1) < 2e-3  # E[1/|B'|] = κ/|B|
+    expected_var = a.var() / b * kappa
+    assert abs(est.var() / expected_var - 1) < 0.1

@@ -40,10 +40,14 @@ def summary(predictor: Any) -> str:
         return "lightning_ttp: no prediction."
     plan = predictor.plan or {}
     loss = pred.loss
+    used, drawn = pred.diagnostics.kernel_samples, plan.get("num_samples")
+    kernel = f"{pred.diagnostics.kernel} kernel on {used} samples"
+    if drawn is not None and used < drawn:
+        kernel += f" of the {drawn} drawn (cost budget)"
     parts = [
         f"lightning_ttp: predicted fine-tuning of {plan.get('steps', len(loss) - 1)} optimiser steps "
         f"(batch {plan.get('batch_size')} × accumulate {plan.get('accumulate_grad_batches')} × "
-        f"{plan.get('world_size')} process(es); kernel on {plan.get('num_samples')} samples):",
+        f"{plan.get('world_size')} process(es); {kernel}):",
         f"loss {loss[0]:.4g} → {loss[-1]:.4g}",
     ]
     if pred.loss_band is not None:
@@ -54,6 +58,8 @@ def summary(predictor: Any) -> str:
                                           for e in predictor.epsilons))
     if predictor.cost_seconds is not None:
         parts.append(f"prediction took {predictor.cost_seconds:.2f} s")
+        if predictor.state.what_if:
+            parts[-1] += f" (+ {predictor.what_if_seconds:.2f} s for the what-if table)"
     parts.append("ETA appears in the progress bar / logs after the first steps")
     text = parts[0] + " " + "; ".join(parts[1:]) + "."
     notes = [str(w) for w in pred.diagnostics.warnings]

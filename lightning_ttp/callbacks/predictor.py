@@ -50,7 +50,8 @@ class PredictorState:
         refinement: the latest closed-loop refinement from the observed losses.
         plan: the run's plan as plain values (:meth:`lightning_ttp.plan.RunPlan.describe`).
         what_if: rows of the what-if study.
-        cost_seconds: wall-clock of the fit-start prediction.
+        cost_seconds: wall-clock of the fit-start prediction (the what-if table not included).
+        what_if_seconds: wall-clock of the what-if table's simulations.
         observed_losses: the real training loss of every optimiser step so far.
         live_loss: the latest re-linearised prediction of the whole curve (steps 0..T), made at
             optimiser step ``live_step`` (:mod:`lightning_ttp.relinearise`).
@@ -62,6 +63,7 @@ class PredictorState:
     plan: dict[str, Any] | None = None
     what_if: list[dict[str, Any]] = field(default_factory=list)
     cost_seconds: float | None = None
+    what_if_seconds: float = 0.0
     observed_losses: list[float] = field(default_factory=list)
     live_loss: list[float] | None = None
     live_step: int | None = None
@@ -75,6 +77,7 @@ class PredictorState:
             "plan": self.plan,
             "what_if": self.what_if,
             "cost_seconds": self.cost_seconds,
+            "what_if_seconds": self.what_if_seconds,
             "observed_losses": [float(x) for x in self.observed_losses],
             "live_loss": self.live_loss,
             "live_step": self.live_step,
@@ -83,8 +86,9 @@ class PredictorState:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PredictorState:
-        """Inverse of :meth:`to_dict`; every key must be present."""
-        missing = {f.name for f in fields(cls)} - set(data)
+        """Inverse of :meth:`to_dict`; every key must be present (``what_if_seconds`` may be
+        missing: states saved before it existed)."""
+        missing = {f.name for f in fields(cls)} - set(data) - {"what_if_seconds"}
         if missing:
             raise KeyError(f"the TrainingTimePredictor state is missing {sorted(missing)}; was it saved by this "
                            "version of lightning_ttp?")
@@ -94,6 +98,7 @@ class PredictorState:
             plan=data["plan"],
             what_if=list(data["what_if"]),
             cost_seconds=data["cost_seconds"],
+            what_if_seconds=float(data.get("what_if_seconds", 0.0)),
             observed_losses=[float(x) for x in data["observed_losses"]],
             live_loss=data["live_loss"],
             live_step=data["live_step"],
@@ -312,8 +317,13 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
 
     @property
     def cost_seconds(self) -> float | None:
-        """Wall-clock seconds the fit-start prediction took."""
+        """Wall-clock seconds the fit-start prediction took (the what-if table not included)."""
         return self.state.cost_seconds
+
+    @property
+    def what_if_seconds(self) -> float:
+        """Wall-clock seconds the what-if table's simulations took."""
+        return self.state.what_if_seconds
 
     @property
     def observed_losses(self) -> list[float]:
@@ -507,6 +517,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
                 pl_module, subset, trainer.optimizers[0], plan, loss=self.loss, output_fn=self.output_fn,
                 target_fn=self.target_fn, projection_dim=self.projection_dim, method=self.method,
                 num_paths=self.num_paths, seed=self.seed, budget=self.budget)
+            predicted = time.perf_counter()
             rows = what_if(run.kernel, run.spec, plan, self._what_if, self.epsilons, method=self.method,
                            num_paths=self.num_paths, seed=self.seed) if self._what_if else []
         if self.refine:
@@ -520,7 +531,8 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             self._loop_cost = float(diag.kernel_seconds or 0.0) + float(diag.simulation_seconds or 0.0)
         plan_info = plan.describe()
         plan_info["num_samples"] = n
-        state = PredictorState(run.prediction, None, plan_info, rows, time.perf_counter() - start)
+        state = PredictorState(run.prediction, None, plan_info, rows, predicted - start,
+                               what_if_seconds=time.perf_counter() - predicted)
         return state.to_dict()
 
     def _schedule_refits(self) -> None:

@@ -8,7 +8,7 @@ Modules: ``losses`` (∇_f L, curvature, error), ``optim_spec`` (the optimiser a
 
 from .adam import simulate_adam
 from .closed_form import MSESpectrum, mse_curve_from_spectrum, mse_spectrum, simulate_mse_closed_form
-from .discrete import SimulationResult, apply_kernel, kernel_kind, simulate_discrete
+from .discrete import SimulationResult, apply_kernel, kernel_kind, kronecker_factor, simulate_discrete
 from .extrapolate import PowerLaw, extrapolate_spectrum, extrapolated_mse_curve, fit_power_law
 from .losses import MSE, BCEWithLogits, CallableLoss, CrossEntropy, Loss, get_loss
 from .montecarlo import BatchSampler, simulate_minibatch, summarize_paths
@@ -45,6 +45,7 @@ __all__ = [
     "fit_power_law",
     "get_loss",
     "kernel_kind",
+    "kronecker_factor",
     "lambda_max",
     "mse_curve_from_spectrum",
     "mse_spectrum",

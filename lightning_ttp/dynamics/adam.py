@@ -24,8 +24,8 @@ lost: the per-coordinate evolution of v inside a block (only its block-average d
 followed), Adam's per-coordinate sign-like saturation, and AMSGrad. ``benchmarks/
 prediction_cost.py`` measures the resulting error against real AdamW runs (docs/prediction.md).
 
-Cost: one product (P, N·C) × (N·C, K·N·C) per step for all K blocks and P paths; with one
-block, what an SGD simulation costs.
+Cost: per step one product of the batch's rows of the K Grams side by side with the batch
+gradients of all P paths (``discrete.product``); with one block, what an SGD simulation costs.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .discrete import CurveRecorder, SimulationResult, _single_threaded, as_gram, kernel_kind
+from .discrete import Batch, CurveRecorder, SimulationResult, _single_threaded, as_gram, kernel_kind, product
 from .losses import Loss
 from .optim_spec import OptimizerSpec
 
@@ -57,14 +57,18 @@ def stack_blocks(block_grams: Sequence[torch.Tensor], n: int, c: int) -> tuple[t
     return torch.cat([g.to(dtype) for g in grams], dim=1), kinds.pop()
 
 
-def apply_blocks(stacked: torch.Tensor, r: torch.Tensor, kind: str, k: int) -> torch.Tensor:
-    """[K_1 r, …, K_K r] as (P, K, N, C) for r (P, N, C), in the Grams' precision, returned in r's."""
-    p, n, c = r.shape
-    x = r.to(stacked.dtype)
+def apply_blocks(stacked: torch.Tensor, r: torch.Tensor, kind: str, k: int, batch: Batch | None = None
+                 ) -> torch.Tensor:
+    """[K_1 r, …, K_K r] as (P, K, N, C), in the Grams' precision, returned in r's.
+
+    ``r``: (P, N, C), or with a sparse ``batch`` the batch gradient's rows (P, |B|, C).
+    """
+    p, c = r.shape[0], r.shape[-1]
+    out = product(stacked, r, kind, batch)
     if kind == "full":
-        out = (x.reshape(p, n * c) @ stacked).reshape(p, k, n, c)
+        out = out.reshape(p, k, -1, c)
     else:
-        out = (x.transpose(1, 2) @ stacked).reshape(p, c, k, n).permute(0, 2, 3, 1)
+        out = out.reshape(p, c, k, -1).permute(0, 2, 3, 1)
     return out.to(r.dtype)
 
 
@@ -81,8 +85,9 @@ def simulate_adam(
     lr_schedule: np.ndarray,
     *,
     jvp_w0: Sequence[torch.Tensor] | None = None,
-    weights: Callable[[int], torch.Tensor] | None = None,
+    batches: Callable[[int], Batch] | None = None,
     num_paths: int = 1,
+    settle_after: int | None = None,
 ) -> SimulationResult:
     """Adam(W) on the linearised model with per-block adaptive scales (see module docstring).
 
@@ -95,7 +100,8 @@ def simulate_adam(
         block_grams: K preconditioned block Grams K_k (N·C)² or (N, N).
         block_group: the param group of each block; ``block_sizes`` its parameter count (kept
             for the caller's diagnostics); ``block_rms`` a_k = mean_d √v_d over the block.
-        weights, num_paths: batch weights ``weights(t) -> (P, N)`` (default full batch) and P.
+        batches, num_paths: ``batches(t) -> Batch`` for the P paths (default the full batch) and P.
+        settle_after: stop a continuation past step T once the loss settled (``discrete.CurveRecorder``).
     """
     lrs = spec.schedule(lr_schedule)
     steps = lrs.shape[0]
@@ -134,14 +140,18 @@ def simulate_adam(
     m = torch.zeros(num_paths, k, n, c, dtype=dtype, device=device)
     v = torch.zeros(num_paths, k, dtype=dtype, device=device)
     q0 = None
-    full_batch = torch.full((num_paths, n), 1.0 / n, dtype=dtype, device=device)
-    curves = CurveRecorder(loss, y, num_paths, steps, device)
+    full_batch = Batch(torch.full((num_paths, n), 1.0 / n, dtype=dtype, device=device))
+    curves = CurveRecorder(loss, y, num_paths, steps, device, settle_after)
     for t in range(steps):
-        curves.record(t, f)
-        w = full_batch if weights is None else weights(t).to(device, dtype)
-        r = w[..., None] * loss.per_sample_grad(f, y)
-        d = apply_blocks(stacked, r, kind, k)  # (P, K, N, C): K_k r
-        q = (d * r[:, None]).sum((2, 3)).clamp_min(0.0)  # rᵀ K_k r = Σ_d g_d²/(√v_d + ε)
+        value, gsample = loss.value_and_grad(f, y)
+        curves.record(t, f, value)
+        if curves.settled(t):
+            break
+        batch = full_batch if batches is None else batches(t)
+        r = batch.gradient(gsample)  # (P, N, C), or the batch's rows (P, |B|, C)
+        d = apply_blocks(stacked, r, kind, k, batch)  # (P, K, N, C): K_k r
+        d_rows = batch.rows(d.permute(0, 2, 1, 3).reshape(num_paths, n, k * c)).reshape(num_paths, -1, k, c)
+        q = (d_rows * r[:, :, None]).sum((1, 3)).clamp_min(0.0)  # rᵀ K_k r = Σ_d g_d²/(√v_d + ε)
         if q0 is None:
             q0 = torch.where(q > 0, q, torch.ones_like(q))
         step_no = t + 1
@@ -158,5 +168,6 @@ def simulate_adam(
             f = f + moved.sum(1)
         else:
             f = f + upd.sum(1)
-    curves.record(steps, f)
+    else:
+        curves.record(steps, f)
     return curves.result(f)

@@ -35,8 +35,10 @@ Adam's bias correction.
 
 The batch gradient is ∇_f L_B = w_t ⊙ G(f_t) with per-sample gradients G (see ``losses``)
 and batch weights w_t (1/N for gradient descent; see ``montecarlo`` for mini-batches).
-A leading "path" dimension P lets Monte Carlo simulate many batch sequences at once: each
-step is one product (P, N·C) × (N·C, N·C) per group for all paths.
+A leading "path" dimension P lets Monte Carlo simulate many batch sequences at once. A
+mini-batch is kept as its sample indices (:class:`Batch`): Θ (w ⊙ G) = Σ_{i∈B} w_i Θ[:, i] G_i
+reads only the batch's rows of the (symmetric) Gram, one ``embedding_bag`` per group and step
+for all paths (|B|·C·N·C multiply-adds per path instead of (N·C)²).
 
 Precision and device: the simulation runs on the Grams' device. The products Θ r run in the
 Grams' precision (float32 Grams from a float32 model: half the memory traffic of float64;
@@ -48,17 +50,26 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .losses import Loss
 from .optim_spec import OptimizerSpec
 
-__all__ = ["SimulationResult", "simulate_discrete", "apply_kernel", "as_gram", "kernel_kind", "single_thread"]
+__all__ = ["Batch", "SimulationResult", "simulate_discrete", "apply_kernel", "as_gram", "kernel_kind",
+           "kronecker_factor", "single_thread"]
+
+
+#: the continuation past the run stops once the mean loss's drop over a window of T/10 steps
+#: is below this share of its total drop (the rest of the curve is then held: at most 10
+#: windows remain, so the held curve is within 1 % of the drop of the simulated one)
+SETTLE_TOLERANCE = 1e-3
 
 
 @contextlib.contextmanager
@@ -67,6 +78,8 @@ def single_thread():
 
     The simulators do thousands of tiny tensor ops; with several intra-op threads on a busy
     machine each op can cost milliseconds of thread synchronisation instead of microseconds.
+    (The one larger product per step gains ~1.8× from a second thread on an idle 2-core
+    machine but loses up to 10× when the cores are shared: one thread is the predictable choice.)
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -93,6 +106,8 @@ class SimulationResult:
     error: np.ndarray | None
     final_outputs: torch.Tensor
     diverged_at: int | None = None
+    #: the step after which the curves were held at their settled values (``settle_after``)
+    settled_at: int | None = None
 
 
 def kernel_kind(gram: torch.Tensor, n: int, c: int) -> str:
@@ -106,36 +121,130 @@ def kernel_kind(gram: torch.Tensor, n: int, c: int) -> str:
     raise ValueError(f"Gram of size {gram.shape[0]} matches neither N·C = {n * c} nor N = {n}")
 
 
+def kronecker_factor(gram: torch.Tensor, n: int, c: int, rtol: float = 1e-5) -> torch.Tensor | None:
+    """K (N, N) when a full sample-major Gram is K ⊗ I_C to ``rtol`` of its largest entry, else None.
+
+    That is the case exactly when only a final linear layer trains (a linear probe:
+    Θ_{(i,c),(j,c')} = δ_cc' (φ_i·φ_j + 1)); the trace kernel K then simulates the same
+    dynamics with C times fewer multiply-adds per step (``kernel_kind`` ``"trace"``).
+    """
+    if c < 2 or kernel_kind(gram, n, c) != "full":
+        return None
+    blocks = gram.reshape(n, c, n, c)
+    diag = torch.diagonal(blocks, dim1=1, dim2=3)  # (N, N, C): the class-diagonal blocks
+    scale = float(diag.abs().max())
+    if scale == 0 or float((diag - diag[..., :1]).abs().max()) > rtol * scale:
+        return None
+    off_diagonal = ~torch.eye(c, dtype=torch.bool, device=gram.device)
+    if float(blocks.abs().mul(off_diagonal[None, :, None, :]).max()) > rtol * scale:
+        return None
+    return diag[..., 0].contiguous()
+
+
 def as_gram(gram) -> torch.Tensor:
     """A Gram as the simulators use it: float64 stays float64, any other dtype becomes float32."""
     gram = torch.as_tensor(gram)
     return gram if gram.dtype == torch.float64 else gram.to(torch.float32)
 
 
-def apply_kernel(gram: torch.Tensor, r: torch.Tensor, kind: str) -> torch.Tensor:
-    """Θ r for r of shape (P, N, C), computed in the Gram's precision and returned in r's.
+def apply_kernel(gram: torch.Tensor, r: torch.Tensor, kind: str, batch: Batch | None = None) -> torch.Tensor:
+    """Θ r as (P, N, C), computed in the Gram's precision and returned in r's.
 
-    Full Gram: (r·Θ) on the flattened sample-major vector (Θ is symmetric); trace: Σ_m Θ_nm r_mc.
+    ``r``: (P, N, C), or with a sparse ``batch`` the batch gradient's rows
+    (:meth:`Batch.gradient`). Full Gram: (r·Θ) on the flattened sample-major vector (Θ is
+    symmetric); trace: Σ_m Θ_nm r_mc.
     """
-    p, n, c = r.shape
-    x = r.to(gram.dtype)
+    out = product(gram, r, kind, batch)
+    p, c = r.shape[0], r.shape[-1]
     if kind == "full":
-        out = (x.reshape(p, n * c) @ gram).reshape(p, n, c)
-    else:
-        out = torch.einsum("nm,pmc->pnc", gram, x)
-    return out.to(r.dtype)
+        return out.reshape(p, -1, c).to(r.dtype)
+    return out.transpose(1, 2).to(r.dtype)
+
+
+def product(gram: torch.Tensor, r: torch.Tensor, kind: str, batch: Batch | None = None) -> torch.Tensor:
+    """rᵀ Θ in the Gram's precision: (P, W) for full Grams, (P, C, W) for trace ones (W = the
+    Gram's columns: several Grams may stand side by side, see ``adam.stack_blocks``).
+
+    With a sparse ``batch`` (r holds the batch's K rows) only the batch's rows of Θ are read:
+    one ``embedding_bag`` (a weighted sum of gathered rows, never materialised).
+    """
+    x = r.to(gram.dtype)
+    p, c = x.shape[0], x.shape[-1]
+    if batch is None or batch.index is None:
+        return x.reshape(p, -1) @ gram if kind == "full" else x.transpose(1, 2) @ gram
+    if kind == "full":  # rows i·C + c of the sample-major Gram, weighted by r_ic
+        rows, weights = batch.gram_rows(c), x.reshape(p, -1)
+    else:  # one bag of rows per (path, class)
+        rows, weights = batch.trace_rows(c), x.transpose(1, 2).reshape(p * c, -1)
+    out = F.embedding_bag(rows, gram, per_sample_weights=weights, mode="sum")
+    return out if kind == "full" else out.reshape(p, c, -1)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One step's batch for P paths: the gradient weights w_t of the samples it holds.
+
+    ``index is None``: dense weights (P, N). Otherwise ``index`` (P, K) are sample indices
+    (repeats add up) and ``weight`` (P, K) their weights, w_{t,i} = Σ_{k: index_k = i} weight_k.
+    """
+
+    weight: torch.Tensor
+    index: torch.Tensor | None = None
+    _rows: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def gram_rows(self, c: int) -> torch.Tensor:
+        """(P, K·C): the rows i·C + c of a sample-major (N·C)² Gram for the batch's samples i."""
+        key = ("full", c)
+        if key not in self._rows:
+            p, k = self.index.shape
+            self._rows[key] = (self.index[..., None] * c + torch.arange(c, device=self.index.device)).reshape(p, k * c)
+        return self._rows[key]
+
+    def trace_rows(self, c: int) -> torch.Tensor:
+        """(P·C, K): the batch's samples once per (path, class), the bags of a trace-kernel product."""
+        key = ("trace", c)
+        if key not in self._rows:
+            p, k = self.index.shape
+            self._rows[key] = self.index[:, None, :].expand(p, c, k).reshape(p * c, k)
+        return self._rows[key]
+
+    def dense(self, n: int) -> torch.Tensor:
+        """The weights as (P, N)."""
+        if self.index is None:
+            return self.weight
+        return torch.zeros(self.weight.shape[0], n, dtype=self.weight.dtype,
+                           device=self.weight.device).scatter_add_(1, self.index, self.weight)
+
+    def gradient(self, gsample: torch.Tensor) -> torch.Tensor:
+        """The batch gradient w ⊙ G: (P, N, C) for dense weights, else its K rows (P, K, C)."""
+        if self.index is None:
+            return self.weight[..., None] * gsample
+        return self.weight[..., None] * self.rows(gsample)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch's rows (P, K, C) of a per-sample tensor x (P, N, C) (x itself when dense)."""
+        if self.index is None:
+            return x
+        return torch.gather(x, 1, self.index[..., None].expand(-1, -1, x.shape[-1]))
 
 
 class CurveRecorder:
     """Loss (and error) of every path at every step, kept on the simulation's device.
 
-    One host transfer at the end instead of a synchronisation per step.
+    One host transfer at the end instead of a synchronisation per step. With ``settle_after``
+    (the run's last step T when the simulation continues past it), :meth:`settled` tells the
+    simulator to stop once the mean loss has settled (:data:`SETTLE_TOLERANCE`); the steps not
+    simulated hold the last values.
     """
 
-    def __init__(self, loss: Loss, y: torch.Tensor, paths: int, steps: int, device: torch.device) -> None:
+    def __init__(self, loss: Loss, y: torch.Tensor, paths: int, steps: int, device: torch.device,
+                 settle_after: int | None = None) -> None:
         self.loss, self.y = loss, y
         self.values = torch.empty(steps + 1, paths, dtype=torch.float64, device=device)
         self.errors: torch.Tensor | None = None
+        self.settle_after = settle_after
+        self.window = max(1, (settle_after or 0) // 10)
+        self.last = -1
 
     def record(self, t: int, f: torch.Tensor, value: torch.Tensor | None = None) -> None:
         self.values[t] = self.loss.value(f, self.y) if value is None else value
@@ -144,13 +253,34 @@ class CurveRecorder:
             if self.errors is None:
                 self.errors = torch.empty_like(self.values)
             self.errors[t] = e
+        self.last = t
+
+    def settled(self, t: int) -> bool:
+        """Past ``settle_after``, every T/10 steps: has the mean loss's change over the last
+        window fallen below :data:`SETTLE_TOLERANCE` of its total drop (window means)? A
+        loss that rises again (instability) is not settled."""
+        if self.settle_after is None or t < self.settle_after or (t - self.settle_after) % self.window:
+            return False
+        w = self.window
+        if t + 1 < 2 * w:
+            return False
+        mean = self.values[t + 1 - 2 * w: t + 1].mean(1)
+        recent, before = float(mean[w:].mean()), float(mean[:w].mean())
+        total = float(self.values[0].mean()) - recent
+        return math.isfinite(recent) and total > 0 and abs(before - recent) <= SETTLE_TOLERANCE * total
 
     def result(self, f: torch.Tensor) -> SimulationResult:
         """The curves as (P, T+1) numpy arrays and the first step whose loss is not finite."""
+        settled_at = None
+        if self.last < self.values.shape[0] - 1:
+            settled_at = self.last
+            self.values[self.last + 1:] = self.values[self.last]
+            if self.errors is not None:
+                self.errors[self.last + 1:] = self.errors[self.last]
         losses = self.values.T.cpu().numpy()
         errs = None if self.errors is None else self.errors.T.cpu().numpy()
         bad = np.nonzero(~np.isfinite(losses[:, :-1]).all(0))[0]
-        return SimulationResult(losses, errs, f, int(bad[0]) if bad.size else None)
+        return SimulationResult(losses, errs, f, int(bad[0]) if bad.size else None, settled_at)
 
 
 @_single_threaded
@@ -163,12 +293,13 @@ def simulate_discrete(
     lr_schedule: np.ndarray,
     *,
     jvp_w0: Sequence[torch.Tensor] | None = None,
-    weights: Callable[[int], torch.Tensor] | None = None,
+    batches: Callable[[int], Batch] | None = None,
     num_paths: int = 1,
     dtype: torch.dtype = torch.float64,
     initial_buffers: Sequence[torch.Tensor | None] | None = None,
     start_step: int = 0,
     fixed_preconditioner: bool = False,
+    settle_after: int | None = None,
 ) -> SimulationResult:
     """Iterate the linearised model in function space for ``len(lr_schedule)`` steps.
 
@@ -182,13 +313,18 @@ def simulate_discrete(
         lr_schedule: (T, G) learning rate of every group at every step (or (T,) for one group
             / proportional groups).
         jvp_w0: per group J_g · w_{0,g} as (N, C); needed only with weight decay.
-        weights: ``weights(t) -> (P, N)`` batch weights at step t; default 1/N (full batch).
+        batches: ``batches(t) -> Batch``, the batches of the P paths at step t (e.g.
+            :meth:`~lightning_ttp.dynamics.montecarlo.BatchSampler.batch`); default the full
+            batch (weights 1/N).
         num_paths: P, the number of paths simulated together.
         initial_buffers: per group the image J_g b_g (N, C) of the optimiser's buffer when
             continuing a run (None: empty buffer, as at the first step).
         start_step: optimiser steps already taken (Adam's bias correction continues from it).
         fixed_preconditioner: Adam-type ``spec`` only: the Grams already hold a fixed
             preconditioner (J P Jᵀ); simulate Adam's first moment on them.
+        settle_after: the run's last step T when simulating a continuation past it: the
+            simulation stops once the mean loss has settled (:class:`CurveRecorder`) and the
+            remaining steps hold the last values.
     Returns:
         :class:`SimulationResult` with the loss L_0..L_T on all N samples.
     """
@@ -226,17 +362,19 @@ def simulate_discrete(
             raise ValueError(f"got {len(initial_buffers)} initial buffers for {ngroups} parameter groups")
         bufs = [None if b is None else torch.as_tensor(b).to(device, dtype).reshape(n, c).expand(num_paths, n, c)
                 .clone() for b in initial_buffers]
-    full_batch = torch.full((num_paths, n), 1.0 / n, dtype=dtype, device=device)
-    curves = CurveRecorder(loss, y, num_paths, steps, device)
+    full_batch = Batch(torch.full((num_paths, n), 1.0 / n, dtype=dtype, device=device))
+    curves = CurveRecorder(loss, y, num_paths, steps, device, settle_after)
     for t in range(steps):
         value, gsample = loss.value_and_grad(f, y)
         curves.record(t, f, value)
-        w = full_batch if weights is None else weights(t).to(device, dtype)
-        r = w[..., None] * gsample
-        delta = torch.zeros_like(f)
+        if curves.settled(t):
+            break
+        batch = full_batch if batches is None else batches(t)
+        r = batch.gradient(gsample)
+        delta = None
         for gi, gs in enumerate(spec.groups):
             lr = lrs[t, gi]
-            d = apply_kernel(grams[gi], r, kinds[gi])
+            d = apply_kernel(grams[gi], r, kinds[gi], batch)
             if need_u and gs.weight_decay and not gs.decoupled_weight_decay:
                 d = d + gs.weight_decay * (jw[gi] + u[gi])
             if adam:
@@ -256,7 +394,8 @@ def simulate_discrete(
                 step = step - lr * gs.weight_decay * (jw[gi] + u[gi])
             if need_u:
                 u[gi] = u[gi] + step
-            delta = delta + step
+            delta = step if delta is None else delta + step
         f = f + delta
-    curves.record(steps, f)
+    else:
+        curves.record(steps, f)
     return curves.result(f)

@@ -89,6 +89,15 @@ def _smoothed_distribution(y: torch.Tensor, num_classes: int, smoothing: float, 
     return q
 
 
+def _log_softmax(f: torch.Tensor) -> torch.Tensor:
+    """log softmax over the class axis (last). Computed on a class-major view: PyTorch's CPU
+    kernel is several times slower on a short contiguous last axis (C of 2–20 classes) than
+    on a strided one, and the simulators call this at every step."""
+    if f.dim() < 2:
+        return torch.log_softmax(f, dim=-1)
+    return torch.log_softmax(f.transpose(-1, -2), dim=-2).transpose(-1, -2)
+
+
 class CrossEntropy(Loss):
     """Softmax cross-entropy (``F.cross_entropy``), class-index or probability targets."""
 
@@ -99,6 +108,7 @@ class CrossEntropy(Loss):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = float(label_smoothing)
+        self._q_cache: tuple | None = None
         #: token targets equal to this are masked (used by :func:`token_loss` for sequence outputs)
         self.ignore_index = int(ignore_index)
 
@@ -121,19 +131,28 @@ class CrossEntropy(Loss):
         return targets
 
     def _q(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return _smoothed_distribution(y, f.shape[-1], self.label_smoothing, f.dtype)
+        # the simulators call this every step with the same targets tensor: keep the last one
+        # (held, so its identity cannot be reused; its version catches in-place edits)
+        cache = self._q_cache
+        key = (y._version, f.shape[-1], f.dtype, f.device)
+        if cache is None or cache[0] is not y or cache[1] != key:
+            q = _smoothed_distribution(y, f.shape[-1], self.label_smoothing, f.dtype).to(f.device)
+            self._q_cache = cache = (y, key, q)
+        return cache[2]
 
     def per_sample(self, f, y):
-        return -(self._q(f, y) * torch.log_softmax(f, dim=-1)).sum(-1)
+        return -(self._q(f, y) * _log_softmax(f)).sum(-1)
 
     def per_sample_grad(self, f, y):
         q = self._q(f, y)
-        return torch.softmax(f, dim=-1) * q.sum(-1, keepdim=True) - q
+        return _log_softmax(f).exp() * q.sum(-1, keepdim=True) - q
 
     def value_and_grad(self, f, y):
         q = self._q(f, y)
-        logp = torch.log_softmax(f, dim=-1)
+        logp = _log_softmax(f)
         value = -(q * logp).sum(-1).mean(-1)
+        if y.dim() == 1:  # class indices: every row of q sums to 1 (with label smoothing too)
+            return value, logp.exp() - q
         return value, logp.exp() * q.sum(-1, keepdim=True) - q
 
     def sample_hessian(self, f, y):
