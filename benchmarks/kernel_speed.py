@@ -283,6 +283,13 @@ def print_table(name: str, n: int, rows: list[dict]) -> None:
         print(f"{row['label']:<40} {row['seconds']:>9.2f} {row['cpu_seconds']:>9.2f} {row['peak_mib']:>9.0f} {err:>11}")
 
 
+def report(summary: dict) -> None:
+    """Print the JSON summary and keep it in benchmarks/results/<benchmark>.json."""
+    text = json.dumps(summary)
+    print(text)
+    Path("benchmarks/results", f"{summary['benchmark']}.json").write_text(text + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="N=64 / 32, no dense projections: about a minute")
@@ -303,7 +310,7 @@ def main() -> None:
     if args.optimizers:
         for name in [m for m in ("mlp", "cnn") if m in models]:
             summary[name] = run_optimizers(name, n_small, args.repeats)
-        print(json.dumps({"benchmark": "kernel_speed_optimizers", **summary}))
+        report({"benchmark": "kernel_speed_optimizers", **summary})
         return
     for name in [m for m in ("mlp", "cnn") if m in models]:
         rows = run_model(name, n_small, 1024, True, workdir, dense_projections=not args.quick, repeats=args.repeats)
@@ -335,7 +342,7 @@ def main() -> None:
             f"relative error {trace['trace_approximation_error']:.2f}"
         )
     if "resnet18" not in models:
-        print(json.dumps({"benchmark": "kernel_speed", **summary}))
+        report({"benchmark": "kernel_speed", **summary})
         return
     rows = run_model("resnet18", n_resnet, 1024, False, workdir)
     print_table("resnet18", n_resnet, rows)
@@ -351,7 +358,7 @@ def main() -> None:
         "subset": subset,
         "rows": rows,
     }
-    print(json.dumps({"benchmark": "kernel_speed", **summary}))
+    report({"benchmark": "kernel_speed", **summary})
 
 
 if __name__ == "__main__":
