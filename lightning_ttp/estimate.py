@@ -8,7 +8,7 @@ Pure torch: no Lightning.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -230,6 +230,7 @@ def estimate_kernel(
     batch_size: int | None = None,
     memory_budget: int | None = None,
     batch_statistics: bool | None = None,
+    parameter_scales: Mapping[torch.nn.Parameter, torch.Tensor] | None = None,
 ) -> KernelEstimate:
     """f0 and the per-group empirical NTK Θ_g = J_g J_gᵀ (eq. 2) at the current weights w0.
 
@@ -255,6 +256,9 @@ def estimate_kernel(
             :func:`lightning_ttp.relinearise.batch_statistics_state`) instead of eval mode;
             default (None): when the model has such layers, no ``projection_dim`` is set and the
             Jacobian fits ``lightning_ttp.relinearise.JACOBIAN_MAX_BYTES``.
+        parameter_scales: non-Adam optimisers only: ``{parameter: s}`` for Grams J_g diag(s²) J_gᵀ, a fixed
+            diagonal preconditioner (e.g. Adam's at a later step of the run: s = (√v̂ + ε)^{-1/2}), through
+            the engine's fast paths (:func:`lightning_ttp.kernel.empirical_ntk`); parameters not listed have s = 1.
     """
     from .kernel import empirical_ntk
 
@@ -280,6 +284,9 @@ def estimate_kernel(
     if kernel == "auto":
         kernel = "full" if n * c <= FULL_KERNEL_MAX else "trace"
     adam = spec.kind in ("adam", "adamw")
+    if adam and parameter_scales is not None:
+        raise ValueError("parameter_scales is for non-Adam optimisers: for Adam/AdamW estimate_kernel derives the "
+                         "preconditioner from the gradients at w0; pass an SGD spec over the same groups instead")
     groups = [list(g) for g in spec.params]
     blocks = _blocks(groups) if adam else None
     tensor_groups = [b[1] for b in blocks] if adam else groups
@@ -292,7 +299,9 @@ def estimate_kernel(
         if batch_statistics or (rl.has_batch_statistics(model)
                                 and 8 * n * c * sum(p.numel() for g in groups for p in g) <= rl.JACOBIAN_MAX_BYTES):
             # the eval-mode kernel below is not computed at all: the batch-statistics one replaces it
-            f0, grams, _, jw = rl.batch_statistics_state(model, inputs, groups, kernel=kernel, scales=None,
+            by_id = None if parameter_scales is None else {
+                id(p): torch.as_tensor(parameter_scales.get(p, torch.ones_like(p))) for g in groups for p in g}
+            f0, grams, _, jw = rl.batch_statistics_state(model, inputs, groups, kernel=kernel, scales=by_id,
                                                          tangents={}, weight_decay=spec.has_weight_decay,
                                                          output_fn=output_fn)
             y = _prepared_targets(loss_obj, targets, c, n)
@@ -300,7 +309,7 @@ def estimate_kernel(
             info["batch_statistics"] = True
             return KernelEstimate(f0.cpu(), y, grams, kernel, loss_obj, jw, False, time.perf_counter() - started,
                                   info)
-    scales = None
+    scales = parameter_scales
     if adam:
         flat = [p for g in groups for p in g]
         y_pre = loss_obj.prepare_targets(torch.as_tensor(targets).detach().cpu(), c)

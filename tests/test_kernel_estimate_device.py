@@ -68,3 +68,33 @@ def test_ode_drift_lives_on_the_grams_device():
     u = torch.zeros(drift.state_groups, 3, 4, 2, dtype=torch.float64, device="meta")
     du = drift(u, np.array([0.1]))
     assert du.device.type == "meta" and du.shape == u.shape
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_fixed_preconditioner_for_sgd_specs(batch_norm):
+    """estimate_kernel(..., parameter_scales=s) with an SGD spec: Θ = J diag(s²) Jᵀ (the closed loop's
+    re-estimates under Adam), eval mode, and with train-mode BatchNorm through the batched Jacobian."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, 3)] if batch_norm else [
+        nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)]
+    model = nn.Sequential(*layers).double()
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,))
+    with torch.no_grad():
+        model(x)  # running statistics
+    model.train(batch_norm)  # train-mode BatchNorm: the kernel of the subset as one batch
+    scales = {p: torch.rand_like(p) + 0.1 for p in list(model.parameters())[:2]}  # the others: s = 1
+    spec = OptimizerSpec.from_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    ke = estimate_kernel(model, x, y, spec, kernel="full", parameter_scales=scales, batch_statistics=batch_norm)
+    assert bool(ke.info.get("batch_statistics")) == batch_norm
+    if batch_norm:
+        model[1].track_running_stats = False  # batch statistics, no in-place update under jacrev
+    from torch.func import functional_call, jacrev
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    jac = jacrev(lambda p: functional_call(model, p, (x,)))(params)
+    model.eval()
+    flat = torch.cat([jac[k].reshape(30, -1) * scales.get(p, torch.ones_like(p)).reshape(-1)
+                      for k, p in model.named_parameters()], dim=1)
+    assert relative_error(ke.grams[0].to(torch.float64), flat @ flat.T) <= 1e-6
+    with pytest.raises(ValueError, match="non-Adam"):
+        estimate_kernel(model, x, y, optimizer=torch.optim.Adam(model.parameters()), parameter_scales=scales)
