@@ -169,25 +169,6 @@ def drift_multiplier(history: Sequence[KernelDrift], step: int, total_steps: int
 
 
 # ---------------------------------------------------------------------------- optimiser state
-class _Reparametrised(torch.nn.Module):
-    """w = w_k + s ⊙ z: at z = 0 its NTK in z is J diag(s²) Jᵀ (Adam: s² = 1/(√v̂ + ε))."""
-
-    def __init__(self, model, params, scales, output_fn) -> None:
-        super().__init__()
-        self.inner = OutputModule(model, output_fn)
-        names = {id(p): "m." + n for n, p in model.named_parameters()}
-        self.names = [names[id(p)] for p in params]
-        self.w = [p.detach() for p in params]
-        self.s = scales
-        self.z = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros_like(p)) for p in params])
-
-    def forward(self, inputs):
-        from torch.func import functional_call
-
-        weights = {n: w + s * z for n, w, s, z in zip(self.names, self.w, self.s, self.z, strict=True)}
-        return functional_call(self.inner, weights, (inputs,), strict=False)
-
-
 def _eval_jvp(module: torch.nn.Module, inputs: Any, params: list[torch.nn.Parameter],
               tangents: list[torch.Tensor]) -> torch.Tensor:
     """J · v for the outputs of ``module`` (eval mode, restored) w.r.t. ``params``, as float64 (N, C)."""
@@ -334,16 +315,15 @@ def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch
             model, inputs, groups, kernel=kernel, scales=dict(zip(map(id, flat), scales, strict=True)),
             tangents=tangents, weight_decay=spec.has_weight_decay, output_fn=output_fn)
         return _estimate(out, reference, grams, jw), bufs, max(steps)
-    wrapper = _Reparametrised(model, flat, scales, output_fn)
-    z_of = dict(zip(map(id, flat), wrapper.z, strict=True))
-    s_of = dict(zip(map(id, flat), scales, strict=True))
-    z_groups = [[z_of[id(p)] for p in g] for g in groups]
-    kernel_spec = OptimizerSpec.from_optimizer(torch.optim.SGD([{"params": g} for g in z_groups], lr=1.0))
-    ke = estimate_kernel(wrapper, inputs, targets, kernel_spec, loss=loss, kernel=kernel,
-                         projection_dim=projection_dim, seed=seed)
-    tangent_of = {id(z_of[id(p)]): s_of[id(p)] * state[p]["exp_avg"].detach()
-                  for p in flat if "exp_avg" in state.get(p, {})}
-    bufs = _buffers(wrapper, inputs, z_groups, lambda z: tangent_of.get(id(z)))
+    # the kernel of w = w_k + s ⊙ z at z = 0: J diag(s²) Jᵀ, through the engine's fast paths
+    kernel_spec = OptimizerSpec.from_optimizer(torch.optim.SGD([{"params": g} for g in groups], lr=1.0))
+    ke = estimate_kernel(model, inputs, targets, kernel_spec, loss=loss, output_fn=output_fn, kernel=kernel,
+                         projection_dim=projection_dim, seed=seed, batch_statistics=False,
+                         parameter_scales=dict(zip(flat, scales, strict=True)))
+    # B_g = J_{z,g} (s ⊙ m_g) = J_g (s² ⊙ m_g)
+    preconditioned_m = {id(p): s**2 * state[p]["exp_avg"].detach()
+                        for p, s in zip(flat, scales, strict=True) if "exp_avg" in state.get(p, {})}
+    bufs = _buffers(forward, inputs, groups, lambda p: preconditioned_m.get(id(p)))
     if spec.has_weight_decay:
         ke.jvp_w0 = _buffers(forward, inputs, groups, lambda p: p.detach())
     return ke, bufs, max(steps)

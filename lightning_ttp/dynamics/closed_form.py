@@ -52,12 +52,13 @@ def _proportional(lrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def mse_spectrum(f0, targets, gram) -> MSESpectrum:
-    """Eigen-decomposition of Θ/N and the normalised projections of δ0 = f0 − y."""
-    f0 = torch.as_tensor(f0, dtype=torch.float64)
+    """Eigen-decomposition of Θ/N and the normalised projections of δ0 = f0 − y (on the CPU in
+    float64, wherever the Gram lives: the results are numpy arrays)."""
+    f0 = torch.as_tensor(f0).detach().to("cpu", torch.float64)
     f0 = f0[:, None] if f0.dim() == 1 else f0
     n, c = f0.shape
-    y = MSE().prepare_targets(torch.as_tensor(targets), c).to(torch.float64)
-    gram = torch.as_tensor(gram, dtype=torch.float64)
+    y = MSE().prepare_targets(torch.as_tensor(targets).cpu(), c).to(torch.float64)
+    gram = torch.as_tensor(gram).detach().to("cpu", torch.float64)
     kind = kernel_kind(gram, n, c)
     evals, evecs = torch.linalg.eigh(gram / n)
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
@@ -96,7 +97,7 @@ def simulate_mse_closed_form(f0, targets, grams, spec: OptimizerSpec, lr_schedul
     factors = np.array([g.effective_lr_factor(spec.kind) if use_elr else 1.0 for g in spec.groups])
     s, ref = _proportional(lrs * factors[None, :])
     j = int(np.argmax(ref))
-    theta = sum(torch.as_tensor(g, dtype=torch.float64) * (ref[i] / ref[j]) for i, g in enumerate(grams))
+    theta = sum(torch.as_tensor(g).detach().to("cpu", torch.float64) * (ref[i] / ref[j]) for i, g in enumerate(grams))
     spec_ = mse_spectrum(f0, targets, theta)
     lr_steps = s * ref[j]
     loss = mse_curve_from_spectrum(spec_.eigvals, spec_.proj, lr_steps, spec_.num_outputs, discrete=discrete)
@@ -107,10 +108,10 @@ def simulate_mse_closed_form(f0, targets, grams, spec: OptimizerSpec, lr_schedul
         amp = np.vstack([np.ones_like(lam), np.cumprod(1.0 - 2.0 * lr_steps[:, None] * lam / c, axis=0)])
     else:
         amp = np.exp(-2.0 / c * lam * np.concatenate([[0.0], np.cumsum(lr_steps)])[:, None])
-    f0t = torch.as_tensor(f0, dtype=torch.float64)
+    f0t = torch.as_tensor(f0).detach().to("cpu", torch.float64)
     f0t = f0t[:, None] if f0t.dim() == 1 else f0t
     n = f0t.shape[0]
-    y = MSE().prepare_targets(torch.as_tensor(targets), c).to(torch.float64)
+    y = MSE().prepare_targets(torch.as_tensor(targets).cpu(), c).to(torch.float64)
     v = spec_.vectors
     if spec_.coeffs.ndim == 1:
         deltas = (amp * spec_.coeffs[None, :]) @ v.T  # (T+1, N·C)

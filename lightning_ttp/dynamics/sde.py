@@ -63,7 +63,7 @@ def simulate_sde(f0, targets, grams, loss: Loss, spec: OptimizerSpec, lr_schedul
     kappa = (n_total - b) / (n_total - 1) if n_total > 1 else 0.0
     noise_scale = math.sqrt(kappa / b) / math.sqrt(n)
     gen = torch.Generator().manual_seed(int(seed))
-    u = torch.zeros(drift.state_groups, num_paths, n, c, dtype=torch.float64)
+    u = torch.zeros(drift.state_groups, num_paths, n, c, dtype=torch.float64, device=drift.device)
     base = _noise_images(drift, drift.f0[None]) if noise == "rescaled" else None
     g0 = float(drift.grad(drift.f0).norm())
     steps = lrs.shape[0]
@@ -72,18 +72,18 @@ def simulate_sde(f0, targets, grams, loss: Loss, spec: OptimizerSpec, lr_schedul
     dt = 1.0 / substeps
     for t in range(steps + 1):
         f = drift.outputs(u)
-        losses[:, t] = loss.value(f, drift.y).numpy()
+        losses[:, t] = loss.value(f, drift.y).cpu().numpy()
         e = loss.error(f, drift.y)
         if e is not None:
             errs = np.empty((num_paths, steps + 1)) if errs is None else errs
-            errs[:, t] = e.numpy()
+            errs[:, t] = e.cpu().numpy()
         if t == steps:
             break
         for _ in range(substeps):
             f = drift.outputs(u)
             du = drift(u, lrs[t]) * dt
             if noise_scale > 0:
-                z = torch.randn(num_paths, n, generator=gen, dtype=torch.float64)
+                z = torch.randn(num_paths, n, generator=gen, dtype=torch.float64).to(drift.device)
                 if base is not None:
                     gnorm = drift.grad(f).flatten(1).norm(dim=1)
                     scale = (gnorm / g0 if g0 > 0 else torch.zeros_like(gnorm))[:, None, None]
