@@ -51,6 +51,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import save  # noqa: E402
 
 import lightning_ttp.estimate as estimate  # noqa: E402
 from lightning_ttp.dynamics import OptimizerSpec, epsilon_training_time  # noqa: E402
@@ -232,9 +235,7 @@ def main(argv=None) -> None:
               f"{'/'.join(str(t1[k]) for k in ('pred', 'linearised', 'real')):>13} "
               f"{'/'.join(str(t4[k]) for k in ('pred', 'linearised', 'real')):>13} "
               f"{r['max_gap_over_drop']:>8.2f}")
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "prediction_cost.json").write_text(json.dumps(summary, indent=1))
+    save("prediction_cost", summary)
     print(json.dumps(summary))
 
 

@@ -31,6 +31,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import save  # noqa: E402
 
 from lightning_ttp.dynamics import BatchSampler, OptimizerSpec, get_loss, simulate_discrete  # noqa: E402
 from lightning_ttp.dynamics.discrete import Batch  # noqa: E402
@@ -96,9 +99,7 @@ def main(argv=None) -> None:
         print(f"{r['n']:>5} {r['c']:>3} {r['batch']:>4} {r['paths']:>2} {t['rows']:>8.0f} {t['dense']:>9.0f} "
               f"{r['dense_over_rows']:>10.2f} {t['probe_rows']:>10.0f} {r['max_rel_diff']:>12.1e}")
     summary = {"benchmark": "simulation_speed", "steps": steps, "repeats": repeats, "rows": rows}
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "simulation_speed.json").write_text(json.dumps(summary, indent=1))
+    save("simulation_speed", summary)
     print(json.dumps(summary))
 
 
