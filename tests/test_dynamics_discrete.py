@@ -262,3 +262,22 @@ def test_a_linear_probe_kernel_is_simulated_as_its_kronecker_factor():
     assert kronecker_factor(gram_all, n, c) is None
     assert kronecker_factor(gram + 1e-3 * gram.abs().max() * torch.eye(n * c, dtype=gram.dtype)[torch.randperm(n * c)],
                             n, c) is None
+
+
+@pytest.mark.parametrize("targets", ["indices", "probabilities"])
+def test_cross_entropy_batch_gradient_on_the_rows_equals_the_full_one(targets):
+    # cross-entropy forms G only on the batch's rows; the generic path forms it on all N and
+    # then takes the rows: the same value and batch gradient (label smoothing included).
+    from lightning_ttp.dynamics.discrete import Batch
+    from lightning_ttp.dynamics.losses import Loss
+
+    g = torch.Generator().manual_seed(1)
+    loss = get_loss("cross_entropy", label_smoothing=0.1)
+    f = torch.randn(3, 9, 4, generator=g, dtype=torch.float64)
+    y = (torch.randint(0, 4, (9,), generator=g) if targets == "indices"
+         else torch.softmax(torch.randn(9, 4, generator=g, dtype=torch.float64), -1))
+    batch = Batch(torch.rand(3, 5, generator=g, dtype=torch.float64), torch.randint(0, 9, (3, 5), generator=g))
+    value, rows = loss.value_and_batch_gradient(f, y, batch)
+    ref_value, ref_rows = Loss.value_and_batch_gradient(loss, f, y, batch)
+    torch.testing.assert_close(value, ref_value, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rows, ref_rows, rtol=1e-12, atol=1e-12)

@@ -143,12 +143,11 @@ def simulate_adam(
     full_batch = Batch(torch.full((num_paths, n), 1.0 / n, dtype=dtype, device=device))
     curves = CurveRecorder(loss, y, num_paths, steps, device, settle_after)
     for t in range(steps):
-        value, gsample = loss.value_and_grad(f, y)
+        batch = full_batch if batches is None else batches(t)
+        value, r = loss.value_and_batch_gradient(f, y, batch)
         curves.record(t, f, value)
         if curves.settled(t):
-            break
-        batch = full_batch if batches is None else batches(t)
-        r = batch.gradient(gsample)  # (P, N, C), or the batch's rows (P, |B|, C)
+            break  # (P, N, C), or the batch's rows (P, |B|, C)
         d = apply_blocks(stacked, r, kind, k, batch)  # (P, K, N, C): K_k r
         d_rows = batch.rows(d.permute(0, 2, 1, 3).reshape(num_paths, n, k * c)).reshape(num_paths, -1, k, c)
         q = (d_rows * r[:, :, None]).sum((1, 3)).clamp_min(0.0)  # rᵀ K_k r = Σ_d g_d²/(√v_d + ε)

@@ -365,13 +365,11 @@ def simulate_discrete(
     full_batch = Batch(torch.full((num_paths, n), 1.0 / n, dtype=dtype, device=device))
     curves = CurveRecorder(loss, y, num_paths, steps, device, settle_after)
     for t in range(steps):
-        value, gsample = loss.value_and_grad(f, y)
+        batch = full_batch if batches is None else batches(t)
+        value, r = loss.value_and_batch_gradient(f, y, batch)
         curves.record(t, f, value)
         if curves.settled(t):
             break
-        batch = full_batch if batches is None else batches(t)
-        r = batch.gradient(gsample)
-        delta = None
         for gi, gs in enumerate(spec.groups):
             lr = lrs[t, gi]
             d = apply_kernel(grams[gi], r, kinds[gi], batch)
@@ -384,18 +382,21 @@ def simulate_discrete(
             elif gs.momentum:
                 if bufs[gi] is None:
                     bufs[gi] = d.clone()
+                elif gs.dampening:
+                    bufs[gi] = torch.add(gs.momentum * bufs[gi], d, alpha=1 - gs.dampening)
                 else:
-                    bufs[gi] = gs.momentum * bufs[gi] + (1 - gs.dampening) * d
-                upd = d + gs.momentum * bufs[gi] if gs.nesterov else bufs[gi]
+                    bufs[gi] = torch.add(d, bufs[gi], alpha=gs.momentum)
+                upd = torch.add(d, bufs[gi], alpha=gs.momentum) if gs.nesterov else bufs[gi]
             else:
                 upd = d
+            if not need_u:  # r was taken at the step's start: the groups' updates add up in any order
+                f = f.add(upd, alpha=-float(lr))
+                continue
             step = -lr * upd
-            if need_u and gs.weight_decay and gs.decoupled_weight_decay:
+            if gs.weight_decay and gs.decoupled_weight_decay:
                 step = step - lr * gs.weight_decay * (jw[gi] + u[gi])
-            if need_u:
-                u[gi] = u[gi] + step
-            delta = step if delta is None else delta + step
-        f = f + delta
+            u[gi] = u[gi] + step
+            f = f + step
     else:
         curves.record(steps, f)
     return curves.result(f)

@@ -20,10 +20,13 @@ it, so that ``L_B = Σ_i w_i ℓ_i`` is the number the user's training step repo
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .discrete import Batch
 
 __all__ = [
     "BCEWithLogits",
@@ -62,6 +65,14 @@ class Loss:
     def value_and_grad(self, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss, per-sample gradient G) in one pass where the loss allows it."""
         return self.value(f, y), self.per_sample_grad(f, y)
+
+    def value_and_batch_gradient(self, f: torch.Tensor, y: torch.Tensor, batch: Batch
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss over the N samples, the batch gradient w ⊙ G in the layout of
+        :meth:`~lightning_ttp.dynamics.discrete.Batch.gradient`). A loss may form G on the
+        batch's rows only (cross-entropy does)."""
+        value, g = self.value_and_grad(f, y)
+        return value, batch.gradient(g)
 
     def sample_curvature(self, f: torch.Tensor, y: torch.Tensor) -> float:
         """max_i λ_max(∂²ℓ_i/∂f_i²): the loss curvature used by the stability diagnostic."""
@@ -154,6 +165,16 @@ class CrossEntropy(Loss):
         if y.dim() == 1:  # class indices: every row of q sums to 1 (with label smoothing too)
             return value, logp.exp() - q
         return value, logp.exp() * q.sum(-1, keepdim=True) - q
+
+    def value_and_batch_gradient(self, f, y, batch):
+        if batch.index is None:
+            return super().value_and_batch_gradient(f, y, batch)
+        q = self._q(f, y)
+        logp = _log_softmax(f)
+        value = -(q * logp).sum(-1).mean(-1)
+        p_rows, q_rows = batch.rows(logp).exp(), q[batch.index]  # softmax only where the batch needs it
+        g = p_rows - q_rows if y.dim() == 1 else p_rows * q_rows.sum(-1, keepdim=True) - q_rows
+        return value, batch.weight[..., None] * g
 
     def sample_hessian(self, f, y):
         p = torch.softmax(f.double(), dim=-1)
