@@ -172,7 +172,8 @@ def time_optimizer_step(optimizer: torch.optim.Optimizer) -> float:
 
 
 def _synthetic_kernel(spec: OptimizerSpec, loss: Loss, targets: torch.Tensor, num_outputs: int, kernel: str,
-                      dtype: torch.dtype, lr_max: float, kronecker: bool = False) -> KernelEstimate:
+                      dtype: torch.dtype, lr_max: float, kronecker: bool = False,
+                      device: torch.device | str = "cpu") -> KernelEstimate:
     """A random PSD kernel of the real shapes (``kronecker``: K ⊗ I_C, as a linear probe's), scaled
     to a stable lr (the simulators' cost does not depend on the values, but diverging ones would
     end in inf/NaN arithmetic)."""
@@ -185,7 +186,7 @@ def _synthetic_kernel(spec: OptimizerSpec, loss: Loss, targets: torch.Tensor, nu
     for _ in range(groups):
         a = torch.randn(size, min(size, 64), generator=g, dtype=torch.float64)
         gram = a @ a.T * (n / (4 * size * max(lr_max, 1e-12) * groups))
-        grams.append((torch.kron(gram, torch.eye(c, dtype=gram.dtype)) if kronecker else gram).to(dtype))
+        grams.append((torch.kron(gram, torch.eye(c, dtype=gram.dtype)) if kronecker else gram).to(device, dtype))
     f0 = 0.1 * torch.randn(n, c, generator=g, dtype=torch.float64)
     y = loss.prepare_targets(targets.detach().cpu(), c)
     adam = spec.kind in ("adam", "adamw")
@@ -200,10 +201,12 @@ def _synthetic_kernel(spec: OptimizerSpec, loss: Loss, targets: torch.Tensor, nu
 def time_simulation(spec: OptimizerSpec, plan: RunPlan, targets: torch.Tensor, num_outputs: int, *,
                     kernel: str = "full", loss: str | Loss | Callable = "cross_entropy",
                     dtype: torch.dtype = torch.float32, method: str | Method = Method.AUTO, num_paths: int = 8,
-                    seed: int = 0, steps: int = _TIMED_STEPS, kronecker: bool = False) -> tuple[float, float]:
+                    seed: int = 0, steps: int = _TIMED_STEPS, kronecker: bool = False,
+                    device: torch.device | str = "cpu") -> tuple[float, float]:
     """(fixed seconds, seconds per simulated step) of :func:`~lightning_ttp.simulate.simulate`
-    for ``plan`` on a random kernel of ``len(targets)`` samples (``kronecker``: of a linear
-    probe's structure K ⊗ I_C, which the simulators exploit).
+    for ``plan`` on a random kernel of ``len(targets)`` samples on ``device`` (where the real
+    Grams will live: the model's) (``kronecker``: of a linear probe's structure K ⊗ I_C, which
+    the simulators exploit).
 
     One call of 4 steps pays the fixed part (the stability report, whose eigenvalue problems
     are then cached with the kernel); two more, of 4 and ``steps`` + 4 steps, give the per-step
@@ -212,7 +215,8 @@ def time_simulation(spec: OptimizerSpec, plan: RunPlan, targets: torch.Tensor, n
     """
     lrs = plan.lr_schedule
     lrs = np.concatenate([lrs, np.repeat(lrs[-1:], max(0, steps + 4 - lrs.shape[0]), axis=0)])
-    ke = _synthetic_kernel(spec, get_loss(loss), targets, num_outputs, kernel, dtype, float(np.max(lrs)), kronecker)
+    ke = _synthetic_kernel(spec, get_loss(loss), targets, num_outputs, kernel, dtype, float(np.max(lrs)), kronecker,
+                           device)
     seconds = []
     for k in (4, 4, steps + 4):
         start = time.perf_counter()
@@ -271,7 +275,7 @@ def choose_kernel(
     allowed = max(budget * run_seconds, floor_seconds)
     simulated = max(plan.steps, round(continuation * plan.steps))
     groups = [g for g in spec.params or [] if g]
-    dtype = groups[0][0].dtype
+    dtype, device = groups[0][0].dtype, groups[0][0].device  # the Grams keep the model's dtype and device
     per_sample = forward_backward / batch
     extras_per_sample = per_sample * (len(groups) if spec.has_weight_decay else 0)
     extras_fixed = forward_backward * min(8, max(1, n_max // batch)) if spec.kind in ("adam", "adamw") else 0.0
@@ -303,7 +307,7 @@ def choose_kernel(
                 _, c, _, kronecker = pilot(kind)
                 timed_sims[kind, n] = time_simulation(spec, plan, targets[:n], c, kernel=kind, loss=loss, dtype=dtype,
                                                       method=method, num_paths=num_paths, seed=seed,
-                                                      kronecker=kronecker)
+                                                      kronecker=kronecker, device=device)
             except Exception as err:  # noqa: BLE001 - the budget must not stop the prediction
                 notes.append(f"the simulation could not be timed ({type(err).__name__}: {err}); it is not counted")
                 timed_sims[kind, n] = (0.0, 0.0)
