@@ -20,8 +20,8 @@ measures what each part costs on this machine, and nothing is modelled from oper
    ``continuation``·T steps that :func:`~lightning_ttp.simulate.simulate_plan` simulates at
    most (the continuation stops once the loss has settled: an upper bound), plus its fixed
    part (the stability report), so the estimate follows the simulators whatever their
-   implementation (a linear probe's Gram K ⊗ I_C is given that structure: the simulators
-   exploit it);
+   implementation (a linear probe's Gram K ⊗ I_C is given that structure: the SGD-type
+   simulators exploit it);
 4. the choice: the largest candidate subset (N_max, then ×¾ down to ``MIN_SAMPLES``; the
    simulator is timed on the smallest and the largest candidate whose kernel fits, and
    interpolated as a power of N in between) whose kernel and simulation fit ``budget`` × run
@@ -139,10 +139,17 @@ def time_training_step(model: torch.nn.Module, inputs: Any, targets: torch.Tenso
         value = loss_obj.value(out.double(), loss_obj.prepare_targets(y.to(out.device), out.shape[1]))
         torch.autograd.grad(value, params, allow_unused=True)
 
-    with preserve_modes(model), torch.random.fork_rng(devices=[]):
+    with preserve_modes(model), _own_rng(params):
         model.train()
         seconds = _timed(step)
     return seconds * batch_size / take_n
+
+
+def _own_rng(params: list[torch.Tensor]):
+    """The pilot draws (dropout, random gradients) from forked generators: the CPU one and that of
+    every CUDA device the parameters live on; the caller's streams are as they were."""
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    return torch.random.fork_rng(devices=devices)
 
 
 def time_optimizer_step(optimizer: torch.optim.Optimizer) -> float:
@@ -166,7 +173,8 @@ def time_optimizer_step(optimizer: torch.optim.Optimizer) -> float:
                         p.grad = torch.randn_like(p) * 1e-3
             clone.step()
 
-        return _timed(step)
+        with _own_rng([p for g in groups for p in g["params"]]):
+            return _timed(step)
     except Exception:  # noqa: BLE001 - an optimiser we cannot copy costs what we cannot time
         return 0.0
 
@@ -206,7 +214,7 @@ def time_simulation(spec: OptimizerSpec, plan: RunPlan, targets: torch.Tensor, n
     """(fixed seconds, seconds per simulated step) of :func:`~lightning_ttp.simulate.simulate`
     for ``plan`` on a random kernel of ``len(targets)`` samples on ``device`` (where the real
     Grams will live: the model's) (``kronecker``: of a linear probe's structure K ⊗ I_C, which
-    the simulators exploit).
+    the SGD-type simulators exploit).
 
     One call of 4 steps pays the fixed part (the stability report, whose eigenvalue problems
     are then cached with the kernel); two more, of 4 and ``steps`` + 4 steps, give the per-step

@@ -50,9 +50,10 @@ class KernelEstimate:
             (:func:`lightning_ttp.dynamics.adam.simulate_adam`).
         seconds: wall-clock of the estimate.
         info: sizes, projection, method details.
-        stability_cache: memo of the stability diagnostic (loss curvature, λmax per lr
-            direction), filled by :func:`lightning_ttp.simulate.simulate`: it depends on the
-            kernel only, so what-if simulations on one estimate share it.
+        stability_cache: memo of what depends on the kernel only (the stability diagnostic's loss
+            curvature and λmax per lr direction, a linear probe's Kronecker factors), filled by
+            :func:`lightning_ttp.simulate.simulate`, so what-if simulations on one estimate share
+            it. Replace the Grams, not edit them, after a simulation.
     """
 
     outputs: torch.Tensor

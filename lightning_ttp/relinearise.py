@@ -99,7 +99,7 @@ def centred_alignment(kernel: torch.Tensor, targets: torch.Tensor) -> float:
     A = ⟨K_c, T_c⟩_F / (‖K_c‖_F ‖T_c‖_F), K_c = HKH, T_c = H YYᵀ H, H = I − 11ᵀ/N.
     """
     k = torch.as_tensor(kernel, dtype=torch.float64)
-    y = torch.as_tensor(targets, dtype=torch.float64).reshape(k.shape[0], -1)
+    y = torch.as_tensor(targets, dtype=torch.float64).to(k.device).reshape(k.shape[0], -1)
     kc = k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
     yc = y - y.mean(0, keepdim=True)
     tc = yc @ yc.T
@@ -240,21 +240,24 @@ def batch_statistics_state(model, inputs, groups: list[list[torch.nn.Parameter]]
             m.training = flag
     out = out.detach()
     n, c = out.shape
-    jf = {id(p): torch.stack([torch.zeros(p.numel()) if r[i] is None else r[i].reshape(-1) for r in rows])
-          .to(torch.float64) for i, p in enumerate(flat)}
-    scale2 = {id(p): (torch.ones(p.numel(), dtype=torch.float64) if scales is None
+    device = out.device
+    jf = {id(p): torch.stack([torch.zeros(p.numel(), device=device) if r[i] is None else r[i].reshape(-1)
+                              for r in rows]).to(torch.float64) for i, p in enumerate(flat)}
+    scale2 = {id(p): (torch.ones(p.numel(), dtype=torch.float64, device=device) if scales is None
                       else scales[id(p)].reshape(-1).to(torch.float64) ** 2) for p in flat}
     grams, bufs, jw = [], [], []
     for group in groups:
-        g = sum(((jf[id(p)] * scale2[id(p)]) @ jf[id(p)].T for p in group), torch.zeros(n * c, n * c,
-                                                                                          dtype=torch.float64))
+        g = sum(((jf[id(p)] * scale2[id(p)]) @ jf[id(p)].T for p in group),
+                torch.zeros(n * c, n * c, dtype=torch.float64, device=device))
         grams.append(g if kernel == "full" else torch.einsum("icjc->ij", g.reshape(n, c, n, c)) / c)
         have = [p for p in group if id(p) in tangents]
         bufs.append(sum(jf[id(p)] @ (scale2[id(p)] * tangents[id(p)].reshape(-1).to(torch.float64))
                         for p in have).reshape(n, c) if have else None)
         jw.append(sum(jf[id(p)] @ p.detach().reshape(-1).to(torch.float64) for p in group).reshape(n, c)
-                  if group else torch.zeros(n, c, dtype=torch.float64))
-    return out.to(torch.float64).cpu(), grams, bufs, (jw if weight_decay else None)
+                  if group else torch.zeros(n, c, dtype=torch.float64, device=device))
+    # outputs, buffer images and J·w on the CPU like estimate_kernel's; the Grams stay on the device
+    bufs = [None if b is None else b.cpu() for b in bufs]
+    return out.to(torch.float64).cpu(), grams, bufs, ([j.cpu() for j in jw] if weight_decay else None)
 
 
 def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch.optim.Optimizer, *, loss,
@@ -534,7 +537,7 @@ def _self_terms_scaled(gram: torch.Tensor, n0: int, factor: float) -> torch.Tens
     g = torch.as_tensor(gram, dtype=torch.float64).clone()
     c = g.shape[0] // n0
     blocks = g.reshape(n0, c, n0, c)
-    idx = torch.arange(n0)
+    idx = torch.arange(n0, device=g.device)
     blocks[idx, :, idx, :] *= factor
     vals, vecs = torch.linalg.eigh(blocks.reshape(n0 * c, n0 * c))
     return (vecs * vals.clamp(min=0.0)) @ vecs.T  # the nearest PSD kernel (no direction grows)

@@ -95,9 +95,13 @@ class _Run:
 
     @property
     def grams(self) -> list:
-        """The kernel's Grams, each full one that is exactly K ⊗ I_C (a linear probe) as its K."""
-        n, c = self.ke.outputs.shape[0], self.ke.num_outputs
-        return [g if (k := kronecker_factor(g, n, c)) is None else k for g in self.ke.grams]
+        """The kernel's Grams, each full one that is exactly K ⊗ I_C (a linear probe) as its K
+        (found once per kernel: kept in its ``stability_cache`` with the other per-kernel results)."""
+        cache = self.ke.stability_cache
+        if "compact_grams" not in cache:
+            n, c = self.ke.outputs.shape[0], self.ke.num_outputs
+            cache["compact_grams"] = [g if (k := kronecker_factor(g, n, c)) is None else k for g in self.ke.grams]
+        return cache["compact_grams"]
 
     @property
     def adam(self) -> bool:

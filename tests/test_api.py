@@ -204,3 +204,25 @@ def test_closed_form_extrapolates_from_a_subset():
     assert large.loss[-1] > small.loss[-1]  # more data: slower to fit (Appendix D)
     with pytest.raises(ValueError, match="MSE"):
         simulate(estimate_kernel(model, x, torch.zeros(N, dtype=torch.long), spec), spec, 5, method="closed_form")
+
+
+def test_a_linear_probe_is_simulated_on_its_kronecker_factor_and_its_continuation_is_held():
+    # A frozen backbone + Linear head: simulate() runs on K (Θ = K ⊗ I_C) and gives the curve of
+    # the full Gram; simulated past the run (horizon), the continuation stops once settled and the
+    # step is reported.
+    from lightning_ttp.dynamics import get_loss, simulate_minibatch
+
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh()).double().requires_grad_(False)
+    model = torch.nn.Sequential(body, torch.nn.Linear(16, 3).double())
+    x, y = torch.randn(48, 6, dtype=torch.float64), torch.randn(48, 3, dtype=torch.float64)
+    spec = OptimizerSpec.from_optimizer(torch.optim.SGD(model[1].parameters(), lr=0.3))
+    ke = estimate_kernel(model, x, y, spec, kernel="full", loss="mse")
+    pred = simulate(ke, spec, 400, 8, num_paths=4, horizon=200)
+    assert ke.stability_cache["compact_grams"][0].shape == (48, 48)
+    full = simulate_minibatch(ke.outputs, ke.targets, ke.grams, get_loss("mse"), spec,
+                              spec.constant_schedule(400), batch_size=8, num_paths=4)
+    settled = pred.diagnostics.extra["settled_at"]
+    assert 200 <= settled < 400
+    np.testing.assert_allclose(pred.loss, full.loss.mean(0)[:201], rtol=1e-9)
+    assert np.all(pred.continuation[settled - 200:] == pred.continuation[-1])

@@ -105,8 +105,10 @@ def test_the_pilot_leaves_the_model_and_the_optimiser_as_they_were():
     params = [p.detach().clone() for p in model.parameters()]
     buffers = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
     grads = [p.grad.clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
     choose_kernel(model, x, y, opt, plan_run((x, y), opt, 50, batch_size=16), budget=10, floor_seconds=1e6)
     assert budget.time_optimizer_step(opt) > 0
+    assert torch.equal(torch.get_rng_state(), rng)  # the run's random stream is not advanced
     assert not model.training
     for p, p0, b0, g0 in zip(model.parameters(), params, buffers, grads, strict=True):
         assert torch.equal(p, p0) and torch.equal(opt.state[p]["momentum_buffer"], b0) and torch.equal(p.grad, g0)

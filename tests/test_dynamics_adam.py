@@ -102,3 +102,21 @@ def test_float32_grams_multiply_in_float32_and_stay_within_rounding_of_float64()
     assert single.dtype == np.float64
     np.testing.assert_allclose(single, exact, rtol=1e-5)
     assert np.abs(single - exact).max() > 0  # the product really ran in float32
+
+
+def test_sparse_batches_give_the_curves_of_their_dense_weights():
+    # The batch's rows of the block Grams (and rᵀ K_k r from those rows) against the same
+    # batches as dense (P, N) weights through the dense product: the same AdamW curves.
+    from lightning_ttp.dynamics.discrete import Batch
+
+    model, x, y = setup()
+    f0, grams, rms, jw = preconditioned_blocks(model, x, y, 1e-8)
+    spec = OptimizerSpec.from_optimizer(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.02))
+    curves = []
+    for dense in (False, True):
+        sampler = BatchSampler(N, 8, 3, seed=5)
+        batches = (lambda t, s=sampler: Batch(s.batch(t).dense(N))) if dense else sampler.batch
+        curves.append(simulate_adam(f0, y, grams, [0, 0], [D * C, C], rms, get_loss("cross_entropy"), spec,
+                                    spec.constant_schedule(25), jvp_w0=[jw], batches=batches, num_paths=3).loss)
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-10)
+    assert np.abs(curves[0][0] - curves[0][1]).max() > 1e-6  # the paths differ: real mini-batches

@@ -225,7 +225,7 @@ def test_cross_entropy_reuses_its_targets_only_for_the_same_unchanged_tensor():
     def check(y):
         value, grad = loss.value_and_grad(f, y)
         ref = f.clone().requires_grad_(True)
-        refs = torch.stack([F.cross_entropy(ref[p], y, label_smoothing=0.1) for p in range(2)])
+        refs = torch.stack([F.cross_entropy(ref[p], y.clone(), label_smoothing=0.1) for p in range(2)])
         (gref,) = torch.autograd.grad(refs.sum(), ref)
         torch.testing.assert_close(value, refs.detach())
         torch.testing.assert_close(grad / 7, gref)  # G_i = ∂ℓ_i/∂f_i, the mean's gradient × N
@@ -235,6 +235,9 @@ def test_cross_entropy_reuses_its_targets_only_for_the_same_unchanged_tensor():
     check((y + 1) % 4)  # another tensor of the same shape
     y.add_(1).remainder_(4)  # the same tensor edited in place
     check(y)
+    with torch.inference_mode():  # targets without a version counter
+        frozen = torch.randint(0, 4, (7,), generator=g)
+    check(frozen)
 
 
 def test_a_linear_probe_kernel_is_simulated_as_its_kronecker_factor():
@@ -281,3 +284,26 @@ def test_cross_entropy_batch_gradient_on_the_rows_equals_the_full_one(targets):
     ref_value, ref_rows = Loss.value_and_batch_gradient(loss, f, y, batch)
     torch.testing.assert_close(value, ref_value, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(rows, ref_rows, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("momentum, lr, run", [(0.0, 0.9, 200), (0.9, 0.3, 19), (0.99, 0.3, 200), (0.9, 0.05, 1000)])
+def test_a_held_continuation_stays_within_one_percent_of_the_drop(momentum, lr, run):
+    # MSE on a kernel with eigenvalues from 1 to 1e-3 (slow directions keep the loss creeping),
+    # momentum that oscillates: wherever the continuation to 2T stops, the held curve is within
+    # SETTLE_TOLERANCE (1 %) of the drop of the full simulation.
+    from lightning_ttp.dynamics.discrete import SETTLE_TOLERANCE
+
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    gram = (q * torch.logspace(0, -3, n, dtype=torch.float64)) @ q.T * n
+    f0, y = torch.zeros(n, 1, dtype=torch.float64), torch.randn(n, 1, generator=g, dtype=torch.float64)
+    spec, loss = OptimizerSpec.sgd(lr, momentum=momentum), get_loss("mse")
+    full = simulate_discrete(f0, y, [gram], loss, spec, spec.constant_schedule(2 * run))
+    held = simulate_discrete(f0, y, [gram], loss, spec, spec.constant_schedule(2 * run), settle_after=run)
+    drop = full.loss[0, 0] - full.loss[0].min()
+    assert np.abs(held.loss - full.loss).max() <= SETTLE_TOLERANCE * drop
+    if held.settled_at is not None:
+        assert held.settled_at >= run
+    if momentum == 0.0:  # plain GD at lr 0.9 does settle: the bound is tested on a held tail
+        assert held.settled_at is not None

@@ -520,6 +520,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             predicted = time.perf_counter()
             rows = what_if(run.kernel, run.spec, plan, self._what_if, self.epsilons, method=self.method,
                            num_paths=self.num_paths, seed=self.seed) if self._what_if else []
+            what_if_seconds = time.perf_counter() - predicted
         if self.refine:
             self._loop = ClosedLoop(
                 run.spec, run.inputs, run.targets, plan.steps, run.kernel, lr_schedule=plan.lr_schedule,
@@ -532,7 +533,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         plan_info = plan.describe()
         plan_info["num_samples"] = n
         state = PredictorState(run.prediction, None, plan_info, rows, predicted - start,
-                               what_if_seconds=time.perf_counter() - predicted)
+                               what_if_seconds=what_if_seconds)
         return state.to_dict()
 
     def _schedule_refits(self) -> None:

@@ -143,14 +143,15 @@ def simulate_adam(
     full_batch = Batch(torch.full((num_paths, n), 1.0 / n, dtype=dtype, device=device))
     curves = CurveRecorder(loss, y, num_paths, steps, device, settle_after)
     for t in range(steps):
-        batch = full_batch if batches is None else batches(t)
+        batch = full_batch if batches is None else batches(t).to(device)
         value, r = loss.value_and_batch_gradient(f, y, batch)
         curves.record(t, f, value)
         if curves.settled(t):
             break  # (P, N, C), or the batch's rows (P, |B|, C)
         d = apply_blocks(stacked, r, kind, k, batch)  # (P, K, N, C): K_k r
-        d_rows = batch.rows(d.permute(0, 2, 1, 3).reshape(num_paths, n, k * c)).reshape(num_paths, -1, k, c)
-        q = (d_rows * r[:, :, None]).sum((1, 3)).clamp_min(0.0)  # rᵀ K_k r = Σ_d g_d²/(√v_d + ε)
+        d_rows = d if batch.index is None else torch.gather(
+            d, 2, batch.index[:, None, :, None].expand(-1, k, -1, c))  # (P, K, |B|, C): the batch's rows
+        q = (d_rows * r[:, None]).sum((2, 3)).clamp_min(0.0)  # rᵀ K_k r = Σ_d g_d²/(√v_d + ε)
         if q0 is None:
             q0 = torch.where(q > 0, q, torch.ones_like(q))
         step_no = t + 1

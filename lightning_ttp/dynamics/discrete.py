@@ -66,10 +66,13 @@ __all__ = ["Batch", "SimulationResult", "simulate_discrete", "apply_kernel", "as
            "kronecker_factor", "single_thread"]
 
 
-#: the continuation past the run stops once the mean loss's drop over a window of T/10 steps
-#: is below this share of its total drop (the rest of the curve is then held: at most 10
-#: windows remain, so the held curve is within 1 % of the drop of the simulated one)
-SETTLE_TOLERANCE = 1e-3
+#: the continuation past the run stops once the mean loss's change over the last window,
+#: times the windows still to simulate, is below this share of its total drop, or within its
+#: Monte Carlo noise (at two checks in a row): while the window changes do not grow, the held
+#: tail is within this share of the drop, or within the noise, of the simulated one
+SETTLE_TOLERANCE = 0.01
+#: the settle checks' window: T/10 steps, at least this many (momentum oscillates over ~1/(1−m))
+SETTLE_MIN_WINDOW = 10
 
 
 @contextlib.contextmanager
@@ -208,6 +211,12 @@ class Batch:
             self._rows[key] = self.index[:, None, :].expand(p, c, k).reshape(p * c, k)
         return self._rows[key]
 
+    def to(self, device: torch.device) -> Batch:
+        """The same batch on ``device`` (itself when it is there already)."""
+        if self.weight.device == torch.device(device):
+            return self
+        return Batch(self.weight.to(device), None if self.index is None else self.index.to(device))
+
     def dense(self, n: int) -> torch.Tensor:
         """The weights as (P, N)."""
         if self.index is None:
@@ -243,8 +252,9 @@ class CurveRecorder:
         self.values = torch.empty(steps + 1, paths, dtype=torch.float64, device=device)
         self.errors: torch.Tensor | None = None
         self.settle_after = settle_after
-        self.window = max(1, (settle_after or 0) // 10)
+        self.window = max(SETTLE_MIN_WINDOW, (settle_after or 0) // 10)
         self.last = -1
+        self._calm_checks = 0
 
     def record(self, t: int, f: torch.Tensor, value: torch.Tensor | None = None) -> None:
         self.values[t] = self.loss.value(f, self.y) if value is None else value
@@ -256,9 +266,11 @@ class CurveRecorder:
         self.last = t
 
     def settled(self, t: int) -> bool:
-        """Past ``settle_after``, every T/10 steps: has the mean loss's change over the last
-        window fallen below :data:`SETTLE_TOLERANCE` of its total drop (window means)? A
-        loss that rises again (instability) is not settled."""
+        """Past ``settle_after``, every window: has the mean loss (over paths) stopped moving, at
+        this check and the one before? Its change between the last two windows (their means)
+        must be below :data:`SETTLE_TOLERANCE` of its total drop per window still to simulate,
+        or within twice its own Monte Carlo noise (the within-window spread over √window: a
+        smooth curve's trend is never taken for noise)."""
         if self.settle_after is None or t < self.settle_after or (t - self.settle_after) % self.window:
             return False
         w = self.window
@@ -267,7 +279,13 @@ class CurveRecorder:
         mean = self.values[t + 1 - 2 * w: t + 1].mean(1)
         recent, before = float(mean[w:].mean()), float(mean[:w].mean())
         total = float(self.values[0].mean()) - recent
-        return math.isfinite(recent) and total > 0 and abs(before - recent) <= SETTLE_TOLERANCE * total
+        remaining = math.ceil((self.values.shape[0] - 1 - t) / w)
+        change = abs(before - recent)
+        noise = float(mean[w:].std() + mean[:w].std()) / (2 * math.sqrt(w)) if self.values.shape[1] > 1 else 0.0
+        calm = (math.isfinite(recent) and total > 0
+                and (change * remaining <= SETTLE_TOLERANCE * total or change <= 2 * noise))
+        self._calm_checks = self._calm_checks + 1 if calm else 0
+        return self._calm_checks >= 2
 
     def result(self, f: torch.Tensor) -> SimulationResult:
         """The curves as (P, T+1) numpy arrays and the first step whose loss is not finite."""
@@ -365,7 +383,7 @@ def simulate_discrete(
     full_batch = Batch(torch.full((num_paths, n), 1.0 / n, dtype=dtype, device=device))
     curves = CurveRecorder(loss, y, num_paths, steps, device, settle_after)
     for t in range(steps):
-        batch = full_batch if batches is None else batches(t)
+        batch = full_batch if batches is None else batches(t).to(device)
         value, r = loss.value_and_batch_gradient(f, y, batch)
         curves.record(t, f, value)
         if curves.settled(t):

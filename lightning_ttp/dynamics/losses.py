@@ -143,9 +143,12 @@ class CrossEntropy(Loss):
 
     def _q(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # the simulators call this every step with the same targets tensor: keep the last one
-        # (held, so its identity cannot be reused; its version catches in-place edits)
+        # (held, so its identity cannot be reused; its version catches in-place edits; inference
+        # tensors have no version: not cached)
+        if y.is_inference():
+            return _smoothed_distribution(y, f.shape[-1], self.label_smoothing, f.dtype).to(f.device)
         cache = self._q_cache
-        key = (y._version, f.shape[-1], f.dtype, f.device)
+        key = (y._version, f.shape[-1], f.dtype, f.device, self.label_smoothing)
         if cache is None or cache[0] is not y or cache[1] != key:
             q = _smoothed_distribution(y, f.shape[-1], self.label_smoothing, f.dtype).to(f.device)
             self._q_cache = cache = (y, key, q)
@@ -282,7 +285,7 @@ class MSE(Loss):
 
     def sample_hessian(self, f, y):
         n, c = f.shape
-        return torch.eye(c, dtype=torch.float64).expand(n, c, c) * (2.0 / c)
+        return torch.eye(c, dtype=torch.float64, device=f.device).expand(n, c, c) * (2.0 / c)
 
     def error(self, f, y):
         # One-hot regression targets (a common "MSE for classification" set-up): argmax error.

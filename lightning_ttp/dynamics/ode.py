@@ -81,7 +81,7 @@ class FunctionSpaceDrift:
         h = self.loss.sample_hessian(f, self.y)
         if h is None:
             return None
-        h = h.to(torch.float64) / n
+        h = h.to(self.device, torch.float64) / n
         nc = n * c
         eye = torch.eye(nc, dtype=torch.float64, device=self.device)
         jac = torch.zeros(k * nc, k * nc, dtype=torch.float64, device=self.device)
