@@ -135,3 +135,26 @@ def test_ode_jacobian_matches_finite_differences(task):
         du[k] = 1e-6
         fd[:, k] = ((drift(u + du.reshape(u.shape), lrs).reshape(-1) - base) / 1e-6).numpy()
     np.testing.assert_allclose(jac, fd, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_lambda_max_by_products_equals_the_dense_eigenvalue(scaled):
+    # Above 300 rows λmax comes from Lanczos on products with the Grams as they are (a full and
+    # a trace Gram, float32 and float64, optionally H^{1/2}·H^{1/2}); reference: eigvalsh of the
+    # formed matrix.
+    from lightning_ttp.dynamics.stability import _scale, lambda_max
+
+    g = torch.Generator().manual_seed(0)
+    n, c = 70, 5
+    a = torch.randn(n * c, 40, generator=g, dtype=torch.float64)
+    b = torch.randn(n, 30, generator=g, dtype=torch.float64)
+    full, trace = (a @ a.T).float(), b @ b.T
+    s = torch.randn(n, c, c, generator=g, dtype=torch.float64)
+    s = s @ s.transpose(1, 2) / c if scaled else None
+    weights = [0.7, 1.3]
+    kron = torch.kron(trace, torch.eye(c, dtype=torch.float64))
+    dense = 0.7 * full.double() + 1.3 * kron
+    if scaled:
+        dense = _scale(dense, s, n, c)
+    expected = float(torch.linalg.eigvalsh(dense)[-1])
+    assert lambda_max([full, trace], weights, n, c, s) == pytest.approx(expected, rel=1e-4)

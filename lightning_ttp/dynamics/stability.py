@@ -44,19 +44,41 @@ def stability_bound(g: GroupSpec, kind: str = "sgd") -> float:
     return 2.0 * (1 + m) / max(1e-12, 1 - g.dampening)
 
 
-def lambda_max(grams, weights, n: int, c: int) -> float:
-    """λmax of Σ_g weights_g Θ_g (dense eigvalsh up to 300 rows, else ARPACK Lanczos)."""
-    m = sum(w * torch.as_tensor(g, dtype=torch.float64) for w, g in zip(weights, grams, strict=True))
-    if m.shape[0] <= 300:
+def lambda_max(grams, weights, n: int, c: int, hessian_sqrt: torch.Tensor | None = None) -> float:
+    """λmax of Σ_g weights_g Θ_g, or of H^{1/2} (Σ_g weights_g Θ_g) H^{1/2} with ``hessian_sqrt``
+    (N blocks C×C). Dense eigvalsh up to 300 rows, else ARPACK Lanczos on products with the
+    Grams as they are (the scaled matrix is never formed: no (N·C)² float64 copy)."""
+    grams = [torch.as_tensor(g) for g in grams]
+    if hessian_sqrt is None and len({g.shape for g in grams}) == 1 and grams[0].shape[0] <= 300:
+        m = sum(w * g.to(torch.float64) for w, g in zip(weights, grams, strict=True))
         return float(torch.linalg.eigvalsh(m.cpu())[-1])
+    if hessian_sqrt is not None and n * c <= 300:
+        m = sum(w * _scale(g, hessian_sqrt, n, c) for w, g in zip(weights, grams, strict=True))
+        return float(torch.linalg.eigvalsh(m.cpu())[-1])
+    device = grams[0].device
+    s = None if hessian_sqrt is None else hessian_sqrt.to(device, torch.float64)
+    size = n * c if s is not None or any(g.shape[0] == n * c for g in grams) else n
+    width = size // n  # outputs per sample in the operator's vector: C, or 1 for trace kernels alone
+
+    def apply(v: torch.Tensor) -> torch.Tensor:  # v (N, width) -> Σ_g w_g Θ_g v, (N, width)
+        out = torch.zeros_like(v)
+        for w, g in zip(weights, grams, strict=True):  # the product in the Gram's precision
+            x = (v.reshape(-1) if g.shape[0] == n * width and width > 1 else v).to(g.dtype)
+            out += w * (g @ x).to(torch.float64).reshape(n, width)
+        return out
+
     # Matrix-vector products through torch (its thread setting), not numpy's BLAS pool.
     def matvec(x):
-        v = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)).to(m.device)
-        return (m @ v).cpu().numpy()
+        v = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)).to(device).reshape(n, width)
+        if s is not None:
+            v = torch.einsum("iab,ib->ia", s, v)
+        v = apply(v)
+        if s is not None:
+            v = torch.einsum("iab,ib->ia", s, v)
+        return v.reshape(-1).cpu().numpy()
 
-    op = LinearOperator(tuple(m.shape), matvec=matvec, dtype=float)
-    v0 = np.ones(m.shape[0])
-    return float(eigsh(op, k=1, which="LA", return_eigenvectors=False, tol=1e-4, v0=v0)[0])
+    op = LinearOperator((size, size), matvec=matvec, dtype=float)
+    return float(eigsh(op, k=1, which="LA", return_eigenvectors=False, tol=1e-4, v0=np.ones(size))[0])
 
 
 def _hessian_sqrt(loss: Loss, f0: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
@@ -95,17 +117,15 @@ def stability_report(f0, targets, grams, loss: Loss, spec: OptimizerSpec, lr_sch
         cache["curvature"] = float(loss.sample_curvature(f0, y))
         cache["hessian_sqrt"] = _hessian_sqrt(loss, f0, y) if n * c <= 3000 else None
     h = cache["curvature"]
-    plain_grams = grams
-    if cache["hessian_sqrt"] is not None:
-        if "scaled_grams" not in cache:
-            cache["scaled_grams"] = [_scale(g, cache["hessian_sqrt"], n, c) for g in grams]
-        grams, h, mode = cache["scaled_grams"], 1.0, "exact at f0"
+    hessian_sqrt = cache["hessian_sqrt"]
+    if hessian_sqrt is not None:
+        h, mode = 1.0, "exact at f0"
     else:
         mode = "bound"
     a = np.array([stability_bound(g, spec.kind) for g in spec.groups])
     plain = ("lambda",) + (1.0,) * len(grams)
     if ("plain",) + plain not in cache:
-        cache[("plain",) + plain] = lambda_max(plain_grams, [1.0] * len(grams), n, c)
+        cache[("plain",) + plain] = lambda_max(grams, [1.0] * len(grams), n, c)
     lam_plain = cache[("plain",) + plain] / n
     scaled = lrs / a[None, :]
     # Unique lr rows (schedules repeat values); ρ is homogeneous in the lrs.
@@ -121,7 +141,7 @@ def stability_report(f0, targets, grams, loss: Loss, spec: OptimizerSpec, lr_sch
                 key = min(known, key=lambda d: np.abs(np.array(d[1:]) - np.array(direction[1:])).sum())
                 cache[direction] = cache[key]
             else:
-                cache[direction] = lambda_max(grams, list(direction[1:]), n, c)
+                cache[direction] = lambda_max(grams, list(direction[1:]), n, c, hessian_sqrt)
         rho[t] = norms[t] * cache[direction] * h / n
     peak = int(np.argmax(rho)) if rho.size else 0
     max_lr = float(lrs[peak, 0] / rho[peak]) if rho[peak] > 0 else float("inf")
