@@ -136,19 +136,15 @@ def empirical_ntk(
         ValueError: no trainable parameters, N = 0, outputs not (N, C) or not finite, bad options.
         NTKMemoryError: the request does not fit ``memory_budget`` (the message lists the options).
     """
+    compute = functools.partial(
+        _empirical_ntk, model, inputs, output_fn=output_fn, kernel=kernel, projection_dim=projection_dim,
+        projection=projection, parameter_groups=parameter_groups, chunk_size=chunk_size, seed=seed,
+        memory_budget=memory_budget, parameter_scales=parameter_scales)
     try:
-        return _empirical_ntk(
-            model, inputs, output_fn=output_fn, kernel=kernel, projection_dim=projection_dim, projection=projection,
-            parameter_groups=parameter_groups, chunk_size=chunk_size, seed=seed, memory_budget=memory_budget,
-            parameter_scales=parameter_scales, use_cached_probe=True,
-        )
+        return compute(use_cached_probe=True)
     except _StaleProbe:
         forget_probes(model)
-        return _empirical_ntk(
-            model, inputs, output_fn=output_fn, kernel=kernel, projection_dim=projection_dim, projection=projection,
-            parameter_groups=parameter_groups, chunk_size=chunk_size, seed=seed, memory_budget=memory_budget,
-            parameter_scales=parameter_scales, use_cached_probe=False,
-        )
+        return compute(use_cached_probe=False)
 
 
 def _empirical_ntk(
