@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import save  # noqa: E402
+from tt_accuracy import pretrained  # noqa: E402
 
 import lightning_ttp.estimate as estimate  # noqa: E402
 from lightning_ttp.dynamics import OptimizerSpec, epsilon_training_time  # noqa: E402
@@ -74,22 +75,6 @@ def load_task():
     pre = y < 5
     fine = torch.nonzero(~pre)[:, 0][torch.randperm(int((~pre).sum()), generator=torch.Generator().manual_seed(0))]
     return (x[pre], y[pre]), (x[fine[:N]], y[fine[:N]] - 5)
-
-
-def pretrained_cnn(pre) -> torch.nn.Module:
-    torch.manual_seed(0)
-    body = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
-                               torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.AvgPool2d(2),
-                               torch.nn.Flatten(), torch.nn.Linear(32 * 16, 64), torch.nn.ReLU())
-    model = torch.nn.Sequential(body, torch.nn.Linear(64, 5))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x, y = pre
-    for _ in range(150):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    torch.manual_seed(1)
-    return torch.nn.Sequential(body, torch.nn.Linear(64, C))
 
 
 def make_optimizer(name: str, params):
@@ -201,7 +186,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
     pre, (x, y) = load_task()
-    model = pretrained_cnn(pre)
+    model = pretrained("cnn", pre)  # the CNN backbone of tt_accuracy, pre-trained on digits 0–4
     predict(model, x[:16], y[:16], "sgd_momentum", 5)  # warm-up: one-time costs are not timed
     predict(model, x[:16], y[:16], "adamw", 5)
     summary: dict = {"benchmark": "prediction_cost", "quick": args.quick, "steps": steps, "n": N, "batch": BATCH,
