@@ -144,10 +144,10 @@ def simulate_adam(
     curves = CurveRecorder(loss, y, num_paths, steps, device, settle_after)
     for t in range(steps):
         batch = full_batch if batches is None else batches(t).to(device)
-        value, r = loss.value_and_batch_gradient(f, y, batch)
+        value, r = loss.value_and_batch_gradient(f, y, batch)  # r: (P, N, C), or the batch's rows (P, |B|, C)
         curves.record(t, f, value)
         if curves.settled(t):
-            break  # (P, N, C), or the batch's rows (P, |B|, C)
+            break
         d = apply_blocks(stacked, r, kind, k, batch)  # (P, K, N, C): K_k r
         d_rows = d if batch.index is None else torch.gather(
             d, 2, batch.index[:, None, :, None].expand(-1, k, -1, c))  # (P, K, |B|, C): the batch's rows
