@@ -8,13 +8,15 @@ tell which of 5 token groups is most frequent (task A), then every layer is fine
 
 * the real fine-tuning loop (``--steps`` optimiser steps of batch 32), and its parts
   (data, forward + backward, zero_grad + step, ``loss.item()``),
-* the prediction under the default budget (5 % of the run's predicted cost, floor 0.5 s), and
-  its parts (the budget's pilot, the kernel's passes and contraction, J·w0/Adam extras, the
-  simulation and its fixed part), read by wrapping the functions ``predict_run`` calls,
+* the prediction with the defaults (the cost cap: the exact kernel unless it counts more
+  multiply-adds than the run), and its parts (the cap's count, the kernel's passes and
+  contraction, J·w0/Adam extras, the simulation and its fixed part), read by wrapping the
+  functions ``predict_run`` calls,
 * the prediction with ``budget=None`` (the exact kernel on all ``--num-samples`` samples),
 
-and print, next to each measured part, what the budget predicted it would cost
-(``KernelChoice.components`` and ``step_seconds``); and compare both predicted
+and print, next to each measured part, the cap's count of it (``KernelChoice.components``,
+``run_macs``) and the seconds per counted GMAC (how well counts stand for time on this
+machine); and compare both predicted
 ε-training-times with the real one (mini-batch losses smoothed over one epoch, the package's
 definition). Prints tables and writes ``benchmarks/results/budget.json``.
 
@@ -140,9 +142,9 @@ class Recorder:
         return wrapper
 
     def components(self, total: float, prediction) -> dict[str, float]:
-        """The measured seconds of the parts the budget predicts (``KernelChoice.components``)."""
+        """The measured seconds of the parts the cap counts (``KernelChoice.components``)."""
         s, t, d = self.seconds, self.ntk_timings, prediction.diagnostics
-        parts = {"pilot": s.get("choose_kernel", 0.0), "passes": t["passes"] + t["fallback"],
+        parts = {"cap": s.get("choose_kernel", 0.0), "passes": t["passes"] + t["fallback"],
                  "contraction": t["contraction"], "extras": s["estimate_kernel"] - s["empirical_ntk"],
                  "simulation": d.simulation_seconds, "simulation_fixed": s["simulate_plan"] - d.simulation_seconds}
         parts["other"] = total - sum(parts.values())
@@ -202,7 +204,7 @@ def main() -> None:
         return torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9)
 
     rows = {}
-    for name, budget in (("default budget", api.DEFAULT_BUDGET), ("exact (budget=None)", None)):
+    for name, budget in (("defaults", api.DEFAULT_BUDGET), ("exact (budget=None)", None)):
         with Recorder() as rec:
             start = time.perf_counter()
             pred = predict_training_time(model, loader, optimizer(model), args.steps,
@@ -231,32 +233,24 @@ def main() -> None:
         f"ε={e:g}: " + ("not converged" if still_falling(real_curve, e) else str(epsilon_training_time(real_curve, e)))
         for e in (0.1, 0.01)))
 
-    choice = summary["rows"]["default budget"]["choice"]
-    predicted = choice.get("components", {})
-    actual = rows["default budget"]["actual"]
-    print(f"\nthe default-budget prediction, predicted by the budget vs measured (s); "
+    choice = summary["rows"]["defaults"]["choice"]
+    counted = choice.get("components", {})
+    actual = rows["defaults"]["actual"]
+    kernel_actual = actual["passes"] + actual["contraction"] + actual["extras"]
+    sim_actual = actual["simulation"] + actual["simulation_fixed"]
+    pairs = {"kernel (passes + contraction + extras)": (counted.get("passes", 0) + counted.get("contraction", 0)
+                                                        + counted.get("extras", 0), kernel_actual),
+             "simulation": (counted.get("simulation", 0), sim_actual),
+             "the run": (choice.get("run_macs", float("nan")), train_seconds)}
+    print(f"\nthe cost cap's counts (multiply-adds, never timed) vs the measured seconds; "
           f"choice: {choice.get('kernel')} on {choice.get('num_samples')}")
-    print(f"{'component':<18}{'predicted':>10}{'actual':>10}{'actual/pred':>12}")
-    for part in actual:
-        p, a = predicted.get(part), actual[part]
-        print(f"{part:<18}{'-' if p is None else format(p, '.3f'):>10}{a:>10.3f}"
-              f"{'-' if not p else format(a / p, '.2f'):>12}")
-    total_p = choice.get("predicted_seconds", float("nan"))
-    print(f"{'total':<18}{total_p:>10.3f}{rows['default budget']['seconds']:>10.3f}"
-          f"{rows['default budget']['seconds'] / total_p:>12.2f}")
-    settled = rows["default budget"]["prediction"].diagnostics.get("settled_at")
-    print(f"simulated steps: the budget charges {2 * args.steps} (2T, at most), the simulator ran "
-          f"{settled or 2 * args.steps}" + (" (the continuation stopped once the loss settled)" if settled else ""))
-    summary["rows"]["default budget"]["simulated_steps"] = settled or 2 * args.steps
-    step = choice.get("step_seconds", {})
-    run_pred = {"forward_backward": step.get("forward_backward", 0.0) * args.steps,
-                "optimizer": step.get("optimizer", 0.0) * args.steps, "data": 0.0, "item": 0.0}
-    print("\nthe run, predicted by the budget's pilot vs measured in the loop (s)")
-    print(f"{'component':<18}{'predicted':>10}{'actual':>10}")
-    for part, a in run_parts.items():
-        print(f"{part:<18}{run_pred[part]:>10.2f}{a:>10.2f}")
-    print(f"{'total':<18}{choice.get('run_seconds', float('nan')):>10.2f}{train_seconds:>10.2f}")
-    summary["run"] = {"predicted": run_pred, "actual": run_parts}
+    print(f"{'part':<40}{'counted MACs':>14}{'seconds':>10}{'s / GMAC':>10}")
+    for part, (macs, secs) in pairs.items():
+        print(f"{part:<40}{macs:>14.3g}{secs:>10.2f}{secs / macs * 1e9 if macs else float('nan'):>10.3f}")
+    print(f"{'prediction / run':<40}{choice.get('predicted_macs', 0) / choice.get('run_macs', 1):>14.2%}"
+          f"{rows['defaults']['seconds'] / train_seconds:>10.2%}")
+    summary["counts_vs_seconds"] = {k: {"macs": m, "seconds": t} for k, (m, t) in pairs.items()}
+    summary["run"] = {"actual": run_parts}
     if args.sweep:
         summary["sweep"] = sweep(model, loader, optimizer(model), args.steps, real_curve)
     RESULTS.mkdir(exist_ok=True)

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 DEFAULT_NUM_SAMPLES = 256
-DEFAULT_BUDGET = 0.05  # the prediction's share of the run's predicted cost
+DEFAULT_BUDGET = 1.0  # the prediction may count as many multiply-adds as the run before it shrinks
 
 
 @dataclass
@@ -82,10 +82,11 @@ def predict_run(
     """Estimate the kernel on ``subset`` (one collated batch) and simulate ``plan`` on it.
 
     The common core of :func:`predict_training_time` and the Lightning callback. With a
-    ``budget`` (a share of the run's predicted cost, default 5 %) and no ``projection_dim``,
-    the kernel subset and kind are chosen to fit it (:func:`lightning_ttp.budget.choose_kernel`;
-    the choice is in ``prediction.diagnostics["budget"]``); ``budget=None`` uses the whole
-    subset.
+    ``budget`` (a multiple of the run's counted cost, default 1) and no ``projection_dim``, the
+    exact kernel on the whole subset is kept unless it would count more than that; then the
+    subset and kind are chosen to fit (:func:`lightning_ttp.budget.choose_kernel`: multiply-adds
+    counted from the model's shapes, never timed, so the choice is the same on any machine). The
+    choice is in ``prediction.diagnostics["budget"]``; ``budget=None`` uses the whole subset.
     """
     spec = OptimizerSpec.from_optimizer(optimizer)
     inputs, targets = split_batch(subset, output_fn=output_fn, target_fn=target_fn)
@@ -161,8 +162,11 @@ def predict_training_time(
             ``model(batch[0])`` (tuples, dicts and ``ModelOutput.logits`` are handled without it).
         target_fn: ``target_fn(batch) -> targets`` for batches that are not ``(x, y, ...)``.
         batch_size: overrides the loader's batch size; accumulate: micro-batches per step.
-        budget: keep the kernel's cost within this share of the run's predicted cost (default
-            5 %, never below ``budget.FLOOR_SECONDS``) by a smaller subset or the trace kernel; ``None``: no budget.
+        budget: shrink the kernel (a smaller subset or the trace kernel) only when the exact kernel
+            on the whole subset would count more multiply-adds than this multiple of the run
+            (default 1, never below ``budget.FLOOR_MACS``; :mod:`lightning_ttp.budget`: counted,
+            not timed, so the same call gives the same prediction on any machine); ``None``:
+            never shrink.
     Returns:
         :class:`~lightning_ttp.prediction.Prediction` (with its continuation to 2T).
     """

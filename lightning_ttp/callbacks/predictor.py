@@ -172,11 +172,15 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         refine_every: after the fixed early refits, refit every this many optimiser steps
             (default: ~2 % of the run).
         refine_budget: maximal share of the wall clock spent on the periodic refits.
-        relinearise_budget: maximal share of the run's wall clock spent re-linearising (a call
-            is skipped when it would exceed it; the refits go on).
-        budget: keep the fit-start prediction within this share of the run's predicted cost
-            (default 5 %, never below 3 s) by a smaller kernel subset or the trace kernel
-            (:mod:`lightning_ttp.budget`); ``None``: always the full ``num_samples`` exact kernel.
+        relinearise_budget: share of the run's wall clock the closed loop may spend
+            re-linearising on top of the fit-start prediction's own cost (a call is skipped when
+            it would exceed that; the refits go on): the first call, early in the run, costs
+            about what the fit-start kernel did and so happens on runs of any length.
+        budget: shrink the kernel (a smaller subset or the trace kernel) only when the exact
+            kernel on ``num_samples`` would count more multiply-adds than this multiple of the
+            run (default 1; :mod:`lightning_ttp.budget`: counted from the model's shapes, never
+            timed, so the prediction does not depend on the machine's load); ``None``: always
+            the exact kernel on ``num_samples``.
         warmup_steps: optimiser steps ignored when measuring seconds per step.
         log_curve: write the predicted curve to the loggers at fit start.
         max_curve_points: at most this many points of the predicted curve are logged.
@@ -236,8 +240,9 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         if refine_budget == 0:
             raise ValueError("refine_budget must be > 0 (pass refine=False to turn the closed loop off).")
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                                   or not 0 < budget <= 10):
-            raise ValueError(f"budget must be None or a share of the run's cost in (0, 10], e.g. 0.05; got {budget!r}.")
+                                   or not 0 < budget <= 1000):
+            raise ValueError(f"budget must be None or a multiple of the run's cost in (0, 1000], e.g. 1.0; "
+                             f"got {budget!r}.")
         self.budget = budget
         self._what_if = check_what_if(what_if)
         self.loss = loss
@@ -636,7 +641,9 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
 
     def _maybe_relinearise(self, trainer: Any, pl_module: Any, step: int) -> None:
         """Re-linearise at the loop's steps (2, 5, 10, 20, 40 % of the run) when the call fits
-        the budget: the loop's total cost stays within ``relinearise_budget`` of the run."""
+        the budget: the loop's total cost stays within ``relinearise_budget`` of the run plus the
+        fit-start prediction's own cost, so the first call (about what the fit-start kernel cost)
+        happens on runs of any length, and the later ones as the run's length affords them."""
         loop, k = self._loop, step // self.step_unit
         assert loop is not None
         if k not in loop.steps:
@@ -645,7 +652,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         sps = self.seconds_per_step()
         if len(observed) != k or sps is None or self._loop_cost is None:
             return  # a resumed or partly observed run, or no timing yet: the refits go on alone
-        allowed = self.relinearise_budget * (self.planned_steps or 0) * sps
+        allowed = self.relinearise_budget * (self.planned_steps or 0) * sps + float(self.state.cost_seconds or 0.0)
         if self.state.live_seconds + self._loop_cost > allowed:
             return
         try:

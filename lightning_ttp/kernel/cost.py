@@ -43,7 +43,7 @@ from lightning_ttp.kernel.ntk import (
 )
 from lightning_ttp.kernel.terms import ConvTerm, DenseTerm, IndexTerm, OuterTerm, Term, index_flops, outer_flops
 
-__all__ = ["NTKCost", "estimate_ntk_cost"]
+__all__ = ["NTKCost", "NTKCount", "count_ntk_macs", "estimate_ntk_cost"]
 
 
 @dataclasses.dataclass
@@ -134,6 +134,107 @@ def term_flops(term: Term, kernel: str, n: int, projection_dim: int | None = Non
     return ("ghost", ghost) if ghost <= materialised else ("materialised", materialised)
 
 
+@dataclasses.dataclass
+class _Probe:
+    """What the engine will do on a model, found on a few samples: its verified fast paths, their
+    terms (shapes only matter), the fallback parameters, C, and the passes' seconds (if timed)."""
+
+    adapters: list
+    terms: dict
+    fallback: list[list[nn.Parameter]]
+    num_outputs: int
+    per_sample: dict[str, Any]
+    group_of: dict
+    groups: list[list[nn.Parameter]]
+    names: dict[int, str]
+    device: torch.device
+    samples: int
+    pass_seconds: float
+
+
+def _probe(model: nn.Module, inputs: Any, output_fn, parameter_groups, probe_samples: int, repeats: int) -> _Probe:
+    available = batch_size(inputs)
+    if available < 1:
+        raise ValueError("the NTK cost needs at least one sample in `inputs`.")
+    groups, group_of = _resolve_groups(model, parameter_groups)
+    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=True)}
+    forward = ForwardFn(model, output_fn)
+    device = _device(model)
+    k = max(1, min(probe_samples, available))
+    rng_devices = [device] if device.type == "cuda" else []
+    with _eval_mode(model), torch.enable_grad(), torch.random.fork_rng(devices=rng_devices):
+        adapters, c, per_sample, _ = _verified_adapters(model, forward, inputs, group_of)
+        covered = {id(p) for a in adapters for p in a.parameters().values() if id(p) in group_of}
+        fallback = [[p for p in group if id(p) not in covered] for group in groups]
+        seconds = []
+        for _ in range(repeats):  # the best of several: the first run also pays one-time allocations
+            timings = {"passes": 0.0, "fallback": 0.0, "contraction": 0.0}
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            _, terms = _chunk_terms(forward, slice_batch(inputs, 0, k), adapters, group_of, [[] for _ in groups],
+                                    names, {}, timings)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds.append(timings["passes"])
+    return _Probe(adapters, terms, fallback, c, per_sample, group_of, groups, names, device, k, min(seconds))
+
+
+def _contraction(probe: _Probe, kernel: str, n: int, projection_dim: int | None,
+                 projection: str) -> tuple[dict[str, tuple[str, float]], float, int, float]:
+    """(per-layer (method, MACs), the fast paths' MACs, fallback parameters, the fallback's Gram MACs)."""
+    layers, flops = {}, 0.0
+    for key, term in probe.terms.items():
+        method, cost = term_flops(term, kernel, n, projection_dim, projection)
+        layers["+".join(_term_names(key, probe.adapters, probe.fallback, probe.names, probe.group_of))] = (method, cost)
+        flops += cost
+    fb_params = sum(p.numel() for group in probe.fallback for p in group)
+    rows = n * probe.num_outputs if kernel == "full" else n
+    fb_flops = float(rows * rows * (fb_params if projection_dim is None else min(fb_params, projection_dim)))
+    return layers, flops, fb_params, fb_flops
+
+
+@dataclasses.dataclass
+class NTKCount:
+    """The multiply-adds of ``empirical_ntk`` on ``num_samples`` samples that do not depend on the
+    machine: the Gram contractions as the engine chooses them, and the fallback's parameters.
+
+    Attributes:
+        num_outputs: C.
+        contraction_macs: the fast paths' Gram contractions (the cheaper of ghost and materialised per layer).
+        fallback_parameters: parameters without a fast path (each sample's Jacobian formed by torch.func).
+        fallback_macs: the fallback's Gram, rows² × its parameters.
+    """
+
+    num_samples: int
+    num_outputs: int
+    kernel: str
+    contraction_macs: float
+    fallback_parameters: int
+    fallback_macs: float
+
+
+def count_ntk_macs(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    num_samples: int,
+    output_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    kernel: str = "full",
+    parameter_groups: ParameterGroups | None = None,
+    probe_samples: int = 2,
+) -> NTKCount:
+    """Count (never time) what ``empirical_ntk(model, inputs, kernel=kernel)`` contracts on
+    ``num_samples`` samples: the same model and arguments give the same count on any machine.
+
+    One forward and C backward passes on ``probe_samples`` samples find the engine's fast paths and
+    their shapes (model and RNG left as they were).
+    """
+    _check_options(kernel, "sparse", None, None)
+    probe = _probe(model, inputs, output_fn, parameter_groups, probe_samples, repeats=1)
+    _, flops, fb_params, fb_flops = _contraction(probe, kernel, int(num_samples), None, "sparse")
+    return NTKCount(int(num_samples), probe.num_outputs, kernel, flops, fb_params, fb_flops)
+
+
 def estimate_ntk_cost(
     model: nn.Module,
     inputs: Any,
@@ -160,43 +261,19 @@ def estimate_ntk_cost(
     n = available if num_samples is None else int(num_samples)
     if n < 1 or available < 1:
         raise ValueError("estimate_ntk_cost needs at least one sample in `inputs` and num_samples >= 1.")
-    groups, group_of = _resolve_groups(model, parameter_groups)
-    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=True)}
-    forward = ForwardFn(model, output_fn)
-    device = _device(model)
-    k = max(1, min(probe_samples, available))
-    rng_devices = [device] if device.type == "cuda" else []
-    with _eval_mode(model), torch.enable_grad(), torch.random.fork_rng(devices=rng_devices):
-        adapters, c, per_sample, _ = _verified_adapters(model, forward, inputs, group_of)
-        covered = {id(p) for a in adapters for p in a.parameters().values() if id(p) in group_of}
-        fallback = [[p for p in group if id(p) not in covered] for group in groups]
-        seconds = []
-        for _ in range(2):  # the best of two: the first run also pays one-time allocations
-            timings = {"passes": 0.0, "fallback": 0.0, "contraction": 0.0}
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            _, terms = _chunk_terms(forward, slice_batch(inputs, 0, k), adapters, group_of, [[] for _ in groups],
-                                    names, {}, timings)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds.append(timings["passes"])
-    dtype = next(iter(group_of.values()))[1].dtype
+    probe = _probe(model, inputs, output_fn, parameter_groups, probe_samples, repeats=2)
+    c, device = probe.num_outputs, probe.device
+    dtype = next(iter(probe.group_of.values()))[1].dtype
     rate = measure_flop_rate(device, dtype)
-    layers, flops = {}, 0.0
-    for key, term in terms.items():
-        method, cost = term_flops(term, kernel, n, projection_dim, projection)
-        layers["+".join(_term_names(key, adapters, fallback, names, group_of))] = (method, cost)
-        flops += cost
-    passes = min(seconds) / k * n
-    fb_params = sum(p.numel() for group in fallback for p in group)
-    rows = n * c if kernel == "full" else n
-    fb_flops = rows * rows * (fb_params if projection_dim is None else min(fb_params, projection_dim))
+    layers, flops, fb_params, fb_flops = _contraction(probe, kernel, n, projection_dim, projection)
+    passes = probe.pass_seconds / probe.samples * n
     fb_seconds = (passes + fb_flops / rate) if fb_params else 0.0
     budget = memory_budget if memory_budget is not None else default_budget(device)
-    _, stored = _streamed(adapters, per_sample, n, c, kernel, projection_dim is not None, False)
-    per_sample = {**per_sample, "stored": stored}
+    _, stored = _streamed(probe.adapters, probe.per_sample, n, c, kernel, projection_dim is not None, False)
+    per_sample = {**probe.per_sample, "stored": stored}
     chunk = _default_chunk(per_sample, budget, n, dtype)
-    nbytes = _estimate_bytes(n, c, len(groups), kernel, projection_dim, per_sample, chunk, fallback, dtype)
+    nbytes = _estimate_bytes(n, c, len(probe.groups), kernel, projection_dim, per_sample, chunk, probe.fallback,
+                             dtype)
     return NTKCost(
         num_samples=n,
         num_outputs=c,
