@@ -7,7 +7,10 @@ same steps from a ``Trainer``:
 2. :func:`~lightning_ttp.data.sample_subset` — the fixed, seeded kernel subset;
 3. :func:`~lightning_ttp.estimate.estimate_kernel` — f0 and the empirical NTK at w0 (the
    expensive part);
-4. :func:`~lightning_ttp.simulate.simulate_plan` — the function-space simulation (seconds).
+4. :func:`~lightning_ttp.simulate.simulate_plan` — the function-space simulation (seconds);
+5. :func:`~lightning_ttp.lookahead.look_ahead` — a few real steps on the kernel subset (model,
+   optimiser and RNG restored), re-linearised there: the curve that corrects the open loop for
+   the feature learning of the run's first steps.
 
 The pieces are public so that a caller estimates the kernel once and simulates many "what-if"
 settings on it (:func:`~lightning_ttp.simulate.what_if`).
@@ -19,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .budget import MIN_SAMPLES, choose_kernel
@@ -26,6 +30,7 @@ from .data import sample_subset, split_batch
 from .dynamics import Loss, OptimizerSpec
 from .estimate import KernelEstimate, estimate_kernel
 from .kernel.batch import index_batch
+from .lookahead import look_ahead
 from .plan import RunPlan, plan_run
 from .prediction import Prediction
 from .schedules import lr_schedule_from_scheduler
@@ -78,6 +83,7 @@ def predict_run(
     seed: int = 0,
     continuation: float = 2.0,
     budget: float | None = DEFAULT_BUDGET,
+    lookahead: bool = True,
 ) -> RunPrediction:
     """Estimate the kernel on ``subset`` (one collated batch) and simulate ``plan`` on it.
 
@@ -87,6 +93,15 @@ def predict_run(
     subset and kind are chosen to fit (:func:`lightning_ttp.budget.choose_kernel`: multiply-adds
     counted from the model's shapes, never timed, so the choice is the same on any machine). The
     choice is in ``prediction.diagnostics["budget"]``; ``budget=None`` uses the whole subset.
+
+    With ``lookahead`` (default) the open-loop prediction is corrected by a look-ahead of a few
+    real optimiser steps on the kernel subset (:func:`lightning_ttp.lookahead.look_ahead`; model,
+    optimiser and RNG left as they were): its loss curve becomes the open loop's ramped to the
+    level the real steps reached, then the continuation re-linearised there; band and
+    continuation rejoined to it
+    (:meth:`~lightning_ttp.prediction.Prediction.rejoined`); what it measured is in
+    ``prediction.diagnostics["lookahead"]``, with the open loop's ε-training-times (None: not
+    converged within the run).
     """
     spec = OptimizerSpec.from_optimizer(optimizer)
     inputs, targets = split_batch(subset, output_fn=output_fn, target_fn=target_fn)
@@ -106,11 +121,35 @@ def predict_run(
                              projection_dim=projection_dim, seed=seed, batch_size=plan.effective_batch_size)
     prediction = simulate_plan(kernel, spec, plan, method=method, num_paths=num_paths, seed=seed,
                                continuation=continuation)
+    if lookahead:
+        prediction = _looked_ahead(prediction, model, optimizer, spec, inputs, targets, plan, kernel, loss=loss,
+                                   output_fn=output_fn, projection_dim=projection_dim, num_paths=num_paths, seed=seed)
     if choice is not None:
         prediction.diagnostics.extra["budget"] = choice.to_dict()
         if choice.num_samples < available or choice.kernel == "trace":
             prediction.diagnostics.warnings.append(f"cost budget: {choice.reason}.")
     return RunPrediction(prediction, kernel, spec, inputs, targets)
+
+
+def _looked_ahead(prediction: Prediction, model, optimizer, spec, inputs, targets, plan: RunPlan,
+                  kernel: KernelEstimate, **options: Any) -> Prediction:
+    """The open-loop ``prediction`` corrected by the look-ahead (unchanged, with a note, when the
+    run is too short for one or the look-ahead fails: it never stops the prediction)."""
+    try:
+        ahead = look_ahead(model, optimizer, spec, inputs, targets, plan, kernel, prediction, **options)
+    except Exception as err:  # noqa: BLE001 - the open loop stands on its own
+        prediction.diagnostics.warnings.append(f"the look-ahead failed ({type(err).__name__}: {err}); the prediction "
+                                               "is the open loop's")
+        return prediction
+    if ahead is None or not np.all(np.isfinite(ahead.loss)):
+        return prediction
+    corrected = prediction.rejoined(ahead.loss)
+    diagnostics = corrected.diagnostics
+    diagnostics.extra["lookahead"] = {**ahead.to_dict(), "open_loop_training_time": {
+        str(eps): prediction.training_time(eps) if prediction.converged_within_run(eps) else None
+        for eps in (0.4, 0.1, 0.01)}}
+    diagnostics.seconds = (diagnostics.seconds or 0.0) + ahead.seconds
+    return corrected
 
 
 def predict_training_time(
@@ -133,15 +172,18 @@ def predict_training_time(
     batch_size: int | None = None,
     accumulate: int = 1,
     budget: float | None = DEFAULT_BUDGET,
+    lookahead: bool = True,
 ) -> Prediction:
     """Predict the training-loss curve and ε-training-time of fine-tuning ``model``.
 
     The model is linearised at its current weights w0 (f_t ≈ f0 + J (w_t − w0)); the empirical
     NTK Θ = J Jᵀ (eq. 2) on a seeded subset of up to ``num_samples`` training samples (default
     256) drives the function-space dynamics of the optimiser for ``steps`` optimiser steps
-    (eq. 1 in discrete time; see :func:`lightning_ttp.simulate.simulate`). Nothing is trained;
-    the model and optimiser are left unchanged. The Lightning callback runs the same pipeline
-    and gives the same prediction for the same run.
+    (eq. 1 in discrete time; see :func:`lightning_ttp.simulate.simulate`); a look-ahead of a few
+    real optimiser steps on the kernel subset, re-linearised there, corrects it for the first
+    steps' feature learning (``lookahead``). The model (parameters, buffers, ``.grad``), the
+    optimiser and the RNG streams are left exactly as they were. The Lightning callback runs the
+    same pipeline and gives the same prediction for the same run.
 
     Args:
         model: the (pre-trained) network.
@@ -167,6 +209,8 @@ def predict_training_time(
             (default 1, never below ``budget.FLOOR_MACS``; :mod:`lightning_ttp.budget`: counted,
             not timed, so the same call gives the same prediction on any machine); ``None``:
             never shrink.
+        lookahead: correct the open loop by a look-ahead of a few real steps on the kernel subset
+            (:mod:`lightning_ttp.lookahead`; the model, optimiser and RNG are left as they were).
     Returns:
         :class:`~lightning_ttp.prediction.Prediction` (with its continuation to 2T).
     """
@@ -180,6 +224,6 @@ def predict_training_time(
         plan.dataset_size = taken
     return predict_run(model, subset, optimizer, plan, loss=loss, output_fn=output_fn, target_fn=target_fn,
                        projection_dim=projection_dim, method=method, num_paths=num_paths, seed=seed,
-                       budget=budget).prediction
+                       budget=budget, lookahead=lookahead).prediction
 
 

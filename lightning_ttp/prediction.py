@@ -249,6 +249,25 @@ class Prediction:
             extended[rest], None if band is None else (band[0][rest], band[1][rest]),
         )
 
+    def rejoined(self, loss: np.ndarray) -> Prediction:
+        """This prediction with its loss curve replaced by ``loss`` (steps 0..T): the band keeps its
+        width relative to the curve (scaled by loss/self.loss step by step) and the continuation
+        joins the new curve at T (scaled by loss[T]/self.loss[T]); the error curve is kept."""
+        loss = np.asarray(loss, dtype=np.float64)
+        if loss.shape != self.loss.shape:
+            raise ValueError(f"loss must have the shape of this prediction's {self.loss.shape}, got {loss.shape}")
+        ratio = np.where(self.loss > 0, loss / np.where(self.loss > 0, self.loss, 1.0), 1.0)
+        end = float(ratio[-1])
+        return Prediction(
+            self.steps.copy(), loss,
+            None if self.loss_band is None else (self.loss_band[0] * ratio, self.loss_band[1] * ratio),
+            None if self.error is None else self.error.copy(),
+            None if self.error_band is None else (self.error_band[0].copy(), self.error_band[1].copy()),
+            copy.deepcopy(self.diagnostics),
+            None if self.continuation is None else self.continuation * end,
+            None if self.continuation_band is None else (self.continuation_band[0] * end,
+                                                         self.continuation_band[1] * end))
+
     def _error_curve(self) -> np.ndarray:
         if self.error is None:
             raise ValueError("this prediction has no error curve (regression loss); use the loss")
