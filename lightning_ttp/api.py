@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ._modes import untouched
 from .budget import MIN_SAMPLES, choose_kernel
 from .data import sample_subset, split_batch
 from .dynamics import Loss, OptimizerSpec
@@ -139,8 +140,9 @@ def predict_training_time(
     NTK Θ = J Jᵀ (eq. 2) on a seeded subset of up to ``num_samples`` training samples (default
     256) drives the function-space dynamics of the optimiser for ``steps`` optimiser steps
     (eq. 1 in discrete time; see :func:`lightning_ttp.simulate.simulate`). Nothing is trained;
-    the model and optimiser are left unchanged. The Lightning callback runs the same pipeline
-    and gives the same prediction for the same run.
+    the model (weights, buffers such as BatchNorm statistics, modes, ``requires_grad``,
+    ``.grad``), the optimiser and the torch/numpy/python random streams are left unchanged. The
+    Lightning callback runs the same pipeline and gives the same prediction for the same run.
 
     Args:
         model: the (pre-trained) network.
@@ -171,11 +173,12 @@ def predict_training_time(
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
     plan = plan_run(data, optimizer, steps, lr_scheduler=lr_scheduler, scheduler_interval=scheduler_interval,
                     scheduler_frequency=scheduler_frequency, batch_size=batch_size, accumulate=accumulate)
-    subset, taken = sample_subset(data, num_samples or DEFAULT_NUM_SAMPLES, seed)
-    if plan.dataset_size is None:  # a stream without len(): assume it holds what was read
-        plan.dataset_size = taken
-    return predict_run(model, subset, optimizer, plan, loss=loss, output_fn=output_fn, target_fn=target_fn,
-                       projection_dim=projection_dim, method=method, num_paths=num_paths, seed=seed,
-                       budget=budget).prediction
+    with untouched(model):  # modes, buffers, requires_grad/.grad and the RNG streams come back as they were
+        subset, taken = sample_subset(data, num_samples or DEFAULT_NUM_SAMPLES, seed)
+        if plan.dataset_size is None:  # a stream without len(): assume it holds what was read
+            plan.dataset_size = taken
+        return predict_run(model, subset, optimizer, plan, loss=loss, output_fn=output_fn, target_fn=target_fn,
+                           projection_dim=projection_dim, method=method, num_paths=num_paths, seed=seed,
+                           budget=budget).prediction
 
 

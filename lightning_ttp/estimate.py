@@ -156,7 +156,9 @@ def _jvp_w0(model, inputs, groups, output_fn) -> list[torch.Tensor]:
             sub = {names[id(p)]: p.detach() for p in group}
 
             def fn(params, sub=sub):
-                return functional_call(wrapper, params, (inputs,), strict=False)
+                # buffers copied inside the transform: a layer may update one in place in forward
+                own = {"m." + name: b.clone() for name, b in model.named_buffers()}
+                return functional_call(wrapper, {**params, **own}, (inputs,), strict=False)
 
             try:
                 out.append(jvp(fn, (sub,), (sub,))[1].detach().to(torch.float64).cpu())

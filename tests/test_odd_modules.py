@@ -249,3 +249,151 @@ def test_token_classification_tokens_are_samples_with_ignore_index(tmp_path):
     assert pred.loss[1] == pytest.approx(real[1], rel=2e-2)
     assert any("token-level task" in w for w in pred.diagnostics.warnings)
     assert pred.error is not None and 0 <= pred.error[-1] <= pred.error[0]
+
+
+# ----------------------------------------------------------------------------- zero harm
+class _Counter(nn.Module):
+    """A stateful layer of the kind users write: a buffer updated by every forward pass (any mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+def _stateful_layer(kind):
+    if kind == "batchnorm":
+        return nn.BatchNorm1d(8)
+    if kind == "dropout":
+        return nn.Dropout(0.3)
+    if kind == "spectral_norm":  # power iteration on its u/v buffers in train mode
+        return nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8))
+    return _Counter()
+
+
+def _stateful_module(kinds):
+    pl = importlib.import_module("pytorch_lightning")
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(D, 8), *[_stateful_layer(k) for k in kinds], nn.Tanh(), nn.Linear(8, C))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
+
+    return Net()
+
+
+def _seeded_fit(kinds, tmp_path, callbacks, n=N, **trainer_kwargs):
+    """The same seeded, deterministic fit with or without ``callbacks``: its state_dict, the RNG
+    streams after it (torch, numpy, python) and the optimiser's state."""
+    import random
+
+    pl = importlib.import_module("pytorch_lightning")
+    pl.seed_everything(3, verbose=False)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, D, generator=g)
+    y = (x @ torch.randn(D, C, generator=g)).argmax(1)
+    module = _stateful_module(kinds)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=any(type(c).__name__ == "ETAProgressBar" for c in callbacks),
+                         enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
+                         default_root_dir=str(tmp_path), callbacks=callbacks, **trainer_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        val = DataLoader(TensorDataset(x, y), batch_size=16) if trainer_kwargs.get("limit_val_batches", 1) else None
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True), val)
+    rng = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())  # noqa: NPY002
+    return module.state_dict(), rng, trainer.optimizers[0].state_dict()
+
+
+def _assert_bit_identical(plain, with_callbacks):
+    (state_a, rng_a, opt_a), (state_b, rng_b, opt_b) = plain, with_callbacks
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:  # parameters AND buffers (running statistics, num_batches_tracked, u/v, counters)
+        assert torch.equal(state_a[key], state_b[key]), key
+    assert torch.equal(rng_a[0], rng_b[0]) and np.array_equal(rng_a[1], rng_b[1]) and rng_a[2] == rng_b[2]
+    for (_, sa), (_, sb) in zip(sorted(opt_a["state"].items()), sorted(opt_b["state"].items())):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+
+
+@pytest.mark.parametrize("kind", ["batchnorm", "dropout", "spectral_norm", "counter"])
+def test_the_predictor_leaves_stateful_layers_bit_identical(kind, tmp_path):
+    """A train-mode BatchNorm, Dropout, spectral norm or counting layer: the fit with the predictor
+    (closed loop re-linearising) ends with the same parameters, buffers, RNG streams and optimiser
+    state as the same seeded fit without it."""
+    # 96 samples, a kernel subset of 80: above budget.MIN_SAMPLES, so the cost budget's pilot runs too
+    predictor = _predictor(strict=True, num_samples=80, relinearise_budget=1e6)
+    plain = _seeded_fit([kind], tmp_path, [], n=96, max_steps=12, limit_val_batches=0)
+    fitted = _seeded_fit([kind], tmp_path, [predictor], n=96, max_steps=12, limit_val_batches=0)
+    assert predictor.prediction is not None and predictor.state.live_step is not None  # the closed loop ran
+    _assert_bit_identical(plain, fitted)
+
+
+def test_all_three_callbacks_leave_the_fit_bit_identical(tmp_path):
+    """TrainingTimePredictor (closed loop on), EarlyGiveUp (validation every epoch) and the ETA bar
+    together, on a model with BatchNorm, Dropout, spectral norm and a counting layer in train mode."""
+    from lightning_ttp import EarlyGiveUp, ETAProgressBar
+
+    kinds = ["batchnorm", "dropout", "spectral_norm", "counter"]
+    predictor = _predictor(strict=True, num_samples=32, relinearise_budget=1e6)
+    give_up = EarlyGiveUp(checkpoint_epoch=2, num_samples=16, mode="warn", plot=False, verbose=False, strict=True)
+    plain = _seeded_fit(kinds, tmp_path, [], max_epochs=3)
+    fitted = _seeded_fit(kinds, tmp_path, [predictor, give_up, ETAProgressBar()], max_epochs=3)
+    assert predictor.prediction is not None and predictor.state.live_step is not None
+    assert len(give_up.history) == 3
+    _assert_bit_identical(plain, fitted)
+
+
+def test_early_give_up_subset_pass_without_validation_leaves_the_fit_bit_identical(tmp_path):
+    """Without a validation loop EarlyGiveUp runs its own forward pass over a training subset."""
+    from lightning_ttp import EarlyGiveUp
+
+    kinds = ["batchnorm", "counter"]
+    give_up = EarlyGiveUp(checkpoint_epoch=2, num_samples=16, mode="warn", plot=False, verbose=False, strict=True)
+    plain = _seeded_fit(kinds, tmp_path, [], max_epochs=2, limit_val_batches=0)
+    fitted = _seeded_fit(kinds, tmp_path, [give_up], max_epochs=2, limit_val_batches=0)
+    assert len(give_up.history) == 2
+    _assert_bit_identical(plain, fitted)
+
+
+def test_predict_training_time_leaves_buffers_and_rng_untouched():
+    """The plain-PyTorch twin, on a train-mode model with every stateful layer and a data set large
+    enough for the cost budget's pilot (which times training steps in train mode)."""
+    import random
+
+    from lightning_ttp import predict_training_time
+
+    model = _stateful_module(["batchnorm", "dropout", "spectral_norm", "counter"])
+    model.train()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(160, D, generator=g)
+    y = (x @ torch.randn(D, C, generator=g)).argmax(1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(11), np.random.seed(11), random.seed(11)  # noqa: NPY002
+    rng = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())  # noqa: NPY002
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pred = predict_training_time(model, DataLoader(TensorDataset(x, y), batch_size=16), opt, 20, num_samples=128,
+                                     num_paths=2)
+    assert np.isfinite(pred.loss).all()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(rng[0], torch.get_rng_state()) and np.array_equal(rng[1], np.random.get_state()[1])  # noqa: NPY002
+    assert rng[2] == random.getstate()
+    assert all(m.training for m in model.modules())

@@ -20,7 +20,7 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
-from .._modes import preserve_modes
+from .._modes import preserve_module
 from ..data import loader_batch_size
 from ..plan import RunPlan, loader_shuffles
 from ..schedules import SchedulerSpec, hyper_schedule
@@ -100,18 +100,14 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 @contextmanager
 def preserve_state(module: torch.nn.Module) -> Iterator[None]:
     """Leave the user's training exactly as it was: RNG streams (torch CPU/CUDA, numpy,
-    python), every submodule's train/eval mode, every parameter's ``requires_grad`` and
-    ``.grad``, all restored on exit (also on error)."""
-    params = list(module.parameters())
-    flags = [p.requires_grad for p in params]
-    grads = [p.grad for p in params]
-    try:
-        with preserve_rng(), preserve_modes(module):
-            yield
-    finally:
-        for p, flag, grad in zip(params, flags, grads):
-            p.requires_grad_(flag)
-            p.grad = grad
+    python, through Lightning's own helper), every submodule's train/eval mode, every buffer
+    (BatchNorm running statistics and ``num_batches_tracked``, spectral-norm vectors, a custom
+    layer's counters: values and identity), every parameter's ``requires_grad`` and ``.grad``,
+    all restored on exit (also on error). The callbacks run every forward pass of theirs inside
+    it (:func:`lightning_ttp._modes.preserve_module`; the plain-PyTorch twin is
+    :func:`lightning_ttp._modes.untouched`)."""
+    with preserve_rng(), preserve_module(module):
+        yield
 
 
 @contextmanager

@@ -21,7 +21,6 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils._pytree import tree_map
 
-from .._modes import preserve_modes
 from ..data import logits_of, num_samples_in, sample_subset, split_batch
 from ..spectral import (
     ActivationRecorder,
@@ -33,6 +32,7 @@ from ..spectral import (
     spectrum_of,
 )
 from ._compat import bases, installed_namespaces
+from ._trainer_state import preserve_state
 
 __all__ = ["EarlyGiveUp"]
 
@@ -434,8 +434,8 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         try:
             inputs, _ = split_batch(self._subset, output_fn=self.output_fn, target_fn=self.target_fn, who="EarlyGiveUp")
             inputs = tree_map(lambda t: t.to(pl_module.device) if isinstance(t, torch.Tensor) else t, inputs)
-            # every submodule gets its own mode back (a frozen BatchNorm stays in eval mode)
-            with preserve_modes(pl_module), torch.no_grad():
+            # modes (a frozen BatchNorm stays in eval mode), buffers and RNG streams come back as they were
+            with preserve_state(pl_module), torch.no_grad():
                 pl_module.eval()
                 self._recorder.start_batch(self._batch_size(self._subset))
                 if self.output_fn is not None:
