@@ -397,3 +397,35 @@ def test_predict_training_time_leaves_buffers_and_rng_untouched():
     assert torch.equal(rng[0], torch.get_rng_state()) and np.array_equal(rng[1], np.random.get_state()[1])  # noqa: NPY002
     assert rng[2] == random.getstate()
     assert all(m.training for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- pre-batched map-style data
+def _prebatched(items=16, size=32, last=None):
+    g = torch.Generator().manual_seed(2)
+    n = (items - 1) * size + (last or size)
+    x = torch.randn(n, D, generator=g)
+    y = (x @ torch.randn(D, C, generator=g)).argmax(1)
+    return x, y, [(x[i : i + size], y[i : i + size]) for i in range(0, n, size)]
+
+
+@pytest.mark.parametrize("last", [None, 7])
+def test_prebatched_map_dataset_plans_samples_not_items(last, tmp_path):
+    """16 items that are batches of 32: the plan reads 512 samples (16 steps per epoch, mini-batch
+    SGD), exactly as the same data unbatched in a DataLoader(batch_size=32) gives it."""
+    from lightning_ttp.plan import plan_run
+
+    x, y, items = _prebatched(last=last)
+    keys = ("dataset_size", "steps_per_epoch", "full_batch", "batch_size", "effective_batch_size")
+    opt = torch.optim.SGD([nn.Parameter(x[0])], lr=1.0)
+    reference = plan_run(DataLoader(TensorDataset(x, y), batch_size=32), opt, 40)
+    prebatched = plan_run(DataLoader(items, batch_size=None), opt, 40)
+    assert reference.dataset_size == len(x) == 15 * 32 + (last or 32)
+    assert {k: prebatched.describe()[k] for k in keys} == {k: reference.describe()[k] for k in keys}
+    assert any("pre-batched data set: 16 items" in n for n in prebatched.notes)
+    plans = []
+    for loader in (DataLoader(TensorDataset(x, y), batch_size=32), DataLoader(items, batch_size=None)):
+        predictor = _predictor(strict=True, num_samples=32, refine=False)
+        _fit("pytorch_lightning", _module("pytorch_lightning"), loader, tmp_path, predictor, max_steps=4)
+        plans.append({k: predictor.plan[k] for k in keys})
+    assert plans[1] == plans[0] == {k: reference.describe()[k] for k in keys}
+    assert plans[1]["steps_per_epoch"] == 16 and not plans[1]["full_batch"]

@@ -21,7 +21,7 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
 from .._modes import preserve_module
-from ..data import loader_batch_size
+from ..data import dataset_samples, loader_batch_size
 from ..plan import RunPlan, loader_shuffles
 from ..schedules import SchedulerSpec, hyper_schedule
 from ._compat import is_instance
@@ -204,9 +204,9 @@ def _plan_from_trainer(trainer: Any, loader: DataLoader, steps_override: int | N
         data_utils = importlib.import_module(f"{lightning_namespace(trainer).__name__}.utilities.data")
         batch_size = int(data_utils.extract_batch_size(first))
         notes.append(f"batch size read from the first batch: {batch_size}.")
-    dataset_size = None
-    if not iterable and hasattr(loader.dataset, "__len__"):
-        dataset_size = len(loader.dataset)  # type: ignore[arg-type]
+    dataset_size, counted = dataset_samples(loader)  # samples, not items, for pre-batched data
+    if counted:
+        notes.append(counted)
     num_batches = trainer.num_training_batches
     batches = int(num_batches) if num_batches is not None and math.isfinite(num_batches) and num_batches > 0 else None
     optimizers = trainer.optimizers
