@@ -25,7 +25,7 @@ from ._modes import untouched
 from .budget import MIN_SAMPLES, choose_kernel
 from .data import sample_subset, split_batch
 from .dynamics import Loss, OptimizerSpec
-from .estimate import KernelEstimate, estimate_kernel
+from .estimate import KernelEstimate, estimate_kernel, per_sample_view
 from .kernel.batch import index_batch
 from .plan import RunPlan, plan_run
 from .prediction import Prediction
@@ -62,6 +62,8 @@ class RunPrediction:
     spec: OptimizerSpec
     inputs: Any
     targets: torch.Tensor
+    #: the ``output_fn`` the kernel was estimated with (:func:`lightning_ttp.estimate.per_sample_view`)
+    output_fn: Callable | None = None
 
 
 def predict_run(
@@ -90,7 +92,8 @@ def predict_run(
     """
     spec = OptimizerSpec.from_optimizer(optimizer)
     inputs, targets = split_batch(subset, output_fn=output_fn, target_fn=target_fn)
-    targets = torch.as_tensor(targets)
+    # one row per sample (flattened sequences regrouped), the token loss resolved: every part sees the same
+    loss, targets, output_fn, _ = per_sample_view(model, inputs, targets, loss, output_fn)
     choice, kind, available = None, "auto", int(targets.shape[0])
     if budget is not None and projection_dim is None and targets.shape[0] > MIN_SAMPLES:
         order = torch.randperm(targets.shape[0], generator=torch.Generator().manual_seed(seed))
@@ -110,7 +113,7 @@ def predict_run(
         prediction.diagnostics.extra["budget"] = choice.to_dict()
         if choice.num_samples < available or choice.kernel == "trace":
             prediction.diagnostics.warnings.append(f"cost budget: {choice.reason}.")
-    return RunPrediction(prediction, kernel, spec, inputs, targets)
+    return RunPrediction(prediction, kernel, spec, inputs, targets, output_fn)
 
 
 def predict_training_time(

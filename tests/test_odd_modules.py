@@ -219,12 +219,17 @@ def _token_module(ns):
     return Tagger()
 
 
-def _token_data():
+def _token_data(n=32):
     g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, 7, (32, T), generator=g)
+    tokens = torch.randint(0, 7, (n, T), generator=g)
     tags = (tokens % V).clone()
-    tags[torch.rand(32, T, generator=g) < 0.3] = -100  # padding / unlabelled tokens
+    tags[torch.rand(n, T, generator=g) < 0.3] = -100  # padding / unlabelled tokens
     return tokens, tags
+
+
+#: a token classifier's training_step view: (B·T, V) logits and (B·T,) targets
+FLAT = {"output_fn": lambda model, batch: model(batch[0]).reshape(-1, V),
+        "target_fn": lambda batch: batch[1].reshape(-1)}
 
 
 def test_token_classification_tokens_are_samples_with_ignore_index(tmp_path):
@@ -429,3 +434,65 @@ def test_prebatched_map_dataset_plans_samples_not_items(last, tmp_path):
         plans.append({k: predictor.plan[k] for k in keys})
     assert plans[1] == plans[0] == {k: reference.describe()[k] for k in keys}
     assert plans[1]["steps_per_epoch"] == 16 and not plans[1]["full_batch"]
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_token_classification_predict_training_time_under_the_cost_budget(flatten):
+    """96 sequences (above budget.MIN_SAMPLES: the cost pilot times a training step with the loss):
+    the default (B, T, C) path and a flattening output_fn/target_fn give the same prediction, whose
+    first point is the real token-mean cross-entropy of the kernel subset."""
+    from lightning_ttp import predict_training_time
+    from lightning_ttp.data import sample_subset
+
+    tokens, tags = _token_data(96)
+    loader = DataLoader(TensorDataset(tokens, tags), batch_size=32)
+    model = _token_module("pytorch_lightning")
+    kwargs = FLAT if flatten else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pred = predict_training_time(model, loader, torch.optim.SGD(model.parameters(), lr=0.5), 10, num_paths=2,
+                                     **kwargs)
+        reference = predict_training_time(model, loader, torch.optim.SGD(model.parameters(), lr=0.5), 10,
+                                          num_paths=2, budget=None, num_samples=96)
+    assert any("token-level task" in w for w in pred.diagnostics.warnings)
+    kept = pred.diagnostics["budget"]["num_samples"]
+    (x, y), _ = sample_subset(loader, 96, 0)
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(0))[:kept].sort().values
+    with torch.no_grad():
+        real = nn.functional.cross_entropy(model(x[order]).reshape(-1, V), y[order].reshape(-1)).item()
+    assert pred.loss[0] == pytest.approx(real, rel=1e-6)
+    with torch.no_grad():
+        assert reference.loss[0] == pytest.approx(nn.functional.cross_entropy(model(x).reshape(-1, V),
+                                                                              y.reshape(-1)).item(), rel=1e-6)
+
+
+def test_token_classification_flattening_output_fn_in_the_callback_with_the_closed_loop(tmp_path):
+    """The callback with FLAT: the same prediction as the default (B, T, C) path, and the closed loop
+    re-linearises with the regrouped outputs (strict: any failure would raise)."""
+    tokens, tags = _token_data()
+    predictors = [_predictor(strict=True, relinearise_budget=1e6), _predictor(strict=True, relinearise_budget=1e6,
+                                                                              **FLAT)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for predictor in predictors:
+            _fit("pytorch_lightning", _token_module("pytorch_lightning"),
+                 DataLoader(TensorDataset(tokens, tags), batch_size=32), tmp_path, predictor, max_steps=15)
+    default, flat = predictors
+    np.testing.assert_allclose(flat.prediction.loss, default.prediction.loss, rtol=1e-9)
+    assert flat.state.live_step is not None and default.state.live_step is not None
+    np.testing.assert_allclose(flat.state.live_loss, default.state.live_loss, rtol=1e-6)
+    module = _token_module("pytorch_lightning")
+    with torch.no_grad():
+        real = nn.functional.cross_entropy(module(tokens).reshape(-1, V), tags.reshape(-1)).item()
+    assert flat.prediction.loss[0] == pytest.approx(real, rel=1e-6)
+
+
+def test_rows_that_match_no_sample_are_refused_with_the_fix():
+    """An output_fn whose rows are neither one per sample nor flattened like the targets."""
+    from lightning_ttp import predict_training_time
+
+    tokens, tags = _token_data()
+    model = _token_module("pytorch_lightning")
+    with pytest.raises(ValueError, match="return one row per sample from output_fn.*or flatten both"):
+        predict_training_time(model, (tokens, tags), torch.optim.SGD(model.parameters(), lr=0.5), 5,
+                              output_fn=lambda m, b: m(b[0]).reshape(-1, V))

@@ -526,7 +526,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
                 run.spec, run.inputs, run.targets, plan.steps, run.kernel, lr_schedule=plan.lr_schedule,
                 loss=self.loss, batch_size=plan.effective_batch_size, dataset_size=plan.dataset_size,
                 smoothing_window=default_smoothing_window(plan.steps_per_epoch, plan.full_batch),
-                output_fn=self.output_fn, projection_dim=self.projection_dim,
+                output_fn=run.output_fn, projection_dim=self.projection_dim,
                 seed=self.seed)
             diag = run.prediction.diagnostics
             self._loop_cost = float(diag.kernel_seconds or 0.0) + float(diag.simulation_seconds or 0.0)
