@@ -496,3 +496,73 @@ def test_rows_that_match_no_sample_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="return one row per sample from output_fn.*or flatten both"):
         predict_training_time(model, (tokens, tags), torch.optim.SGD(model.parameters(), lr=0.5), 5,
                               output_fn=lambda m, b: m(b[0]).reshape(-1, V))
+
+
+# ----------------------------------------------------------------------------- diverging runs
+def _csv_fit(module, data, tmp_path, callbacks, **trainer_kwargs):
+    pl = importlib.import_module("pytorch_lightning")
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="csv")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                         num_sanity_val_steps=0, log_every_n_steps=1, callbacks=callbacks, **trainer_kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(*([module] + list(data)))
+    import csv
+
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = [{k: float(v) for k, v in r.items() if v} for r in csv.DictReader(f)]
+    return [str(w.message) for w in caught], rows
+
+
+def test_a_diverging_lr_is_one_note_with_the_max_stable_lr_and_no_follow_up_failure(tmp_path):
+    """SGD lr=5 on MSE: the simulation diverges. One sentence says so with the stability report's
+    max stable lr; the refinement and the closed loop add no failure; only finite points are logged."""
+    x, y = _data(regression=True)
+    predictor = _predictor(loss="mse", relinearise_budget=1e6)
+    module = _module("pytorch_lightning", regression=True)
+    module.configure_optimizers = lambda: torch.optim.SGD(module.parameters(), lr=5.0)
+    messages, rows = _csv_fit(module, [DataLoader(TensorDataset(x, y), batch_size=16)], tmp_path, [predictor],
+                              max_steps=30)
+    pred = predictor.prediction
+    assert pred.diverged and np.isfinite(pred.diagnostics["max_stable_lr"])
+    ours = [m for m in messages if "lightning_ttp" in m or "diverges" in m or "stab" in m]
+    assert ours == [next(w for w in pred.diagnostics.warnings if "diverges" in w)]
+    assert ours[0].startswith(f"the simulated run diverges at this lr (max stable lr ≈ "
+                              f"{pred.diagnostics['max_stable_lr']:.3g}")
+    assert 5.0 > pred.diagnostics["max_stable_lr"]
+    logged = [r["ttp/predicted_loss"] for r in rows if "ttp/predicted_loss" in r]
+    assert logged and np.isfinite(logged).all()
+    assert logged == [float(v) for v in pred.loss[: len(logged)]]  # the finite start of the curve, as predicted
+    assert "diverges" in predictor.summary()
+
+
+def test_a_run_that_turns_nan_is_given_up_with_its_decision_logged_not_nan_scores(tmp_path):
+    """The loss turns NaN at step 10: EarlyGiveUp gives up ("diverged") and that round logs the
+    decision, no scores; the predictor's closed loop stops without a failure warning."""
+    from lightning_ttp import EarlyGiveUp
+
+    pl = importlib.import_module("pytorch_lightning")
+
+    class Blows(type(_module("pytorch_lightning"))):
+        def training_step(self, batch, batch_idx):
+            if self.global_step >= 10:
+                with torch.no_grad():
+                    self.body[0].weight.fill_(float("nan"))
+            return super().training_step(batch, batch_idx)
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    assert issubclass(Blows, pl.LightningModule)
+    give_up = EarlyGiveUp(checkpoint_epoch=10, num_samples=32, plot=False, verbose=False)
+    predictor = _predictor(relinearise_budget=1e6)
+    data = DataLoader(TensorDataset(*_data()), batch_size=16)
+    messages, rows = _csv_fit(Blows(), [data, data], tmp_path, [predictor, give_up], max_epochs=8)
+    assert give_up.gave_up and give_up.decision.kind == "diverged"
+    assert not [m for m in messages if "failed" in m]
+    diverged_epoch = give_up.state.decision_epoch - 1  # Lightning's 0-based epoch of that round
+    scored = [r for r in rows if any(k.startswith("give_up/s_") for k in r)]
+    assert scored and all(r["epoch"] < diverged_epoch for r in scored)
+    assert all(np.isfinite(v) for r in rows for k, v in r.items() if k.startswith("give_up/"))
+    assert [r["give_up/gave_up"] for r in rows if "give_up/gave_up" in r] == [1.0]
