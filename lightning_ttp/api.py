@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._modes import untouched
 from .budget import MIN_SAMPLES, choose_kernel
 from .data import sample_subset, split_batch
 from .dynamics import Loss, OptimizerSpec
-from .estimate import KernelEstimate, estimate_kernel
+from .estimate import KernelEstimate, estimate_kernel, per_sample_view
 from .kernel.batch import index_batch
 from .lookahead import look_ahead
 from .plan import RunPlan, plan_run
@@ -66,6 +67,8 @@ class RunPrediction:
     spec: OptimizerSpec
     inputs: Any
     targets: torch.Tensor
+    #: the ``output_fn`` the kernel was estimated with (:func:`lightning_ttp.estimate.per_sample_view`)
+    output_fn: Callable | None = None
 
 
 def predict_run(
@@ -105,7 +108,8 @@ def predict_run(
     """
     spec = OptimizerSpec.from_optimizer(optimizer)
     inputs, targets = split_batch(subset, output_fn=output_fn, target_fn=target_fn)
-    targets = torch.as_tensor(targets)
+    # one row per sample (flattened sequences regrouped), the token loss resolved: every part sees the same
+    loss, targets, output_fn, _ = per_sample_view(model, inputs, targets, loss, output_fn)
     choice, kind, available = None, "auto", int(targets.shape[0])
     if budget is not None and projection_dim is None and targets.shape[0] > MIN_SAMPLES:
         order = torch.randperm(targets.shape[0], generator=torch.Generator().manual_seed(seed))
@@ -121,14 +125,14 @@ def predict_run(
                              projection_dim=projection_dim, seed=seed, batch_size=plan.effective_batch_size)
     prediction = simulate_plan(kernel, spec, plan, method=method, num_paths=num_paths, seed=seed,
                                continuation=continuation)
-    if lookahead:
+    if lookahead and not prediction.diverged:
         prediction = _looked_ahead(prediction, model, optimizer, spec, inputs, targets, plan, kernel, loss=loss,
                                    output_fn=output_fn, projection_dim=projection_dim, num_paths=num_paths, seed=seed)
     if choice is not None:
         prediction.diagnostics.extra["budget"] = choice.to_dict()
         if choice.num_samples < available or choice.kernel == "trace":
             prediction.diagnostics.warnings.append(f"cost budget: {choice.reason}.")
-    return RunPrediction(prediction, kernel, spec, inputs, targets)
+    return RunPrediction(prediction, kernel, spec, inputs, targets, output_fn)
 
 
 def _looked_ahead(prediction: Prediction, model, optimizer, spec, inputs, targets, plan: RunPlan,
@@ -181,9 +185,10 @@ def predict_training_time(
     256) drives the function-space dynamics of the optimiser for ``steps`` optimiser steps
     (eq. 1 in discrete time; see :func:`lightning_ttp.simulate.simulate`); a look-ahead of a few
     real optimiser steps on the kernel subset, re-linearised there, corrects it for the first
-    steps' feature learning (``lookahead``). The model (parameters, buffers, ``.grad``), the
-    optimiser and the RNG streams are left exactly as they were. The Lightning callback runs the
-    same pipeline and gives the same prediction for the same run.
+    steps' feature learning (``lookahead``). The model (weights, buffers such as BatchNorm
+    statistics, modes, ``requires_grad``, ``.grad``), the optimiser and the torch/numpy/python
+    random streams are left exactly as they were. The Lightning callback runs the same pipeline
+    and gives the same prediction for the same run.
 
     Args:
         model: the (pre-trained) network.
@@ -219,11 +224,12 @@ def predict_training_time(
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
     plan = plan_run(data, optimizer, steps, lr_scheduler=lr_scheduler, scheduler_interval=scheduler_interval,
                     scheduler_frequency=scheduler_frequency, batch_size=batch_size, accumulate=accumulate)
-    subset, taken = sample_subset(data, num_samples or DEFAULT_NUM_SAMPLES, seed)
-    if plan.dataset_size is None:  # a stream without len(): assume it holds what was read
-        plan.dataset_size = taken
-    return predict_run(model, subset, optimizer, plan, loss=loss, output_fn=output_fn, target_fn=target_fn,
-                       projection_dim=projection_dim, method=method, num_paths=num_paths, seed=seed,
-                       budget=budget, lookahead=lookahead).prediction
+    with untouched(model):  # modes, buffers, requires_grad/.grad and the RNG streams come back as they were
+        subset, taken = sample_subset(data, num_samples or DEFAULT_NUM_SAMPLES, seed)
+        if plan.dataset_size is None:  # a stream without len(): assume it holds what was read
+            plan.dataset_size = taken
+        return predict_run(model, subset, optimizer, plan, loss=loss, output_fn=output_fn, target_fn=target_fn,
+                           projection_dim=projection_dim, method=method, num_paths=num_paths, seed=seed,
+                           budget=budget, lookahead=lookahead).prediction
 
 

@@ -25,6 +25,7 @@ from .kernel.batch import index_batch, slice_batch
 
 __all__ = [
     "concat_batches",
+    "dataset_samples",
     "loader_batch_size",
     "logits_of",
     "num_samples_in",
@@ -89,6 +90,29 @@ def loader_batch_size(loader: DataLoader) -> int | None:
         return int(loader.batch_size)
     size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
     return int(size) if size is not None else None
+
+
+def dataset_samples(loader: DataLoader) -> tuple[int | None, str | None]:
+    """Training samples in one pass over a map-style ``loader``'s dataset, and a note when they
+    had to be counted from its items: ``(None, None)`` for a dataset without ``len()`` or an
+    ``IterableDataset``.
+
+    With a batch size, ``len(dataset)`` counts samples. A ``DataLoader(dataset, batch_size=None)``
+    yields the dataset's items as they are, so each item is a batch and the samples are the items'
+    leading dimensions: (items − 1) × the first item's + the last item's (exact when every item but
+    the last is full, as pre-batching with a fixed batch size gives; two items are read, not all).
+    """
+    dataset = loader.dataset
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        return None, None
+    items = len(dataset)  # type: ignore[arg-type]
+    if loader_batch_size(loader) is not None or items == 0 or not hasattr(dataset, "__getitem__"):
+        return items, None
+    first = num_samples_in(dataset[0])
+    last = num_samples_in(dataset[items - 1]) if items > 1 else first
+    size = (items - 1) * first + last
+    return size, (f"pre-batched data set: {items} items of {first} samples"
+                  f"{'' if last == first else f' (the last of {last})'} read as {size} samples.")
 
 
 def sample_subset(loader: DataLoader | tuple[Any, Any], num_samples: int, seed: int) -> tuple[Any, int]:

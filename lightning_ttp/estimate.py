@@ -18,13 +18,22 @@ import numpy as np
 import torch
 
 from ._modes import preserve_modes
-from .data import logits_of
+from .data import logits_of, num_samples_in
 from .dynamics import CallableLoss, Loss, OptimizerSpec, get_loss
-from .dynamics.losses import token_loss
+from .dynamics.losses import TokenCrossEntropy, token_loss
 from .kernel.batch import batch_size as sample_count
 from .kernel.batch import index_batch
 
-__all__ = ["FULL_KERNEL_MAX", "KernelEstimate", "OutputModule", "estimate_kernel", "flat_output_fn", "model_outputs"]
+__all__ = [
+    "FULL_KERNEL_MAX",
+    "KernelEstimate",
+    "OutputModule",
+    "PerSampleOutputs",
+    "estimate_kernel",
+    "flat_output_fn",
+    "model_outputs",
+    "per_sample_view",
+]
 
 #: N·C above which ``kernel="auto"`` uses the trace kernel.
 FULL_KERNEL_MAX = 2500
@@ -137,6 +146,69 @@ def _outputs_with(model: torch.nn.Module, inputs: Any, *, output_fn: Callable | 
     return model_outputs(model, inputs, output_fn)
 
 
+class PerSampleOutputs:
+    """``output_fn`` with its rows regrouped per sample: ``(b·k, …)`` outputs of a batch of ``b``
+    samples become ``(b, k, …)`` (a flattened token classifier's ``(B·T, C)`` logits give
+    ``(B, T, C)``, the sequence outputs :class:`~lightning_ttp.dynamics.losses.TokenCrossEntropy`
+    reads). Made by :func:`per_sample_view`."""
+
+    def __init__(self, output_fn: Callable, rows_per_sample: int) -> None:
+        self.output_fn = output_fn
+        self.rows_per_sample = int(rows_per_sample)
+
+    def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        out = self.output_fn(model, batch)
+        out = out if isinstance(out, torch.Tensor) else logits_of(out)
+        return out.reshape(num_samples_in(batch), self.rows_per_sample, *out.shape[1:])
+
+
+def per_sample_view(model: torch.nn.Module, inputs: Any, targets: Any, loss: str | Loss | Callable = "cross_entropy",
+                    output_fn: Callable | None = None) -> tuple[Loss, torch.Tensor, Callable | None, list[str]]:
+    """``(loss, targets, output_fn, notes)`` with one row of outputs and targets per sample of ``inputs``.
+
+    - An ``output_fn``/``target_fn`` pair that flattens sequences (``(B·T, C)`` logits and
+      ``(B·T,)`` targets for B samples, as a token classifier's ``training_step`` feeds
+      ``F.cross_entropy``) is regrouped per sample (:class:`PerSampleOutputs`; targets
+      ``(B, T)``): the kernel's samples are the data set's samples, every token a term of the loss.
+    - Sequence outputs ``(N, T, C)`` with ``(N, T)`` integer targets under a cross-entropy loss
+      resolve to :class:`~lightning_ttp.dynamics.losses.TokenCrossEntropy` (``ignore_index``
+      masking, mean over the labelled tokens like ``F.cross_entropy``).
+
+    Anything else whose rows do not match the samples raises a ``ValueError`` that names the fix.
+    """
+    return _per_sample_view(model, inputs, targets, loss, output_fn)[:4]
+
+
+def _per_sample_view(model, inputs, targets, loss, output_fn):
+    """:func:`per_sample_view` and the per-sample output shape of the probe."""
+    loss_obj = get_loss(loss)
+    targets = torch.as_tensor(targets)
+    n = sample_count(inputs)
+    rows = int(targets.shape[0]) if targets.dim() else 1
+    probe = index_batch(inputs, torch.arange(min(n, 2)))
+    shape, notes = _probe_outputs(model, probe, output_fn)
+    m = sample_count(probe)
+    out_rows = shape[0] if shape else 1
+    if rows != n or out_rows != m:
+        k = rows // n if n else 0
+        if output_fn is None or k < 2 or rows != k * n or out_rows != k * m:
+            raise ValueError(
+                f"the outputs have {out_rows} rows for {m} samples and the targets {rows} rows for {n} samples: "
+                "return one row per sample from output_fn (e.g. (B, T, C) logits for (B, T) token targets), or "
+                "flatten both output_fn and target_fn the same way (B·T rows each).")
+        output_fn = PerSampleOutputs(output_fn, k)
+        targets = targets.reshape(n, k, *targets.shape[1:])
+        shape = (m, k, *shape[1:])
+        notes.append(f"output_fn and target_fn give {k} rows per sample (flattened sequences): regrouped as "
+                     f"{k} rows of one sample each.")
+    if len(shape) == 3 and targets.dim() == 2 and not targets.is_floating_point():
+        if not isinstance(loss_obj, TokenCrossEntropy):
+            loss_obj = token_loss(loss_obj, int(shape[2]))
+        notes.append(f"token-level task: outputs (N, {shape[1]}, {shape[2]}) with (N, {shape[1]}) targets; every "
+                     f"token is a sample of the loss, targets equal to {loss_obj.ignore_index} are ignored.")
+    return loss_obj, targets, output_fn, notes, shape
+
+
 @contextmanager
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     with preserve_modes(model):
@@ -156,7 +228,9 @@ def _jvp_w0(model, inputs, groups, output_fn) -> list[torch.Tensor]:
             sub = {names[id(p)]: p.detach() for p in group}
 
             def fn(params, sub=sub):
-                return functional_call(wrapper, params, (inputs,), strict=False)
+                # buffers copied inside the transform: a layer may update one in place in forward
+                own = {"m." + name: b.clone() for name, b in model.named_buffers()}
+                return functional_call(wrapper, {**params, **own}, (inputs,), strict=False)
 
             try:
                 out.append(jvp(fn, (sub,), (sub,))[1].detach().to(torch.float64).cpu())
@@ -274,14 +348,8 @@ def estimate_kernel(
     n = sample_count(inputs)
     if n == 0:
         raise ValueError("no samples to estimate the kernel on: the data is empty")
-    loss_obj = get_loss(loss)
-    targets = torch.as_tensor(targets)
-    shape, notes = _probe_outputs(model, index_batch(inputs, torch.arange(min(n, 2))), output_fn)
+    loss_obj, targets, output_fn, notes, shape = _per_sample_view(model, inputs, targets, loss, output_fn)
     c = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
-    if len(shape) == 3 and targets.dim() == 2 and not targets.is_floating_point():
-        loss_obj = token_loss(loss_obj, int(shape[2]))
-        notes.append(f"token-level task: outputs (N, {shape[1]}, {shape[2]}) with (N, {shape[1]}) targets; every "
-                     f"token is a sample of the loss, targets equal to {loss_obj.ignore_index} are ignored.")
     if kernel == "auto":
         kernel = "full" if n * c <= FULL_KERNEL_MAX else "trace"
     adam = spec.kind in ("adam", "adamw")

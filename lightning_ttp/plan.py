@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
-from .data import loader_batch_size, num_samples_in, split_batch
+from .data import dataset_samples, loader_batch_size, num_samples_in, split_batch
 from .schedules import HyperSchedule, SchedulerSpec, hyper_schedule
 
 __all__ = ["RunPlan", "check_steps", "loader_shuffles", "plan_run"]
@@ -149,7 +149,9 @@ def plan_run(
     notes: list[str] = []
     if isinstance(data, DataLoader):
         iterable = isinstance(data.dataset, IterableDataset)
-        size = None if iterable or not hasattr(data.dataset, "__len__") else len(data.dataset)  # type: ignore[arg-type]
+        size, counted = dataset_samples(data)  # samples, not items, for pre-batched data
+        if counted:
+            notes.append(counted)
         bs = batch_size or loader_batch_size(data)
         if bs is None:  # pre-batched items: read the size of one
             bs = num_samples_in(split_batch(data.dataset[0] if size else next(iter(data)))[0])

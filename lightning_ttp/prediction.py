@@ -193,6 +193,13 @@ class Prediction:
         values = self.loss if curve == "loss" else self._error_curve()
         return epsilon_training_time(values, eps)
 
+    @property
+    def diverged(self) -> bool:
+        """Whether the simulated run diverges at this lr: its loss (steps 0..T) turns non-finite or
+        grows ``simulate.DIVERGENCE_FACTOR``-fold above its start (the diagnostics' warnings say so,
+        with ``max_stable_lr``)."""
+        return bool(self.diagnostics.get("diverged", False)) or not bool(np.all(np.isfinite(self.loss)))
+
     def extended_loss(self) -> np.ndarray:
         """The expected loss at steps 0..H: the run's curve followed by its continuation."""
         if self.continuation is None:

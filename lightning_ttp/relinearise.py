@@ -169,6 +169,13 @@ def drift_multiplier(history: Sequence[KernelDrift], step: int, total_steps: int
 
 
 # ---------------------------------------------------------------------------- optimiser state
+def _own_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the module's buffers, made inside a ``torch.func`` transform: a layer that updates a
+    buffer in place in ``forward`` (a counter, a spectral norm's vectors) then writes to the copy,
+    which the transform allows (it refuses to mutate a tensor captured from outside)."""
+    return {name: b.clone() for name, b in module.named_buffers()}
+
+
 def _eval_jvp(module: torch.nn.Module, inputs: Any, params: list[torch.nn.Parameter],
               tangents: list[torch.Tensor]) -> torch.Tensor:
     """J · v for the outputs of ``module`` (eval mode, restored) w.r.t. ``params``, as float64 (N, C)."""
@@ -181,7 +188,8 @@ def _eval_jvp(module: torch.nn.Module, inputs: Any, params: list[torch.nn.Parame
     module.eval()
     try:
         with torch.no_grad():
-            out = jvp(lambda w: functional_call(module, w, (inputs,), strict=False), (primal,), (tangent,))[1]
+            out = jvp(lambda w: functional_call(module, {**w, **_own_buffers(module)}, (inputs,), strict=False),
+                      (primal,), (tangent,))[1]
     finally:
         for m, flag in flags.items():
             m.training = flag

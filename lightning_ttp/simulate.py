@@ -46,6 +46,8 @@ __all__ = ["WHAT_IF_KEYS", "Method", "simulate", "simulate_plan", "what_if"]
 
 #: The settings a what-if table can vary (one key at a time).
 WHAT_IF_KEYS = ("lr", "batch_size", "momentum", "weight_decay")
+#: a simulated loss that grows this many times above its initial value diverges (as does a non-finite one)
+DIVERGENCE_FACTOR = 1e4
 
 
 class Method(str, Enum):
@@ -250,16 +252,23 @@ def simulate(
         error, error_band = summarize_paths(res.error, band) if res.error.shape[0] > 1 else (res.error[0], None)
     stab = stability_report(ke.outputs, ke.targets, ke.grams, ke.loss, spec, run.lrs[:horizon],
                             cache=ke.stability_cache)
-    diverged = not np.all(np.isfinite(loss[: horizon + 1]))
-    if stab["message"]:
-        outcome = ("the simulated loss diverged" if diverged else
-                   "the simulation stayed finite (the loss's curvature falls as it trains), but the real network "
-                   "is far from its linearisation at this lr: expect it to train at a different speed")
-        message = f"{stab['message']}; {outcome}."
+    run_loss = loss[: horizon + 1]
+    # non-finite, or grown DIVERGENCE_FACTOR-fold above its start: the simulated run diverges
+    diverged = not np.all(np.isfinite(run_loss)) or bool(run_loss.max() > DIVERGENCE_FACTOR * max(run_loss[0], 1e-12))
+    if diverged:  # one sentence that says what happened and what to change; nothing downstream repeats it
+        limit = stab["max_stable_lr"]
+        message = (f"the simulated run diverges at this lr (max stable lr ≈ {limit:.3g}, first param group; "
+                   f"lower the lr below it for a finite prediction)" if np.isfinite(limit)
+                   else "the simulated run diverges at this lr (non-finite loss)")
+        message += f": {stab['message']}." if stab["message"] else "."
         run.notes.append(message)
         warnings.warn(message, stacklevel=2)
-    elif diverged:
-        run.notes.append("the predicted loss diverges (non-finite values)")
+    elif stab["message"]:
+        message = (f"{stab['message']}; the simulation stayed finite (the loss's curvature falls as it trains), but "
+                   "the real network is far from its linearisation at this lr: expect it to train at a different "
+                   "speed.")
+        run.notes.append(message)
+        warnings.warn(message, stacklevel=2)
     diagnostics = Diagnostics(
         method=chosen.value, optimizer=spec.name, optimizer_kind=spec.kind, kernel=ke.kernel, kernel_samples=n0,
         num_outputs=ke.num_outputs, dataset_size=n, batch_size=b, full_batch=run.full_batch,
@@ -273,6 +282,8 @@ def simulate(
         lr_first=run.lrs[0].tolist(), lr_last=run.lrs[horizon - 1].tolist(), warnings=run.notes,
         extra={k: v for k, v in ke.info.items() if k in ("num_parameters", "projection_dim")},
     )
+    if diverged:
+        diagnostics.extra["diverged"] = True
     if res.settled_at is not None:
         diagnostics.extra["settled_at"] = res.settled_at
     prediction = Prediction(np.arange(steps + 1), loss, loss_band, error, error_band, diagnostics)

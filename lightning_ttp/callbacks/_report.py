@@ -6,6 +6,7 @@ Functions of the predictor (read-only): the callback decides when to call them.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -48,9 +49,9 @@ def summary(predictor: Any) -> str:
         f"lightning_ttp: predicted fine-tuning of {plan.get('steps', len(loss) - 1)} optimiser steps "
         f"(batch {plan.get('batch_size')} × accumulate {plan.get('accumulate_grad_batches')} × "
         f"{plan.get('world_size')} process(es); {kernel}):",
-        f"loss {loss[0]:.4g} → {loss[-1]:.4g}",
+        f"loss {loss[0]:.4g} → " + ("diverges (see the notes)" if pred.diverged else f"{loss[-1]:.4g}"),
     ]
-    if pred.loss_band is not None:
+    if pred.loss_band is not None and not pred.diverged:
         parts[-1] += f" (band {pred.loss_band[0][-1]:.4g}–{pred.loss_band[1][-1]:.4g})"
     if pred.error is not None:
         parts.append(f"training error {pred.error[0]:.1%} → {pred.error[-1]:.1%}")
@@ -106,7 +107,10 @@ def log_curve(predictor: Any, trainer: Any) -> None:
                 metrics["ttp/predicted_loss_high"] = float(pred.loss_band[1][i])
             if pred.error is not None:
                 metrics["ttp/predicted_error"] = float(pred.error[i])
-            logger.log_metrics(metrics, step=int(pred.steps[i]) * predictor.step_unit)
+            # a diverging simulation: its finite start is logged, the non-finite rest is not (the note says why)
+            metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+            if metrics:
+                logger.log_metrics(metrics, step=int(pred.steps[i]) * predictor.step_unit)
         logger.save()
 
 

@@ -20,8 +20,8 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
-from .._modes import preserve_modes
-from ..data import loader_batch_size
+from .._modes import preserve_module
+from ..data import dataset_samples, loader_batch_size
 from ..plan import RunPlan, loader_shuffles
 from ..schedules import SchedulerSpec, hyper_schedule
 from ._compat import is_instance
@@ -100,18 +100,14 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 @contextmanager
 def preserve_state(module: torch.nn.Module) -> Iterator[None]:
     """Leave the user's training exactly as it was: RNG streams (torch CPU/CUDA, numpy,
-    python), every submodule's train/eval mode, every parameter's ``requires_grad`` and
-    ``.grad``, all restored on exit (also on error)."""
-    params = list(module.parameters())
-    flags = [p.requires_grad for p in params]
-    grads = [p.grad for p in params]
-    try:
-        with preserve_rng(), preserve_modes(module):
-            yield
-    finally:
-        for p, flag, grad in zip(params, flags, grads):
-            p.requires_grad_(flag)
-            p.grad = grad
+    python, through Lightning's own helper), every submodule's train/eval mode, every buffer
+    (BatchNorm running statistics and ``num_batches_tracked``, spectral-norm vectors, a custom
+    layer's counters: values and identity), every parameter's ``requires_grad`` and ``.grad``,
+    all restored on exit (also on error). The callbacks run every forward pass of theirs inside
+    it (:func:`lightning_ttp._modes.preserve_module`; the plain-PyTorch twin is
+    :func:`lightning_ttp._modes.untouched`)."""
+    with preserve_rng(), preserve_module(module):
+        yield
 
 
 @contextmanager
@@ -208,9 +204,9 @@ def _plan_from_trainer(trainer: Any, loader: DataLoader, steps_override: int | N
         data_utils = importlib.import_module(f"{lightning_namespace(trainer).__name__}.utilities.data")
         batch_size = int(data_utils.extract_batch_size(first))
         notes.append(f"batch size read from the first batch: {batch_size}.")
-    dataset_size = None
-    if not iterable and hasattr(loader.dataset, "__len__"):
-        dataset_size = len(loader.dataset)  # type: ignore[arg-type]
+    dataset_size, counted = dataset_samples(loader)  # samples, not items, for pre-batched data
+    if counted:
+        notes.append(counted)
     num_batches = trainer.num_training_batches
     batches = int(num_batches) if num_batches is not None and math.isfinite(num_batches) and num_batches > 0 else None
     optimizers = trainer.optimizers

@@ -21,7 +21,6 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils._pytree import tree_map
 
-from .._modes import preserve_modes
 from ..data import logits_of, num_samples_in, sample_subset, split_batch
 from ..spectral import (
     ActivationRecorder,
@@ -33,6 +32,7 @@ from ..spectral import (
     spectrum_of,
 )
 from ._compat import bases, installed_namespaces
+from ._trainer_state import preserve_state
 
 __all__ = ["EarlyGiveUp"]
 
@@ -434,8 +434,8 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         try:
             inputs, _ = split_batch(self._subset, output_fn=self.output_fn, target_fn=self.target_fn, who="EarlyGiveUp")
             inputs = tree_map(lambda t: t.to(pl_module.device) if isinstance(t, torch.Tensor) else t, inputs)
-            # every submodule gets its own mode back (a frozen BatchNorm stays in eval mode)
-            with preserve_modes(pl_module), torch.no_grad():
+            # modes (a frozen BatchNorm stays in eval mode), buffers and RNG streams come back as they were
+            with preserve_state(pl_module), torch.no_grad():
                 pl_module.eval()
                 self._recorder.start_batch(self._batch_size(self._subset))
                 if self.output_fn is not None:
@@ -515,6 +515,10 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
 
     @staticmethod
     def _metrics(entry: dict[str, Any]) -> dict[str, float]:
+        """The round's scores as metrics; none for a round with non-finite activations (its scores
+        are undefined: that round logs its decision, ``give_up/gave_up``, instead)."""
+        if entry.get("nonfinite_layers"):
+            return {}
         keys = ("s_o", "s_s", "s_t", "s_F", "s_Fv", "v_t", "drift")
         return {f"give_up/{k}": float(entry[k]) for k in keys if math.isfinite(entry[k])}
 
@@ -551,14 +555,15 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
                 self.state.spectra, int(entry["epoch"]), v, self.config, self.state.units, self.state.scales
             )
             self.state.history[-1] = self._entry(scores)
-            self._log_to_loggers(trainer, {"give_up/s_Fv": scores.s_Fv, "give_up/v_t": v})
+            if not scores.nonfinite_layers and math.isfinite(scores.s_Fv):
+                self._log_to_loggers(trainer, {"give_up/s_Fv": scores.s_Fv, "give_up/v_t": v})
         if self.trial is not None:
             self._report_trial(self.state.history[-1])
 
     def _report_trial(self, entry: dict[str, Any]) -> None:
         """s_Fv (a predicted accuracy); s_F without v_t; nothing where both are undefined."""
         value = entry["s_Fv"] if math.isfinite(entry["s_Fv"]) else entry["s_F"]
-        if math.isfinite(value):
+        if math.isfinite(value) and not entry.get("nonfinite_layers"):
             self.trial.report(float(value), step=int(entry["epoch"]))
 
     # ------------------------------------------------------------------ decision

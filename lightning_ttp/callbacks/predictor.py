@@ -11,6 +11,7 @@ prediction either way. During training it refines the prediction from the real l
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -531,7 +532,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
                 run.spec, run.inputs, run.targets, plan.steps, run.kernel, lr_schedule=plan.lr_schedule,
                 loss=self.loss, batch_size=plan.effective_batch_size, dataset_size=plan.dataset_size,
                 smoothing_window=default_smoothing_window(plan.steps_per_epoch, plan.full_batch),
-                output_fn=self.output_fn, projection_dim=self.projection_dim,
+                output_fn=run.output_fn, projection_dim=self.projection_dim,
                 seed=self.seed)
             diag = run.prediction.diagnostics
             self._loop_cost = float(diag.kernel_seconds or 0.0) + float(diag.simulation_seconds or 0.0)
@@ -570,13 +571,28 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             self.state.observed_losses.extend(torch.stack(self._pending).float().cpu().tolist())
             self._pending = []
 
+    def _real_run_diverged(self, observed: Sequence[float]) -> bool:
+        """Whether the real loss turned non-finite; then the closed loop stops, saying so once (the
+        run itself diverged: nothing of it can be refined or re-linearised)."""
+        if not observed or math.isfinite(observed[-1]):
+            return False
+        self._loop = None
+        if "real_diverged" not in self._warned:
+            self._warned.add("real_diverged")
+            if self.verbose:
+                rank_zero_info(f"lightning_ttp: the training loss is non-finite at step {len(observed)}; the "
+                               "prediction is no longer refined.")
+        return True
+
     def _refine_now(self) -> None:
         pred = self.state.prediction
         if pred is None:
             return
+        if pred.diverged and self.state.live_loss is None:
+            return  # the fit-start note says the simulated run diverges: there is no curve to refit
         try:
             observed = self.observed_losses
-            if len(observed) < 2:
+            if len(observed) < 2 or self._real_run_diverged(observed):
                 return
             self._converge_cache.clear()
             if self.state.live_loss is not None:  # refit the re-linearised curve to what came after it
@@ -660,7 +676,8 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
                 live = loop.update(pl_module, trainer.optimizers[0], observed)
         except Exception as exc:  # noqa: BLE001 - failure policy: warn and continue
             self._loop = None
-            self._fail("re-linearising the model", exc)
+            if not self._real_run_diverged(observed):
+                self._fail("re-linearising the model", exc)
             return
         self.state.live_seconds += live.seconds
         self._loop_cost = live.seconds

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lightning_ttp.kernel.terms import ConvTerm, DenseTerm, IndexTerm, OuterTerm, Term, _patches
 
@@ -382,6 +383,11 @@ class _Unsupported(Exception):
 
 
 def adapter_for(module: nn.Module) -> LayerAdapter | None:
+    """The fast path for ``module`` (None: the generic fallback). A parametrised module (e.g.
+    ``nn.utils.parametrizations.spectral_norm``) computes its weight from other tensors, so its
+    weight is no parameter of its own: the fallback differentiates through the parametrisation."""
+    if parametrize.is_parametrized(module):
+        return None
     for cls in ADAPTERS:
         if cls.supports(module):
             return cls(module)
