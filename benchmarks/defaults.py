@@ -79,7 +79,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -108,52 +108,83 @@ PRETRAIN_SEED = 0
 # ============================================================================ cases
 @dataclass(frozen=True)
 class Case:
-    """One fine-tuning run; every field is printed with its row."""
+    """One fine-tuning run; every field is printed with its row. ``lr_fraction`` (SGD-type runs):
+    the lr as a fraction of the linearised stability limit lr* of plain GD at fit start (the
+    paper's protocol; with momentum β the effective lr is lr/(1 − β)); ``lr`` is resolved from it
+    per seed (:func:`resolved`), AdamW's is fixed."""
 
     task: str
     arch: str
     layers: str  # "all" | "head"
     n: int
     opt: str  # "GD" | "SGD" | "SGD+m0.9" | "AdamW"
-    lr: float
+    lr_fraction: float | None
     batch: int
     steps: int
+    lr: float = 0.0
 
     @property
     def kind(self) -> str:
         """GD (full batch) or SGD (mini-batch), for the paper's threshold."""
         return "GD" if self.batch >= self.n else "SGD"
 
+    @property
+    def regime(self) -> str:
+        """"low" lr (effective lr ≤ 0.5 lr*, and AdamW) or "high" (at lr* and above)."""
+        if self.lr_fraction is None:
+            return "low"
+        effective = self.lr_fraction * (10.0 if self.opt == "SGD+m0.9" else 1.0)
+        return "low" if effective <= 0.5 else "high"
+
 
 TASKS = {"cnn-bn": "digits-oddeven", "conv1d": "waves-shape"}
 
 
 def grid(quick: bool) -> list[Case]:
-    """The benchmark's cases: (arch, layers, N, optimiser, lr, batch, steps)."""
+    """The benchmark's cases: (layers, N, optimiser, lr fraction of lr* (AdamW: the lr), batch, steps)."""
     rows = []
     for arch in TASKS:
-        # low / moderate SGD lrs; head-only GD sits just under the linearised stability limit
-        # (max_stable_lr ≈ 0.07 and 0.3: above it the head's loss oscillates and never converges)
-        low, mid, head_gd = (0.02, 0.1, 0.05) if arch == "cnn-bn" else (0.05, 0.2, 0.2)
         specs = [
-            ("all", 300, "GD", mid, 300, 200),
-            ("all", 1200, "GD", mid, 1200, 200),
-            ("all", 2000, "SGD", low, 64, 300),
-            ("all", 1200, "SGD", mid, 64, 300),
-            ("all", 300, "SGD+m0.9", low / 10, 32, 200),
-            ("all", 2000, "SGD+m0.9", low / 2, 128, 300),
+            ("all", 300, "GD", 0.3, 300, 200),
+            ("all", 1200, "GD", 0.1, 1200, 200),
+            ("all", 1200, "GD", 0.3, 1200, 200),
+            ("all", 2000, "SGD", 0.3, 64, 300),
+            ("all", 1200, "SGD", 0.1, 64, 300),
+            ("all", 300, "SGD+m0.9", 0.03, 32, 200),
+            ("all", 2000, "SGD+m0.9", 0.01, 128, 300),
             ("all", 1200, "AdamW", 1e-3, 64, 300),
-            ("head", 1200, "GD", head_gd, 1200, 200),
-            ("head", 300, "SGD", mid, 32, 200),
+            ("head", 1200, "GD", 0.5, 1200, 200),
+            ("head", 300, "SGD", 0.3, 32, 200),
             ("head", 2000, "AdamW", 3e-3, 128, 300),
+            ("all", 1200, "GD", 1.0, 1200, 200),  # high lr: at the linearised stability limit
+            ("all", 1200, "SGD", 1.0, 64, 300),
         ]
         if quick:
-            specs = [specs[i] for i in (1, 3, 6, 8)]
+            specs = [specs[i] for i in (2, 3, 7, 9, 11)]
         elif arch == "cnn-bn":  # one longer run (~25 s of training): room for the closed loop to re-linearise
-            specs.append(("all", 2000, "GD", mid, 2000, 600))
-        rows += [Case(TASKS[arch], arch, layers, n, opt, lr, batch, steps)
-                 for layers, n, opt, lr, batch, steps in specs]
+            specs.append(("all", 2000, "GD", 0.3, 2000, 600))
+        for layers, n, opt, lr, batch, steps in specs:
+            fraction, fixed = (None, lr) if opt == "AdamW" else (lr, 0.0)
+            rows.append(Case(TASKS[arch], arch, layers, n, opt, fraction, batch, steps, fixed))
     return rows
+
+
+@cache
+def stability_limit(arch: str, layers: str, seed: int) -> float:
+    """lr* of plain GD on the fine-tune model of ``seed`` at fit start: the prediction's
+    ``max_stable_lr`` on the default kernel subset (a non-default call, only to set the lrs)."""
+    model = fine_tune_model(Case(TASKS[arch], arch, layers, N0, "GD", 1.0, N0, 1), seed)
+    (_, _), (x, y) = task_data(arch)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    pred = lightning_ttp.predict_training_time(model, (x[:N0], y[:N0]), opt, 2, num_paths=1, lookahead=False)
+    return float(pred.diagnostics.max_stable_lr)
+
+
+def resolved(case: Case, seed: int) -> Case:
+    """The case with its lr for ``seed`` (``lr_fraction`` × lr*; AdamW's as given)."""
+    if case.lr_fraction is None:
+        return case
+    return replace(case, lr=case.lr_fraction * stability_limit(case.arch, case.layers, seed))
 
 
 # ============================================================================ data and models
@@ -358,7 +389,7 @@ def api_case(case: Case, seed: int) -> dict:
     real = real_times(losses, smoothing_window(case, loader))
     ahead = prediction.diagnostics.extra.get("lookahead")
     open_loop = ({e: ahead["open_loop_training_time"][str(e)] for e in EPS} if ahead else predicted_times(prediction))
-    return {"case": asdict(case), "kind": case.kind, "seed": seed,
+    return {"case": asdict(case), "kind": case.kind, "regime": case.regime, "seed": seed,
             "eps": score(predicted_times(prediction), real, case.kind),
             "open": score(open_loop, real, case.kind),
             "diagnostics": diagnostics_summary(prediction),
@@ -434,7 +465,7 @@ def callback_case(case: Case, seed: int, root: str) -> dict:
         live[str(f)] = {"step": seen["step"], "live": score(seen["live"], real, case.kind),
                         "power_law": score(power, real, case.kind)}
     open_loop = predicted_times(predictor.prediction) if predictor.prediction is not None else dict.fromkeys(EPS)
-    return {"case": asdict(case), "kind": case.kind, "seed": seed,
+    return {"case": asdict(case), "kind": case.kind, "regime": case.regime, "seed": seed,
             "open_loop": score(open_loop, real, case.kind), "live": live,
             "relinearised": predictor.state.live_step is not None, "live_step": predictor.state.live_step,
             "cost_seconds": predictor.cost_seconds, "loop_seconds": probe.loop_seconds,
@@ -479,8 +510,8 @@ def kernel_text(diag: dict | None) -> str:
     if diag is None:
         return "no prediction"
     b = diag["budget"]
-    chose = "none" if b is None else f"{b['num_samples']}/{b['kernel']} in {b['budget_seconds']:.1f}s"
-    return f"{diag['kernel']}/{diag['kernel_samples']} (budget {chose})"
+    chose = "none" if b is None else f"{b['predicted_macs'] / b['run_macs']:.2f}× run"
+    return f"{diag['kernel']}/{diag['kernel_samples']} (counted {chose})"
 
 
 def print_api_table(rows: list[dict]) -> None:
@@ -533,10 +564,14 @@ def same_real(api_row: dict, cb_row: dict) -> bool:
 
 def summarise(api: list[dict], cb: list[dict], det: dict | None) -> dict:
     big, all_layers = (lambda r: r["case"]["n"] >= 4 * N0), (lambda r: r["case"]["layers"] == "all")
+    low, high = (lambda r: r["regime"] == "low"), (lambda r: r["regime"] == "high")
     summary = {
         "n0": N0, "cases": len(api), "epsilons": list(EPS), "thresholds": TOL,
         "api_within": {"all": share_within(api), "n>=4n0": share_within(api, keep=big),
                        "all_layers": share_within(api, keep=all_layers),
+                       "low_lr": share_within(api, keep=low), "high_lr": share_within(api, keep=high),
+                       "low_lr_all_layers": share_within(api, keep=lambda r: low(r) and all_layers(r)),
+                       "low_lr_n>=4n0": share_within(api, keep=lambda r: low(r) and big(r)),
                        **{f"eps={e:g}": share_within(api, eps=(e,)) for e in EPS}},
         "callback_open_loop_within": share_within(cb, "open_loop"),
         "live_median_error": {}, "median_cost_ratio": {
@@ -544,7 +579,8 @@ def summarise(api: list[dict], cb: list[dict], det: dict | None) -> dict:
             "callback": float(np.nanmedian([r["cost_ratio"] for r in cb])) if cb else None},
         "relinearised": sum(r["relinearised"] for r in cb), "determinism": det,
         "same_real_times": sum(same_real(a, c) for a, c in zip(api, cb)),
-        "api_open_loop_within": {"all": share_within(api, "open"), "all_layers": share_within(api, "open", all_layers)},
+        "api_open_loop_within": {"all": share_within(api, "open"), "all_layers": share_within(api, "open", all_layers),
+                                 "low_lr": share_within(api, "open", low)},
         "median_error": {"with_lookahead": median_error([s for r in api for s in r["eps"].values()]),
                          "open_loop": median_error([s for r in api for s in r["open"].values()])},
         "median_lookahead_seconds": float(np.median([r["diagnostics"]["lookahead"]["seconds"] for r in api
@@ -572,6 +608,9 @@ def print_summary(s: dict) -> None:
     print(f"predict_training_time: overall {share(s['api_within']['all'])}; N ≥ 4·N0={4 * N0}: "
           f"{share(s['api_within']['n>=4n0'])}; all layers: {share(s['api_within']['all_layers'])}")
     print("  per ε: " + "; ".join(f"ε={e:g} {share(s['api_within'][f'eps={e:g}'])}" for e in EPS))
+    w = s["api_within"]
+    print(f"  low lr (≤ 0.5 lr*, AdamW): {share(w['low_lr'])}; of them all layers: {share(w['low_lr_all_layers'])}; "
+          f"N ≥ 4·N0: {share(w['low_lr_n>=4n0'])}; high lr (≥ lr*): {share(w['high_lr'])}")
     print(f"callback open loop (fit start): {share(s['callback_open_loop_within'])}; "
           f"re-linearised in {s['relinearised']} of {s['cases']} fits; real T_ε equal in the plain loop and "
           f"Trainer.fit in {s['same_real_times']} of {s['cases']} cases")
@@ -585,7 +624,8 @@ def print_summary(s: dict) -> None:
     print(f"median cost ratio (prediction / training loop): api {c['api']:.2f}, callback {c['callback']:.2f}")
     o, m = s["api_open_loop_within"], s["median_error"]
     print(f"the same predictions without the look-ahead (open loop): overall {share(o['all'])}; all layers: "
-          f"{share(o['all_layers'])}; median error {_err(m['open_loop'])} -> {_err(m['with_lookahead'])} with it, "
+          f"{share(o['all_layers'])}; low lr: {share(o['low_lr'])};")
+    print(f"  median error {_err(m['open_loop'])} -> {_err(m['with_lookahead'])} with it, "
           f"the look-ahead's median cost {s['median_lookahead_seconds']:.2f} s")
     if s["determinism"] is not None:
         d = s["determinism"]
@@ -623,12 +663,12 @@ def main(argv=None) -> dict:
     api, cb = [], []
     with tempfile.TemporaryDirectory() as root:
         for seed in args.seeds:
-            for case in cases:
+            for case in (resolved(c, seed) for c in cases):
                 api.append(api_case(case, seed))
                 if not args.no_callback:
                     cb.append(callback_case(case, seed, root))
                 print(f"  [{time.perf_counter() - start:6.0f} s] {case_text(api[-1])}", flush=True)
-    det = determinism_check(cases[0], args.seeds[0])
+    det = determinism_check(resolved(cases[0], args.seeds[0]), args.seeds[0])
     print_api_table(api)
     if cb:
         print_callback_table(cb)

@@ -221,7 +221,7 @@ def look_ahead(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: O
                targets: torch.Tensor, plan: RunPlan, start: KernelEstimate, prediction: Prediction, *,
                loss: str | Loss | Callable = "cross_entropy", output_fn: Callable | None = None,
                projection_dim: int | None = None, num_paths: int = 8, seed: int = 0,
-               steps: int | None = None) -> LookAhead | None:
+               steps: int | None = None, extrapolate: bool = True) -> LookAhead | None:
     """Look k steps ahead on the kernel subset and join the re-linearised continuation to the open
     loop's ``prediction`` (module docstring). ``None`` when the run is too short (T < 2·MIN_STEPS)."""
     started = time.perf_counter()
@@ -237,7 +237,8 @@ def look_ahead(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: O
                                        lr_schedule=plan.lr_schedule, loss=loss, batch_size=plan.effective_batch_size,
                                        dataset_size=plan.dataset_size, output_fn=output_fn,
                                        projection_dim=projection_dim, num_paths=num_paths, blend=False,
-                                       calibrate=False, seed=seed)
+                                       calibrate=False, batch_statistics=False, extrapolate_drift=extrapolate,
+                                       seed=seed)
     control = _control(start, spec, plan, batches, num_paths, seed)
     curve = joined_curve(prediction.loss, live.continuation, control, k)
     drift = live.drift
