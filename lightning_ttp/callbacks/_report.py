@@ -57,6 +57,10 @@ def summary(predictor: Any) -> str:
         parts.append(f"training error {pred.error[0]:.1%} → {pred.error[-1]:.1%}")
     parts.append("converges " + ", ".join(f"ε={e:g} {_predicted_text(pred, e, 'at step ')}"
                                           for e in predictor.epsilons))
+    ahead = pred.diagnostics.get("lookahead")
+    if ahead:
+        parts.append(f"look-ahead of {ahead['steps']} real steps on the kernel subset: kernel scale ×"
+                     f"{ahead['scale']:.2g}, loss {ahead['level_ratio']:.2g}× the linearised model's")
     if predictor.cost_seconds is not None:
         parts.append(f"prediction took {predictor.cost_seconds:.2f} s")
         if predictor.state.what_if:
