@@ -38,6 +38,14 @@ class Net(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
+class Collectives(pl.Callback):  # what lightning_ttp's callbacks do across ranks, nothing else
+    def on_fit_start(self, trainer, pl_module):
+        trainer.strategy.broadcast({"payload": list(range(1000))}, src=0)
+
+    def on_fit_end(self, trainer, pl_module):
+        trainer.strategy.barrier("fit_end")
+
+
 class Destroy(pl.Callback):
     def teardown(self, trainer, pl_module, stage):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -46,7 +54,8 @@ class Destroy(pl.Callback):
 if __name__ == "__main__":
     warnings.simplefilter("ignore")
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
-    callbacks = [Destroy()] if sys.argv[1] == "destroy" else []
+    callbacks = {"keep": [], "destroy": [Destroy()], "collectives": [Collectives()],
+                 "collectives+destroy": [Collectives(), Destroy()]}[sys.argv[1]]
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=4, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=callbacks)
@@ -57,19 +66,20 @@ if __name__ == "__main__":
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--modes", nargs="+", default=["keep", "destroy", "collectives", "collectives+destroy"],
+                        choices=["keep", "destroy", "collectives", "collectives+destroy"])
     args = parser.parse_args()
     # a file, not ``python -c``: the spawned ranks re-import the main module
     script = os.path.join(tempfile.mkdtemp(), "gloo_fit.py")
     with open(script, "w") as fh:
         fh.write(FIT)
-    for mode in ("keep", "destroy"):
+    for mode in args.modes:
         aborts = 0
         for _ in range(args.runs):
             done = subprocess.run([sys.executable, script, mode], capture_output=True, text=True)
             text = done.stdout + done.stderr
             aborts += done.returncode != 0 or "terminate called without an active exception" in text
-        print(f"process group {'destroyed in teardown' if mode == 'destroy' else 'left to exit':<24} "
-              f"aborted {aborts} of {args.runs} runs")
+        print(f"{mode:<22} aborted {aborts} of {args.runs} runs", flush=True)
 
 
 if __name__ == "__main__":

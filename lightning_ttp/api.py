@@ -115,8 +115,7 @@ def predict_run(
         order = torch.randperm(targets.shape[0], generator=torch.Generator().manual_seed(seed))
         order = order.to(targets.device)
         choice = choose_kernel(model, index_batch(inputs, order), targets[order], optimizer, plan, budget=budget,
-                               loss=loss, output_fn=output_fn, method=method, num_paths=num_paths, seed=seed,
-                               continuation=continuation)
+                               output_fn=output_fn, num_paths=num_paths, continuation=continuation)
         if choice.num_samples < targets.shape[0]:
             keep = order[: choice.num_samples].sort().values
             inputs, targets = index_batch(inputs, keep), targets[keep]

@@ -49,12 +49,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ._modes import preserve_modes
 from .data import take
-from .dynamics import Loss, OptimizerSpec
+from .dynamics import OptimizerSpec
 from .estimate import flat_output_fn, model_outputs
 from .kernel import count_ntk_macs
 from .kernel.batch import batch_size as sample_count
 from .plan import RunPlan
-from .simulate import Method
 
 __all__ = ["FLOOR_MACS", "MIN_SAMPLES", "KernelChoice", "choose_kernel", "forward_macs", "prediction_macs",
            "run_macs"]
@@ -176,11 +175,8 @@ def choose_kernel(
     *,
     budget: float,
     floor_macs: float = FLOOR_MACS,
-    loss: str | Loss | Callable = "cross_entropy",
     output_fn: Callable | None = None,
-    method: str | Method = Method.AUTO,
     num_paths: int = 8,
-    seed: int = 0,
     continuation: float = 2.0,
 ) -> KernelChoice:
     """The exact kernel on all of ``inputs`` unless the prediction counts more than ``budget`` ×
@@ -188,11 +184,9 @@ def choose_kernel(
     samples) that fits. Deterministic: counts only (module docstring).
 
     ``inputs``/``targets`` hold the candidate subset (N_max samples, a seeded random draw); the
-    chosen N are its first N samples, so the caller should pass them shuffled. ``loss``,
-    ``method`` and ``seed`` are accepted for the prediction's signature; the count does not
-    depend on them.
+    chosen N are its first N samples, so the caller should pass them shuffled; ``output_fn``,
+    ``num_paths`` and ``continuation`` are the prediction's (:func:`lightning_ttp.api.predict_run`).
     """
-    del loss, method, seed
     if not 0 < budget <= 1000:
         raise ValueError(f"budget must be a share of the run's cost in (0, 1000], e.g. 1.0; got {budget!r}")
     spec = OptimizerSpec.from_optimizer(optimizer)
