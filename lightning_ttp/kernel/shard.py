@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["Sharding", "shard_bounds"]
+from lightning_ttp.kernel.batch import slice_batch
+
+__all__ = ["Sharding", "map_rows", "shard_bounds"]
 
 #: shards smaller than this are not worth a collective: below ``MIN_SHARD`` samples per process
 #: every process computes the whole kernel (identical inputs, the same result)
@@ -103,3 +105,27 @@ class Sharding:
             raise RuntimeError(f"all_gather returned {len(pieces)} tensors for {self.world_size} processes")
         full = torch.cat([piece[:size] for piece, size in zip(pieces, sizes, strict=True)])
         return full.to(device=part.device, dtype=part.dtype)
+
+    def rank_zero(self, flag: bool) -> bool:
+        """Rank zero's ``flag`` on every process (a collective): a branch that leads into
+        collectives must be taken by all processes alike."""
+        if self.world_size == 1:
+            return bool(flag)
+        device = "cpu" if self.device is None else self.device
+        gathered = self.all_gather(torch.tensor([int(bool(flag))], device=device))
+        first = gathered[0] if not isinstance(gathered, torch.Tensor) else gathered.reshape(self.world_size, -1)[0]
+        return bool(first.reshape(-1)[0].item())
+
+    def map_rows(self, fn: Callable[[Any], list[torch.Tensor | None]], inputs: Any, n: int) -> list[torch.Tensor | None]:
+        """``fn(inputs)``, a list of ``(n, ...)`` tensors (or ``None``) with one row per sample computed
+        independently of the others, evaluated on this process's shard of ``inputs`` and gathered."""
+        if not self.active(n):
+            return fn(inputs)
+        start, stop = self.bounds(n)
+        return [None if part is None else self.gather_rows(part, n) for part in fn(slice_batch(inputs, start, stop))]
+
+
+def map_rows(sharding: Sharding | None, fn: Callable[[Any], list[torch.Tensor | None]], inputs: Any,
+             n: int) -> list[torch.Tensor | None]:
+    """:meth:`Sharding.map_rows`, or ``fn(inputs)`` without a sharding."""
+    return fn(inputs) if sharding is None else sharding.map_rows(fn, inputs, n)
