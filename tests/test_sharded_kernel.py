@@ -67,7 +67,8 @@ def _kernels(sharding: Sharding | None) -> dict[str, torch.Tensor]:
         out[name], out[name + ".outputs"] = ntk.gram, ntk.outputs
     bn, (v, y) = _bn_model(), _vectors()
     bn.train()
-    for name, options in {"estimate.wd": {"batch_statistics": False}, "estimate.bn": {"batch_statistics": True}}.items():
+    for name, options in {"estimate.wd": {"batch_statistics": False},
+                          "estimate.bn": {"batch_statistics": True}}.items():
         opt = torch.optim.SGD(bn.parameters(), lr=0.1, weight_decay=1e-3)
         ke = estimate_kernel(bn, v, y, optimizer=opt, kernel="full", sharding=sharding, **options)
         out[name] = torch.stack(ke.grams)

@@ -257,7 +257,8 @@ def _empirical_ntk(
             gram = part if gram is None else gram + part
         size = n * num_outputs if kernel == "full" else n
         if gram is None:
-            gram = torch.zeros(size if rows is None else size * (hi - lo) // n, size, dtype=dtype, device=_device(model))
+            height = size if rows is None else size * (hi - lo) // n
+            gram = torch.zeros(height, size, dtype=dtype, device=_device(model))
         grams.append(gram)
     if sharded:  # the row blocks Θ_g[shard, :] of every group, gathered at once and symmetrised
         block = torch.stack([g.reshape(hi - lo, -1) for g in grams], 1)

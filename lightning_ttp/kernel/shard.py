@@ -116,7 +116,8 @@ class Sharding:
         first = gathered[0] if not isinstance(gathered, torch.Tensor) else gathered.reshape(self.world_size, -1)[0]
         return bool(first.reshape(-1)[0].item())
 
-    def map_rows(self, fn: Callable[[Any], list[torch.Tensor | None]], inputs: Any, n: int) -> list[torch.Tensor | None]:
+    def map_rows(self, fn: Callable[[Any], list[torch.Tensor | None]], inputs: Any,
+                 n: int) -> list[torch.Tensor | None]:
         """``fn(inputs)``, a list of ``(n, ...)`` tensors (or ``None``) with one row per sample computed
         independently of the others, evaluated on this process's shard of ``inputs`` and gathered."""
         if not self.active(n):
