@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 import lightning_ttp
 from lightning_ttp.callbacks import TrainingTimePredictor
 from lightning_ttp.callbacks import predictor as predictor_module
-from lightning_ttp.callbacks._trainer_state import unsupported_strategy
+from lightning_ttp.callbacks._trainer_state import kernel_sharding, unsupported_strategy
 from lightning_ttp.dynamics import epsilon_training_time
 from tests.conftest import GLOO_EXIT_ABORT
 
@@ -147,6 +147,11 @@ def test_fsdp_and_deepspeed_are_refused_with_a_reason():
     assert "shards" in unsupported_strategy(FakeTrainer(FSDPStrategy()))
     assert "shards" in unsupported_strategy(FakeTrainer(DeepSpeedStrategy()))
     assert unsupported_strategy(FakeTrainer(DDPStrategy())) is None
+    # the kernel is never split under a strategy that shards the parameters (DeepSpeed subclasses DDP)
+    for strategy in (FSDPStrategy(), DeepSpeedStrategy()):
+        trainer = FakeTrainer(strategy)
+        trainer.world_size, trainer.global_rank = 2, 0
+        assert kernel_sharding(trainer) is None
     # the callback refuses (warns once, disables itself) or, with strict=True, raises
     cb = TrainingTimePredictor()
     with pytest.warns(UserWarning, match="disabled.*FSDPStrategy"):
