@@ -1,8 +1,9 @@
 """``strategy="ddp_spawn"`` on 2 CPU processes (gloo) with lightning_ttp's three callbacks.
 
 Each process trains on its half of every epoch (Lightning's DistributedSampler). The predictor
-plans for the global batch (2 processes × 32) and computes the kernel on rank zero only; the
-other rank receives the prediction, so the ETA bar and the log are the same on both. EarlyGiveUp
+plans for the global batch (2 processes × 32) and splits the kernel subset across the two
+processes (each runs the passes of its half; the Gram is assembled with the strategy's
+``all_gather``); both hold rank zero's prediction, so the ETA bar and the log are the same on both. EarlyGiveUp
 combines its decision across ranks (any rank giving up stops all). With ``ddp_spawn`` the
 callbacks live in the spawned processes: what they found is printed there, by rank zero.
 The data is scikit-learn's digits (shipped with scikit-learn: nothing is downloaded)::

@@ -31,6 +31,7 @@ from .data import sample_subset, split_batch
 from .dynamics import Loss, OptimizerSpec
 from .estimate import KernelEstimate, estimate_kernel, per_sample_view
 from .kernel.batch import index_batch
+from .kernel.shard import Sharding
 from .lookahead import look_ahead
 from .plan import RunPlan, plan_run
 from .prediction import Prediction
@@ -87,6 +88,7 @@ def predict_run(
     continuation: float = 2.0,
     budget: float | None = DEFAULT_BUDGET,
     lookahead: bool = True,
+    sharding: Sharding | None = None,
 ) -> RunPrediction:
     """Estimate the kernel on ``subset`` (one collated batch) and simulate ``plan`` on it.
 
@@ -105,6 +107,13 @@ def predict_run(
     (:meth:`~lightning_ttp.prediction.Prediction.rejoined`); what it measured is in
     ``prediction.diagnostics["lookahead"]``, with the open loop's ε-training-times (None: not
     converged within the run).
+
+    With a ``sharding`` (:class:`lightning_ttp.kernel.Sharding`, data-parallel processes) the call is
+    a collective: every process passes the same model weights, subset, optimiser and plan; the
+    kernel's samples (at fit start and in the look-ahead's re-linearisation) are split across the
+    processes, the cost cap counts the kernel's share of one process against one process's share
+    of the run, and every process returns the same prediction (equal to one process's on the same
+    subset up to float rounding).
     """
     spec = OptimizerSpec.from_optimizer(optimizer)
     inputs, targets = split_batch(subset, output_fn=output_fn, target_fn=target_fn)
@@ -115,18 +124,22 @@ def predict_run(
         order = torch.randperm(targets.shape[0], generator=torch.Generator().manual_seed(seed))
         order = order.to(targets.device)
         choice = choose_kernel(model, index_batch(inputs, order), targets[order], optimizer, plan, budget=budget,
-                               output_fn=output_fn, num_paths=num_paths, continuation=continuation)
+                               output_fn=output_fn, num_paths=num_paths, continuation=continuation,
+                               processes=1 if sharding is None else sharding.world_size)
         if choice.num_samples < targets.shape[0]:
             keep = order[: choice.num_samples].sort().values
             inputs, targets = index_batch(inputs, keep), targets[keep]
         kind = choice.kernel
     kernel = estimate_kernel(model, inputs, targets, spec, loss=loss, output_fn=output_fn, kernel=kind,
-                             projection_dim=projection_dim, seed=seed, batch_size=plan.effective_batch_size)
+                             projection_dim=projection_dim, seed=seed, batch_size=plan.effective_batch_size,
+                             sharding=sharding)
     prediction = simulate_plan(kernel, spec, plan, method=method, num_paths=num_paths, seed=seed,
                                continuation=continuation)
-    if lookahead and not prediction.diverged:
+    diverged = prediction.diverged if sharding is None else sharding.rank_zero(prediction.diverged)
+    if lookahead and not diverged:
         prediction = _looked_ahead(prediction, model, optimizer, spec, inputs, targets, plan, kernel, loss=loss,
-                                   output_fn=output_fn, projection_dim=projection_dim, num_paths=num_paths, seed=seed)
+                                   output_fn=output_fn, projection_dim=projection_dim, num_paths=num_paths, seed=seed,
+                                   sharding=sharding)
     if choice is not None:
         prediction.diagnostics.extra["budget"] = choice.to_dict()
         if choice.num_samples < available or choice.kernel == "trace":

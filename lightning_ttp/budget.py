@@ -27,6 +27,12 @@ only, never on the machine's speed or load:
    step (``WEIGHTS``: the Gram contraction's large dense products run an order of magnitude
    faster per multiply-add than a training step's small batches), constants calibrated once.
 
+Data-parallel processes (``processes`` > 1, the kernel sharded across them:
+:class:`lightning_ttp.kernel.Sharding`) each run 1/``processes`` of the kernel's passes and
+contractions and of the run's steps' samples, but the extras and the simulation in full: the cap
+compares one process's counts, (passes + contraction)/``processes`` + extras + simulation against
+``budget`` × run/``processes``.
+
 The policy is accuracy first (:func:`choose_kernel`): the exact kernel on every sample of the
 subset, unless the whole prediction counts more than ``budget`` × the run (default 1: the
 prediction may cost as much as the run it predicts before it gives up accuracy) *and* more than
@@ -94,6 +100,7 @@ class KernelChoice:
             ``contraction`` (the Gram, the fallback's included), ``extras`` (J·w0, Adam's second
             moments), ``simulation`` (per step × simulated steps, stability report included).
         forward_macs: F, one sample's forward.
+        processes: the processes the kernel is split across (the counts are one process's).
     """
 
     num_samples: int
@@ -104,6 +111,7 @@ class KernelChoice:
     reason: str
     components: dict[str, float] = field(default_factory=dict)
     forward_macs: float = 0.0
+    processes: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,15 +153,17 @@ def _simulation_macs(kind: str, n: int, c: int, plan: RunPlan, spec: OptimizerSp
 
 
 def prediction_macs(kind: str, n: int, *, contraction: float, forward: float, c: int, plan: RunPlan,
-                    spec: OptimizerSpec, num_paths: int, steps: int) -> dict[str, float]:
+                    spec: OptimizerSpec, num_paths: int, steps: int, processes: int = 1) -> dict[str, float]:
     """Each part's count for the prediction on a ``kind`` kernel of ``n`` samples, given the
     contraction count the engine reported for that kind and size, in training-step multiply-adds
-    (each kind of work weighted by ``WEIGHTS``)."""
+    (each kind of work weighted by ``WEIGHTS``); per process when the kernel's passes and
+    contractions are split across ``processes``."""
     groups = spec.num_groups
     extras = (groups * n * 3.0 * forward if spec.has_weight_decay else 0.0)
     if spec.kind in ("adam", "adamw"):
         extras += min(8, max(1, n // plan.effective_batch_size)) * plan.effective_batch_size * 3.0 * forward
-    counts = {"passes": n * (1 + 2 * c) * forward, "contraction": contraction, "extras": extras,
+    counts = {"passes": n * (1 + 2 * c) * forward / processes, "contraction": contraction / processes,
+              "extras": extras,
               "simulation": _simulation_macs(kind, n, c, plan, spec, num_paths=num_paths, steps=steps, groups=groups)}
     return {part: WEIGHTS[part] * macs for part, macs in counts.items()}
 
@@ -178,6 +188,7 @@ def choose_kernel(
     output_fn: Callable | None = None,
     num_paths: int = 8,
     continuation: float = 2.0,
+    processes: int = 1,
 ) -> KernelChoice:
     """The exact kernel on all of ``inputs`` unless the prediction counts more than ``budget`` ×
     the run and ``floor_macs``; else the largest subset (exact, or the trace kernel on more
@@ -186,6 +197,8 @@ def choose_kernel(
     ``inputs``/``targets`` hold the candidate subset (N_max samples, a seeded random draw); the
     chosen N are its first N samples, so the caller should pass them shuffled; ``output_fn``,
     ``num_paths`` and ``continuation`` are the prediction's (:func:`lightning_ttp.api.predict_run`).
+    ``processes``: the data-parallel processes the kernel and the run are split across (one
+    process's counts are compared, module docstring).
     """
     if not 0 < budget <= 1000:
         raise ValueError(f"budget must be a share of the run's cost in (0, 1000], e.g. 1.0; got {budget!r}")
@@ -194,7 +207,8 @@ def choose_kernel(
     groups = [g for g in spec.params or [] if g]
     forward = forward_macs(model, inputs, output_fn)
     run = run_macs(plan, forward)
-    allowed = max(budget * run, floor_macs)
+    processes = max(1, int(processes))
+    allowed = max(budget * run / processes, floor_macs)
     steps = max(plan.steps, round(continuation * plan.steps))
     counts: dict[str, Any] = {}
 
@@ -206,17 +220,19 @@ def choose_kernel(
         # the contraction is quadratic in N (rows × rows of the Gram)
         contraction = (count.contraction_macs + count.fallback_macs) * (n / n_max) ** 2
         return prediction_macs(kind, n, contraction=contraction, forward=forward, c=count.num_outputs, plan=plan,
-                               spec=spec, num_paths=num_paths, steps=steps)
+                               spec=spec, num_paths=num_paths, steps=steps, processes=processes)
 
     def choice(kind: str, n: int, reason: str) -> KernelChoice:
         components = parts(kind, n)
         total = sum(components.values())
-        reason += (f" (counted {total:.2g} multiply-adds: kernel "
+        across = f" across {processes} processes" if processes > 1 else ""
+        share = f"{budget:g} × one process's share of the run's {run:.2g}" if processes > 1 else \
+            f"{budget:g} × the run's {run:.2g}"
+        reason += across + (f" (counted {total:.2g} multiply-adds: kernel "
                    f"{components['passes'] + components['contraction'] + components['extras']:.2g}, simulation of up "
                    f"to {steps} steps {components['simulation']:.2g}; cap {allowed:.2g} = "
-                   + (f"{budget:g} × the run's {run:.2g})" if allowed > floor_macs else
-                      f"the floor, more than {budget:g} × the run's {run:.2g})"))
-        return KernelChoice(n, kind, total, allowed, run, reason, components, forward)
+                   + (f"{share})" if allowed > floor_macs else f"the floor, more than {share})"))
+        return KernelChoice(n, kind, total, allowed, run, reason, components, forward, processes)
 
     def largest_fitting(kind: str, above: int = 0) -> int | None:
         return next((n for n in _candidates(n_max) if n > above and sum(parts(kind, n).values()) <= allowed), None)

@@ -23,6 +23,7 @@ from .dynamics import CallableLoss, Loss, OptimizerSpec, get_loss
 from .dynamics.losses import TokenCrossEntropy, token_loss
 from .kernel.batch import batch_size as sample_count
 from .kernel.batch import index_batch
+from .kernel.shard import Sharding, map_rows
 
 __all__ = [
     "FULL_KERNEL_MAX",
@@ -209,6 +210,11 @@ def _per_sample_view(model, inputs, targets, loss, output_fn):
     return loss_obj, targets, output_fn, notes, shape
 
 
+def _processes(sharding: Sharding | None, n: int) -> int:
+    """The processes ``n`` kernel samples are split across (1: not split)."""
+    return sharding.world_size if sharding is not None and sharding.active(n) else 1
+
+
 @contextmanager
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     with preserve_modes(model):
@@ -306,6 +312,7 @@ def estimate_kernel(
     memory_budget: int | None = None,
     batch_statistics: bool | None = None,
     parameter_scales: Mapping[torch.nn.Parameter, torch.Tensor] | None = None,
+    sharding: Sharding | None = None,
 ) -> KernelEstimate:
     """f0 and the per-group empirical NTK Θ_g = J_g J_gᵀ (eq. 2) at the current weights w0.
 
@@ -334,6 +341,11 @@ def estimate_kernel(
         parameter_scales: non-Adam optimisers only: ``{parameter: s}`` for Grams J_g diag(s²) J_gᵀ, a fixed
             diagonal preconditioner (e.g. Adam's at a later step of the run: s = (√v̂ + ε)^{-1/2}), through
             the engine's fast paths (:func:`lightning_ttp.kernel.empirical_ntk`); parameters not listed have s = 1.
+        sharding: split the kernel's samples across data-parallel processes (a collective: every
+            process calls with the same model, samples and options, and gets the same estimate):
+            each runs the engine's passes, J·w0's rows and the batch-statistics Jacobian's rows of
+            its shard only (:class:`lightning_ttp.kernel.Sharding`). Adam's second moments (a few
+            mini-batch gradients) are computed by every process alike.
     """
     from .kernel import empirical_ntk
 
@@ -372,10 +384,11 @@ def estimate_kernel(
                 id(p): torch.as_tensor(parameter_scales.get(p, torch.ones_like(p))) for g in groups for p in g}
             f0, grams, _, jw = rl.batch_statistics_state(model, inputs, groups, kernel=kernel, scales=by_id,
                                                          tangents={}, weight_decay=spec.has_weight_decay,
-                                                         output_fn=output_fn)
+                                                         output_fn=output_fn, sharding=sharding)
             y = _prepared_targets(loss_obj, targets, c, n)
             info = _info(time.perf_counter() - started, groups, projection_dim, c, n, notes)
             info["batch_statistics"] = True
+            info["processes"] = _processes(sharding, n)
             return KernelEstimate(f0.cpu(), y, grams, kernel, loss_obj, jw, False, time.perf_counter() - started,
                                   info)
     scales = parameter_scales
@@ -394,7 +407,7 @@ def estimate_kernel(
         adam_rms = [float(torch.cat([mom[id(p)].reshape(-1) for p in b[1]]).sqrt().mean()) for b in blocks]
     ntk = empirical_ntk(model, inputs, output_fn=kernel_fn, kernel=kernel, projection_dim=projection_dim,
                         parameter_groups=kernel_groups, seed=seed, memory_budget=memory_budget,
-                        parameter_scales=scales)
+                        parameter_scales=scales, sharding=sharding)
     f0 = ntk.outputs.detach().to(torch.float64)
     y = _prepared_targets(loss_obj, targets, c, n)
     size = n * c if kernel == "full" else n
@@ -406,6 +419,7 @@ def estimate_kernel(
     if kernel == "trace":
         raw = [g / c for g in raw]
     info = _info(ntk.seconds, groups, projection_dim, c, n, notes)
+    info["processes"] = ntk.world_size
     adam_blocks = None
     if adam:
         grams = [torch.zeros_like(raw[0]) for _ in groups]
@@ -416,7 +430,8 @@ def estimate_kernel(
         info["adam_block_rms"] = adam_rms
     else:
         grams = raw
-    jw = _jvp_w0(model, inputs, groups, output_fn) if spec.has_weight_decay else None
+    jw = (map_rows(sharding, lambda part: _jvp_w0(model, part, groups, output_fn), inputs, n)
+          if spec.has_weight_decay else None)
     return KernelEstimate(f0.cpu(), y, grams, kernel, loss_obj, jw, adam, time.perf_counter() - started, info,
                           adam_blocks)
 

@@ -47,6 +47,7 @@ from .dynamics.adam import simulate_adam
 from .dynamics.discrete import Batch
 from .estimate import KernelEstimate, model_outputs
 from .kernel.batch import index_batch
+from .kernel.shard import Sharding
 from .plan import RunPlan
 from .prediction import Prediction
 from .relinearise import relinearised_prediction
@@ -221,9 +222,15 @@ def look_ahead(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: O
                targets: torch.Tensor, plan: RunPlan, start: KernelEstimate, prediction: Prediction, *,
                loss: str | Loss | Callable = "cross_entropy", output_fn: Callable | None = None,
                projection_dim: int | None = None, num_paths: int = 8, seed: int = 0,
-               steps: int | None = None, extrapolate: bool = True) -> LookAhead | None:
+               steps: int | None = None, extrapolate: bool = True,
+               sharding: Sharding | None = None) -> LookAhead | None:
     """Look k steps ahead on the kernel subset and join the re-linearised continuation to the open
-    loop's ``prediction`` (module docstring). ``None`` when the run is too short (T < 2·MIN_STEPS)."""
+    loop's ``prediction`` (module docstring). ``None`` when the run is too short (T < 2·MIN_STEPS).
+
+    With a ``sharding`` (data-parallel processes, a collective) every process takes the same k steps
+    on the module itself (not through a DDP wrapper: no gradient is all-reduced), from the same
+    weights, optimiser state, batches and seed, and the re-linearisation at w_k splits the subset's
+    samples across them (:class:`lightning_ttp.kernel.Sharding`)."""
     started = time.perf_counter()
     k = lookahead_steps(plan.steps) if steps is None else int(steps)
     if k < 1 or plan.steps <= k:
@@ -238,7 +245,7 @@ def look_ahead(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: O
                                        dataset_size=plan.dataset_size, output_fn=output_fn,
                                        projection_dim=projection_dim, num_paths=num_paths, blend=False,
                                        calibrate=False, batch_statistics=False, extrapolate_drift=extrapolate,
-                                       seed=seed)
+                                       seed=seed, sharding=sharding)
     control = _control(start, spec, plan, batches, num_paths, seed)
     curve = joined_curve(prediction.loss, live.continuation, control, k)
     drift = live.drift

@@ -58,6 +58,8 @@ import torch
 from .dynamics import BatchSampler, OptimizerSpec, simulate_discrete, stability_report
 from .dynamics.training_time import epsilon_training_time
 from .estimate import ADAM_V_FLOOR, KernelEstimate, OutputModule, estimate_kernel
+from .kernel.batch import batch_size as _num_samples
+from .kernel.shard import Sharding, map_rows
 from .refine import default_smoothing_window, refine_curve, smooth_losses
 
 __all__ = [
@@ -197,17 +199,22 @@ def _eval_jvp(module: torch.nn.Module, inputs: Any, params: list[torch.nn.Parame
 
 
 def _buffers(module: torch.nn.Module, inputs: Any, groups: list[list[torch.nn.Parameter]],
-             tangent: Callable[[torch.nn.Parameter], torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """Per group J_g · v_g with v = ``tangent(p)`` (zeros where None; None for a group without any)."""
-    out: list[torch.Tensor | None] = []
-    for group in groups:
-        vs = [tangent(p) for p in group]
-        if all(v is None for v in vs):
-            out.append(None)
-            continue
-        vs = [torch.zeros_like(p) if v is None else v for p, v in zip(group, vs, strict=True)]
-        out.append(_eval_jvp(module, inputs, group, vs))
-    return out
+             tangent: Callable[[torch.nn.Parameter], torch.Tensor | None],
+             sharding: Sharding | None = None) -> list[torch.Tensor | None]:
+    """Per group J_g · v_g with v = ``tangent(p)`` (zeros where None; None for a group without any);
+    with a ``sharding``, each process's rows only, gathered."""
+    def images(part: Any) -> list[torch.Tensor | None]:
+        out: list[torch.Tensor | None] = []
+        for group in groups:
+            vs = [tangent(p) for p in group]
+            if all(v is None for v in vs):
+                out.append(None)
+                continue
+            vs = [torch.zeros_like(p) if v is None else v for p, v in zip(group, vs, strict=True)]
+            out.append(_eval_jvp(module, part, group, vs))
+        return out
+
+    return map_rows(sharding, images, inputs, _num_samples(inputs))
 
 
 def has_batch_statistics(model: torch.nn.Module) -> bool:
@@ -218,7 +225,8 @@ def has_batch_statistics(model: torch.nn.Module) -> bool:
 
 def batch_statistics_state(model, inputs, groups: list[list[torch.nn.Parameter]], *, kernel: str,
                             scales: dict[int, torch.Tensor] | None, tangents: dict[int, torch.Tensor],
-                            weight_decay: bool, output_fn) -> tuple[torch.Tensor, list, list, list | None]:
+                            weight_decay: bool, output_fn,
+                            sharding: Sharding | None = None) -> tuple[torch.Tensor, list, list, list | None]:
     """Outputs, Grams, buffer images and J_g w_g of the subset as *one training batch*.
 
     BatchNorm in train mode normalises by the statistics of the batch, so each output depends
@@ -227,6 +235,8 @@ def batch_statistics_state(model, inputs, groups: list[list[torch.nn.Parameter]]
     Θ_g = J_g S_g J_gᵀ, B_g = J_g S_g v_g, with S_g = diag(s²) for Adam's preconditioner (``scales``)
     and the identity for SGD. This is the kernel of the dynamics the training steps follow;
     the eval-mode (running statistics) kernel of :func:`estimate_kernel` trains faster than them.
+    With a ``sharding`` every process runs the (whole-batch) forward and the backward passes of
+    its shard's rows of J only; the rows are all-gathered.
     """
     forward = OutputModule(model, output_fn)
     flat = [p for g in groups for p in g]
@@ -240,7 +250,9 @@ def batch_statistics_state(model, inputs, groups: list[list[torch.nn.Parameter]]
     try:
         with torch.enable_grad():
             out = forward(inputs)
-            rows = [torch.autograd.grad(o, flat, retain_graph=True, allow_unused=True) for o in out.reshape(-1)]
+            lo, hi = (0, out.shape[0]) if sharding is None else sharding.bounds(out.shape[0])
+            rows = [torch.autograd.grad(o, flat, retain_graph=True, allow_unused=True)
+                    for o in out[lo:hi].reshape(-1)]
     finally:
         for m, flag in zip(bns, tracking, strict=True):
             m.track_running_stats = flag
@@ -251,6 +263,8 @@ def batch_statistics_state(model, inputs, groups: list[list[torch.nn.Parameter]]
     device = out.device
     jf = {id(p): torch.stack([torch.zeros(p.numel(), device=device) if r[i] is None else r[i].reshape(-1)
                               for r in rows]).to(torch.float64) for i, p in enumerate(flat)}
+    if hi - lo < n:  # this process's rows (i, c) of its shard's samples: gather all of them
+        jf = {key: sharding.gather_rows(j.reshape(hi - lo, c, -1), n).reshape(n * c, -1) for key, j in jf.items()}
     scale2 = {id(p): (torch.ones(p.numel(), dtype=torch.float64, device=device) if scales is None
                       else scales[id(p)].reshape(-1).to(torch.float64) ** 2) for p in flat}
     grams, bufs, jw = [], [], []
@@ -270,7 +284,8 @@ def batch_statistics_state(model, inputs, groups: list[list[torch.nn.Parameter]]
 
 def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch.optim.Optimizer, *, loss,
                    output_fn, kernel: str, projection_dim: int | None, seed: int,
-                   reference: KernelEstimate | None = None) -> tuple[KernelEstimate, list, int]:
+                   reference: KernelEstimate | None = None,
+                   sharding: Sharding | None = None) -> tuple[KernelEstimate, list, int]:
     """The kernel estimate at w_k (with J_g w_{k,g} under weight decay), the buffer images and Adam's step.
 
     SGD: the kernel of the model's param groups, B_g = J_g b_g from ``momentum_buffer``.
@@ -281,7 +296,9 @@ def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch
     tensor's — no gradient reaches them in training, e.g. a bias before BatchNorm — are frozen,
     s = 0) and B_g = J_g diag(s²) m_g = J_{z,g} (s ⊙ m_g) from ``exp_avg``.
     With a ``reference`` (the fit-start estimate on the same subset) the subset is one training
-    batch (BatchNorm on its statistics, :func:`batch_statistics_state`) instead of eval mode.
+    batch (BatchNorm on its statistics, :func:`batch_statistics_state`) instead of eval mode. A
+    ``sharding`` splits the subset's samples across processes for the kernel, the Jacobian's rows
+    and the buffer images alike (:class:`lightning_ttp.kernel.Sharding`: a collective).
     """
     groups = [list(g) for g in spec.params]
     state = optimizer.state
@@ -292,12 +309,12 @@ def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch
                     if state.get(p, {}).get("momentum_buffer") is not None}
         out, grams, bufs, jw = batch_statistics_state(model, inputs, groups, kernel=kernel, scales=None,
                                                        tangents=tangents, weight_decay=spec.has_weight_decay,
-                                                       output_fn=output_fn)
+                                                       output_fn=output_fn, sharding=sharding)
         return _estimate(out, reference, grams, jw), bufs, 0
     if spec.kind not in ("adam", "adamw"):
         ke = estimate_kernel(model, inputs, targets, spec, loss=loss, output_fn=output_fn, kernel=kernel,
-                             projection_dim=projection_dim, seed=seed, batch_statistics=False)
-        bufs = _buffers(forward, inputs, groups, lambda p: state.get(p, {}).get("momentum_buffer"))
+                             projection_dim=projection_dim, seed=seed, batch_statistics=False, sharding=sharding)
+        bufs = _buffers(forward, inputs, groups, lambda p: state.get(p, {}).get("momentum_buffer"), sharding)
         return ke, bufs, 0
     flat = [p for g in groups for p in g]
     group_of = {id(p): gi for gi, g in enumerate(groups) for p in g}
@@ -324,19 +341,19 @@ def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch
         tangents = {id(p): state[p]["exp_avg"].detach() for p in flat if "exp_avg" in state.get(p, {})}
         out, grams, bufs, jw = batch_statistics_state(
             model, inputs, groups, kernel=kernel, scales=dict(zip(map(id, flat), scales, strict=True)),
-            tangents=tangents, weight_decay=spec.has_weight_decay, output_fn=output_fn)
+            tangents=tangents, weight_decay=spec.has_weight_decay, output_fn=output_fn, sharding=sharding)
         return _estimate(out, reference, grams, jw), bufs, max(steps)
     # the kernel of w = w_k + s ⊙ z at z = 0: J diag(s²) Jᵀ, through the engine's fast paths
     kernel_spec = OptimizerSpec.from_optimizer(torch.optim.SGD([{"params": g} for g in groups], lr=1.0))
     ke = estimate_kernel(model, inputs, targets, kernel_spec, loss=loss, output_fn=output_fn, kernel=kernel,
                          projection_dim=projection_dim, seed=seed, batch_statistics=False,
-                         parameter_scales=dict(zip(flat, scales, strict=True)))
+                         parameter_scales=dict(zip(flat, scales, strict=True)), sharding=sharding)
     # B_g = J_{z,g} (s ⊙ m_g) = J_g (s² ⊙ m_g)
     preconditioned_m = {id(p): s**2 * state[p]["exp_avg"].detach()
                         for p, s in zip(flat, scales, strict=True) if "exp_avg" in state.get(p, {})}
-    bufs = _buffers(forward, inputs, groups, lambda p: preconditioned_m.get(id(p)))
+    bufs = _buffers(forward, inputs, groups, lambda p: preconditioned_m.get(id(p)), sharding)
     if spec.has_weight_decay:
-        ke.jvp_w0 = _buffers(forward, inputs, groups, lambda p: p.detach())
+        ke.jvp_w0 = _buffers(forward, inputs, groups, lambda p: p.detach(), sharding)
     return ke, bufs, max(steps)
 
 
@@ -426,6 +443,7 @@ def relinearised_prediction(
     blend: bool = True,
     blend_min_span: float = 0.1,
     seed: int = 0,
+    sharding: Sharding | None = None,
 ) -> LivePrediction:
     """Re-predict the loss curve of a run at step k = ``len(observed)`` (see module docstring).
 
@@ -471,6 +489,9 @@ def relinearised_prediction(
         calibrate: time-warp the continuation by the speed of the real run relative to the
             previous call's curve (:func:`lightning_ttp.refine.refine_curve` fitted to
             the losses observed since then); ``calibration_prior`` is the prior sd of log a.
+        sharding: split the subset's samples across data-parallel processes for the kernel and
+            the buffer images (:class:`lightning_ttp.kernel.Sharding`; a collective: every process
+            calls with the same weights, optimiser state and ``observed``, and gets the same result).
     """
     started = time.perf_counter()
     obs = np.asarray(observed, dtype=np.float64).reshape(-1)
@@ -489,7 +510,7 @@ def relinearised_prediction(
             model, start, spec)
     ke, bufs, adam_step = _current_state(model, inputs, targets, spec, optimizer, loss=loss, output_fn=output_fn,
                                          kernel=start.kernel, projection_dim=projection_dim, seed=seed,
-                                         reference=start if batch_statistics else None)
+                                         reference=start if batch_statistics else None, sharding=sharding)
     kernel_seconds = time.perf_counter() - kernel_started
     drift = kernel_drift(start.grams, ke.grams, start.targets, lrs[step], num_outputs=start.num_outputs, step=step)
     if extrapolate_drift:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 import lightning_ttp
 from lightning_ttp.callbacks import TrainingTimePredictor
 from lightning_ttp.callbacks import predictor as predictor_module
-from lightning_ttp.callbacks._trainer_state import unsupported_strategy
+from lightning_ttp.callbacks._trainer_state import kernel_sharding, unsupported_strategy
 from lightning_ttp.dynamics import epsilon_training_time
 from tests.conftest import GLOO_EXIT_ABORT
 
@@ -147,6 +147,11 @@ def test_fsdp_and_deepspeed_are_refused_with_a_reason():
     assert "shards" in unsupported_strategy(FakeTrainer(FSDPStrategy()))
     assert "shards" in unsupported_strategy(FakeTrainer(DeepSpeedStrategy()))
     assert unsupported_strategy(FakeTrainer(DDPStrategy())) is None
+    # the kernel is never split under a strategy that shards the parameters (DeepSpeed subclasses DDP)
+    for strategy in (FSDPStrategy(), DeepSpeedStrategy()):
+        trainer = FakeTrainer(strategy)
+        trainer.world_size, trainer.global_rank = 2, 0
+        assert kernel_sharding(trainer) is None
     # the callback refuses (warns once, disables itself) or, with strict=True, raises
     cb = TrainingTimePredictor()
     with pytest.warns(UserWarning, match="disabled.*FSDPStrategy"):
@@ -475,21 +480,39 @@ class _DDPNet(pytorch_lightning.LightningModule):
 
 
 class _RecordingPredictor(TrainingTimePredictor):
-    """Writes each rank's prediction to a file (ddp_spawn runs the fit in child processes)."""
+    """Writes each rank's prediction, its kernels' shards and (rank zero) the pipeline's arguments to
+    files (ddp_spawn runs the fit in child processes)."""
 
     def __init__(self, out_dir: str, **kwargs):
         super().__init__(**kwargs)
         self.out_dir = out_dir
+        self._engine = None
+
+    def _file(self, trainer, name):
+        return os.path.join(self.out_dir, f"{name}_rank{trainer.global_rank}")
 
     def on_fit_start(self, trainer, pl_module):
-        # count the engine's predictions per rank: only rank zero may compute (the others receive it)
-        real_predict = predictor_module.predict_run
+        import lightning_ttp.kernel as kernel_module
+
+        real_predict, real_ntk = predictor_module.predict_run, kernel_module.empirical_ntk
 
         def counting_predict(*args, **kwargs):
-            with open(os.path.join(self.out_dir, f"predict_calls_rank{trainer.global_rank}.txt"), "a") as fh:
+            with open(self._file(trainer, "predict_calls") + ".txt", "a") as fh:
                 fh.write("1\n")
+            if trainer.is_global_zero:  # what a one-process predict_run needs to redo this prediction
+                torch.save({"subset": args[1], "plan": args[3],
+                            "kwargs": {k: v for k, v in kwargs.items() if k != "sharding"}},
+                           os.path.join(self.out_dir, "predict_args.pt"))
             return real_predict(*args, **kwargs)
 
+        def recording_ntk(*args, **kwargs):  # every kernel of the fit: fit start, look-ahead, closed loop
+            ntk = real_ntk(*args, **kwargs)
+            with open(self._file(trainer, "kernels") + ".txt", "a") as fh:
+                fh.write(f"{ntk.num_samples} {ntk.world_size} {ntk.shard[0]} {ntk.shard[1]}\n")
+            return ntk
+
+        self._engine = (kernel_module, real_ntk)
+        kernel_module.empirical_ntk = recording_ntk
         predictor_module.predict_run = counting_predict
         try:
             super().on_fit_start(trainer, pl_module)
@@ -497,40 +520,58 @@ class _RecordingPredictor(TrainingTimePredictor):
             predictor_module.predict_run = real_predict
 
     def on_train_end(self, trainer, pl_module):
-        path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.json")
-        with open(path, "w") as fh:
-            json.dump(None if self.prediction is None else self.prediction.to_dict(), fh)
+        module, real_ntk = self._engine
+        module.empirical_ntk = real_ntk
+        with open(self._file(trainer, "prediction") + ".json", "w") as fh:
+            json.dump({"prediction": None if self.prediction is None else self.prediction.to_dict(),
+                       "live_loss": self.state.live_loss, "live_step": self.state.live_step}, fh)
 
 
 @GLOO_EXIT_ABORT
-def test_ddp_spawn_two_processes_identical_predictions(tmp_path):
+def test_ddp_spawn_two_processes_share_the_kernel_and_predict_alike(tmp_path):
+    """Under ddp_spawn the kernel subset is split across the 2 ranks at fit start, in the
+    look-ahead and in the closed loop; both ranks hold the same prediction, equal to a
+    one-process ``predict_run`` on the same subset and plan (relative 1e-6)."""
     ns = "pytorch_lightning"
     pl = _ns(ns)
     x, y = _data()
-    cb = _RecordingPredictor(str(tmp_path), num_samples=32, verbose=False, plot=False)
+    cb = _RecordingPredictor(str(tmp_path), num_samples=32, verbose=False, plot=False, warmup_steps=0,
+                             relinearise_budget=1e6)
     trainer = _trainer(
         ns,
         tmp_path,
         devices=2,
         strategy="ddp_spawn",
-        max_steps=4,
+        max_steps=40,
         callbacks=[cb],
         logger=pl.loggers.CSVLogger(str(tmp_path)),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(_DDPNet(), DataLoader(TensorDataset(x, y), batch_size=8))
-    with open(tmp_path / "rank0.json") as fh:
-        rank0 = json.load(fh)
-    with open(tmp_path / "rank1.json") as fh:
-        rank1 = json.load(fh)
-    assert rank0 is not None and rank0 == rank1
-    # a broadcast, not two ranks computing the same thing independently
-    assert (tmp_path / "predict_calls_rank0.txt").read_text() == "1\n"
-    assert not (tmp_path / "predict_calls_rank1.txt").exists()
+    ranks = []
+    for r in (0, 1):
+        with open(tmp_path / f"prediction_rank{r}.json") as fh:
+            ranks.append(json.load(fh))
+    assert ranks[0]["prediction"] is not None and ranks[0] == ranks[1]
+    assert ranks[0]["live_step"] is not None  # the closed loop ran, on both ranks alike
+    # every rank predicted once, and every kernel (fit start, look-ahead, closed loop) was split in halves
+    for r in (0, 1):
+        assert (tmp_path / f"predict_calls_rank{r}.txt").read_text() == "1\n"
+        kernels = [line.split() for line in (tmp_path / f"kernels_rank{r}.txt").read_text().splitlines()]
+        assert len(kernels) >= 3, kernels
+        assert all(k == ["32", "2", str(16 * r), str(16 * (r + 1))] for k in kernels), kernels
+    assert ranks[0]["prediction"]["diagnostics"]["extra"]["processes"] == 2
+    # the same prediction from one process on the same subset and plan
+    args = torch.load(tmp_path / "predict_args.pt", weights_only=False)
+    model = _DDPNet()
+    alone = lightning_ttp.api.predict_run(model, args["subset"], torch.optim.SGD(model.parameters(), lr=0.3),
+                                          args["plan"], **args["kwargs"]).prediction
+    sharded = np.asarray(ranks[0]["prediction"]["loss"])
+    assert np.allclose(sharded, alone.loss, rtol=1e-6, atol=0), np.abs(sharded / alone.loss - 1).max()
     rows = _read_csv(str(tmp_path))
     logged = [r for r in rows if r.get("ttp/predicted_loss")]
-    assert len(logged) == 5  # steps 0..4, written once (rank zero), not once per rank
+    assert len(logged) == 41  # steps 0..40, written once (rank zero), not once per rank
 
 
 @pytest.mark.parametrize("ns", NAMESPACES)

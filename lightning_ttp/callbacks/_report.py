@@ -45,6 +45,9 @@ def summary(predictor: Any) -> str:
     kernel = f"{pred.diagnostics.kernel} kernel on {used} samples"
     if drawn is not None and used < drawn:
         kernel += f" of the {drawn} drawn (cost budget)"
+    processes = int(pred.diagnostics.extra.get("processes", 1) or 1)
+    if processes > 1:
+        kernel += f" across {processes} processes"
     parts = [
         f"lightning_ttp: predicted fine-tuning of {plan.get('steps', len(loss) - 1)} optimiser steps "
         f"(batch {plan.get('batch_size')} × accumulate {plan.get('accumulate_grad_batches')} × "

@@ -7,6 +7,7 @@ imports Lightning helpers from the namespace the Trainer itself comes from.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import math
 import random
@@ -18,10 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
+from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader, IterableDataset
 
 from .._modes import preserve_module
 from ..data import dataset_samples, loader_batch_size
+from ..kernel.shard import Sharding
 from ..plan import RunPlan, loader_shuffles
 from ..schedules import SchedulerSpec, hyper_schedule
 from ._compat import is_instance
@@ -30,13 +33,18 @@ __all__ = [
     "lightning_namespace",
     "plan_from_trainer",
     "preserve_rng",
+    "kernel_sharding",
     "preserve_state",
+    "same_on_every_rank",
     "train_dataloader",
     "unsupported_strategy",
 ]
 
 #: strategies whose parameters are sharded across processes
 SHARDED_STRATEGIES = ("strategies.FSDPStrategy", "strategies.DeepSpeedStrategy", "strategies.ModelParallelStrategy")
+#: data-parallel strategies (every process holds the whole model) across which the kernel is split:
+#: ``ddp``, ``ddp_spawn``, ``ddp_fork``, ``ddp_notebook`` and their ``find_unused_parameters`` variants
+DATA_PARALLEL_STRATEGIES = ("strategies.DDPStrategy",)
 
 
 def lightning_namespace(obj: Any) -> ModuleType:
@@ -61,6 +69,44 @@ def unsupported_strategy(trainer: Any) -> str | None:
         "single device) on a subset, or call lightning_ttp.predict_training_time on the unsharded model before "
         "fitting."
     )
+
+
+def kernel_sharding(trainer: Any) -> Sharding | None:
+    """The :class:`~lightning_ttp.kernel.Sharding` of the kernel's samples across this Trainer's
+    processes: under a data-parallel strategy with more than one process, the rank, the world
+    size and the strategy's own ``all_gather`` on its root device; ``None`` otherwise (one
+    process, or a strategy that shards the parameters: :func:`unsupported_strategy`)."""
+    strategy = trainer.strategy
+    world = int(getattr(trainer, "world_size", 1) or 1)
+    if world <= 1 or is_instance(strategy, *SHARDED_STRATEGIES) or not is_instance(strategy, *DATA_PARALLEL_STRATEGIES):
+        return None
+    return Sharding(int(trainer.global_rank), world, lambda t: strategy.all_gather(t), strategy.root_device)
+
+
+def _fingerprint(batch: Any) -> str:
+    """A digest of a batch's leaves (tensor bytes, shapes and dtypes; other leaves by ``repr``)."""
+    digest = hashlib.sha256()
+    for leaf in tree_flatten(batch)[0]:
+        if isinstance(leaf, torch.Tensor):
+            t = leaf.detach().cpu().contiguous()
+            digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(leaf, np.ndarray):
+            digest.update(f"{leaf.shape}{leaf.dtype}".encode() + np.ascontiguousarray(leaf).tobytes())
+        else:
+            digest.update(repr(leaf).encode())
+    return digest.hexdigest()
+
+
+def same_on_every_rank(strategy: Any, batch: Any) -> tuple[Any, bool]:
+    """``batch`` as rank zero holds it, on every rank, and whether it had to be sent: the kernel
+    subset must be the same samples everywhere. A map-style dataset gives every rank the same
+    seeded draw (:func:`lightning_ttp.data.sample_subset` never touches the DistributedSampler),
+    which a digest confirms; an ``IterableDataset`` that splits its stream by rank does not, and
+    then rank zero's subset is broadcast. A collective: every rank calls it."""
+    digest = _fingerprint(batch)
+    same = strategy.reduce_boolean_decision(digest == strategy.broadcast(digest, src=0), all=True)
+    return (batch, False) if same else (strategy.broadcast(batch, src=0), True)
 
 
 # --------------------------------------------------------------------------------------

@@ -30,7 +30,14 @@ from ..relinearise import ClosedLoop
 from ..simulate import Method, check_what_if, what_if
 from . import _report
 from ._compat import bases
-from ._trainer_state import plan_from_trainer, preserve_state, train_dataloader, unsupported_strategy
+from ._trainer_state import (
+    kernel_sharding,
+    plan_from_trainer,
+    preserve_state,
+    same_on_every_rank,
+    train_dataloader,
+    unsupported_strategy,
+)
 from .eta import StepTimer, format_duration
 
 __all__ = ["PredictorState", "TrainingTimePredictor", "format_duration"]
@@ -188,6 +195,13 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         plot: save ``ttp_prediction.png`` in the logger directory at fit end (needs matplotlib).
         verbose: print the summaries (rank zero).
         strict: raise instead of warning when the prediction fails.
+        shard_kernel: under a data-parallel strategy (``ddp``, ``ddp_spawn``, ``ddp_fork``, their
+            ``find_unused_parameters`` variants) with several processes, split the kernel subset
+            across them at fit start and in the closed loop (:class:`lightning_ttp.kernel.Sharding`:
+            each process runs the passes of its shard, the Gram is assembled with the strategy's
+            ``all_gather``; every process gets the same prediction, rank zero's); the look-ahead
+            runs on every process alike. ``False``: rank zero computes the whole kernel and the
+            others wait for its prediction (no closed loop on them).
     """
 
     def __init__(
@@ -215,6 +229,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         plot: bool = True,
         verbose: bool = True,
         strict: bool = False,
+        shard_kernel: bool = True,
     ) -> None:
         super().__init__()
         if not (isinstance(loss, str) or callable(loss)):
@@ -264,6 +279,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         self.plot = plot
         self.verbose = verbose
         self.strict = strict
+        self.shard_kernel = bool(shard_kernel)
 
         self.state = PredictorState()
         #: (steps, param groups) learning rates the prediction assumed (set at fit start)
@@ -286,8 +302,10 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         self._status_cache: tuple[Any, int, float, str | None] = (None, -1, 0.0, None)
         self._converge_cache: dict[float, int | None] = {}
         self._fit_start_time: float | None = None
-        self._loop: ClosedLoop | None = None  # rank zero, this fit only: holds the fit-start kernel
+        self._loop: ClosedLoop | None = None  # this fit only, holds the fit-start kernel: rank zero, or every rank
         self._loop_cost: float | None = None  # predicted seconds of the next re-linearisation
+        self._sharding: Any = None  # the kernel's Sharding across the ranks (None: not split)
+        self._loop_dead = False  # sharded: this rank stopped its loop; all ranks stop at the next loop step
 
     # ------------------------------------------------------------------ public API
     @property
@@ -490,14 +508,23 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             self.lr_schedule = plan.lr_schedule
         except Exception as exc:  # noqa: BLE001 - failure policy: warn and continue
             loader, plan, error = None, None, exc
-        if trainer.is_global_zero and error is None:
-            try:
+        self._sharding = kernel_sharding(trainer) if self.shard_kernel else None
+        if self._sharding is not None and not trainer.strategy.reduce_boolean_decision(error is None, all=True):
+            # a rank could not plan: none of them may enter the sharded kernel's collectives
+            error = error or RuntimeError("another process could not plan the run")
+        if error is None and (trainer.is_global_zero or self._sharding is not None):
+            try:  # sharded: every rank computes its shard of the kernel (collectives); else rank zero alone
                 payload = self._predict(trainer, pl_module, loader, plan)
             except Exception as exc:  # noqa: BLE001
                 error = exc
                 payload = {"error": f"{type(exc).__name__}: {exc}"}
-        if trainer.world_size > 1:  # rank zero computed; every rank gets the same prediction (or failure)
+        if trainer.world_size > 1:  # every rank gets rank zero's prediction (or failure)
             payload = trainer.strategy.broadcast(payload, src=0)
+        if self._sharding is not None:  # the closed loop's calls are collectives: on every rank, or on none
+            if not trainer.strategy.reduce_boolean_decision(self._loop is not None, all=True):
+                self._loop = None
+            if payload is not None and "error" not in payload:
+                error = None  # rank zero's prediction stands; a rank's own failure after the collectives is moot
         if error is not None:
             self._fail("training-time prediction", error)
             return
@@ -511,21 +538,29 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             self._report_fit_start(trainer)
 
     def _predict(self, trainer: Any, pl_module: Any, loader: Any, plan: Any) -> dict[str, Any]:
-        """The prediction on rank zero, as a plain dict (broadcast to the other ranks)."""
+        """The prediction as a plain dict (rank zero's is broadcast to the other ranks): on rank
+        zero, or with a sharded kernel on every rank in step."""
         from lightning_fabric.utilities.apply_func import move_data_to_device
 
         start = time.perf_counter()
+        sharding = self._sharding
         with preserve_state(pl_module):
             subset, n = sample_subset(loader, self.num_samples, self.seed)
+            if sharding is not None:  # every rank's shard must come from the same subset
+                subset, sent = same_on_every_rank(trainer.strategy, subset)
+                if sent:
+                    self.warn_once("subset", "lightning_ttp: the ranks drew different kernel subsets (an "
+                                   "IterableDataset split by rank?); rank zero's subset was sent to every rank.")
+                    n = int(trainer.strategy.broadcast(n, src=0))
             # the dtype and device Lightning gives training batches (e.g. precision="64-true", "bf16-true")
             subset = trainer.precision_plugin.convert_input(move_data_to_device(subset, pl_module.device))
             run = predict_run(
                 pl_module, subset, trainer.optimizers[0], plan, loss=self.loss, output_fn=self.output_fn,
                 target_fn=self.target_fn, projection_dim=self.projection_dim, method=self.method,
-                num_paths=self.num_paths, seed=self.seed, budget=self.budget)
+                num_paths=self.num_paths, seed=self.seed, budget=self.budget, sharding=sharding)
             predicted = time.perf_counter()
             rows = what_if(run.kernel, run.spec, plan, self._what_if, self.epsilons, method=self.method,
-                           num_paths=self.num_paths, seed=self.seed) if self._what_if else []
+                           num_paths=self.num_paths, seed=self.seed) if self._what_if and trainer.is_global_zero else []
             what_if_seconds = time.perf_counter() - predicted
         if self.refine:
             self._loop = ClosedLoop(
@@ -533,7 +568,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
                 loss=self.loss, batch_size=plan.effective_batch_size, dataset_size=plan.dataset_size,
                 smoothing_window=default_smoothing_window(plan.steps_per_epoch, plan.full_batch),
                 output_fn=run.output_fn, projection_dim=self.projection_dim,
-                seed=self.seed)
+                seed=self.seed, sharding=sharding)
             diag = run.prediction.diagnostics
             self._loop_cost = float(diag.kernel_seconds or 0.0) + float(diag.simulation_seconds or 0.0)
         plan_info = plan.describe()
@@ -576,7 +611,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         run itself diverged: nothing of it can be refined or re-linearised)."""
         if not observed or math.isfinite(observed[-1]):
             return False
-        self._loop = None
+        self._drop_loop()
         if "real_diverged" not in self._warned:
             self._warned.add("real_diverged")
             if self.verbose:
@@ -655,6 +690,14 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         self._refine_now()
         self._next_refine_time = now + (time.perf_counter() - now) / self.refine_budget
 
+    def _drop_loop(self) -> None:
+        """Stop the closed loop: at once on one process; sharded, at the next loop step on every
+        rank together (its calls are collectives)."""
+        if self._sharding is None:
+            self._loop = None
+        else:
+            self._loop_dead = True
+
     def _maybe_relinearise(self, trainer: Any, pl_module: Any, step: int) -> None:
         """Re-linearise at the loop's steps (2, 5, 10, 20, 40 % of the run) when the call fits
         the budget: the loop's total cost stays within ``relinearise_budget`` of the run plus the
@@ -665,19 +708,27 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         if k not in loop.steps:
             return
         observed = self.observed_losses
-        sps = self.seconds_per_step()
-        if len(observed) != k or sps is None or self._loop_cost is None:
-            return  # a resumed or partly observed run, or no timing yet: the refits go on alone
-        allowed = self.relinearise_budget * (self.planned_steps or 0) * sps + float(self.state.cost_seconds or 0.0)
-        if self.state.live_seconds + self._loop_cost > allowed:
+        go = self._relinearise_now(k, observed)
+        if self._sharding is not None:  # rank zero decides (time budget) and sends its losses: one call on every rank
+            strategy = trainer.strategy
+            if not strategy.reduce_boolean_decision(not self._loop_dead, all=True):
+                self._loop = None  # a rank stopped its loop: every rank stops
+                return
+            go, observed = strategy.broadcast((go, observed), src=0)
+        if not go:
             return
+        error = None
         try:
             with preserve_state(pl_module):
                 live = loop.update(pl_module, trainer.optimizers[0], observed)
         except Exception as exc:  # noqa: BLE001 - failure policy: warn and continue
+            error = exc
+        if self._sharding is not None and not trainer.strategy.reduce_boolean_decision(error is None, all=True):
+            error = error or RuntimeError("re-linearising failed on another process")
+        if error is not None:
             self._loop = None
             if not self._real_run_diverged(observed):
-                self._fail("re-linearising the model", exc)
+                self._fail("re-linearising the model", error)
             return
         self.state.live_seconds += live.seconds
         self._loop_cost = live.seconds
@@ -688,6 +739,14 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             metrics = {"ttp/kernel_scale": float(live.drift.scale), "ttp/kernel_alignment": float(live.drift.alignment)}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
+
+    def _relinearise_now(self, k: int, observed: list[float]) -> bool:
+        """Whether the closed loop's call at step k fits its time budget (this process's clock)."""
+        sps = self.seconds_per_step()
+        if len(observed) != k or sps is None or self._loop_cost is None:
+            return False  # a resumed or partly observed run, or no timing yet: the refits go on alone
+        allowed = self.relinearise_budget * (self.planned_steps or 0) * sps + float(self.state.cost_seconds or 0.0)
+        return self.state.live_seconds + self._loop_cost <= allowed
 
     def _log_progress(self, trainer: Any, step: int) -> None:
         if not trainer.loggers:

@@ -25,9 +25,12 @@ from lightning_ttp.kernel.fallback import ForwardFn, per_sample_jacobian
 from lightning_ttp.kernel.layers import Capture, LayerAdapter, adapter_for
 from lightning_ttp.kernel.memory import check_budget, default_budget
 from lightning_ttp.kernel.projection import PROJECTIONS
+from lightning_ttp.kernel.shard import Sharding
 from lightning_ttp.kernel.terms import TEMP_ELEMENTS, DenseTerm, Term, _gram_of_features, outer_flops
 
 KERNELS = ("full", "trace")
+#: the fields of a term that hold one row per sample (concatenated across chunks, gathered across processes)
+SAMPLE_FIELDS = ("features", "inputs", "deltas", "ids", "images")
 ParameterGroups = Sequence[Iterable[nn.Parameter] | dict[str, Any]]
 
 
@@ -47,8 +50,10 @@ class NTK:
             (``ghost``, ``materialised``, ``fallback:vmap``, ``fallback:loop``, or the projection).
         seconds: wall-clock time of the computation.
         timings: its parts in seconds: ``passes`` (forward + C backward per chunk, building the
-            factors or random features), ``fallback`` (torch.func per-sample Jacobians) and
-            ``contraction`` (the Gram products).
+            factors or random features), ``fallback`` (torch.func per-sample Jacobians),
+            ``contraction`` (the Gram products) and ``gather`` (collectives, sharded only).
+        world_size: processes the samples were split across (1: one process computed all).
+        shard: ``(start, stop)`` of the samples whose passes this process ran.
     """
 
     outputs: torch.Tensor
@@ -61,6 +66,8 @@ class NTK:
     methods: dict[str, str]
     seconds: float
     timings: dict[str, float]
+    world_size: int = 1
+    shard: tuple[int, int] | None = None
 
     @property
     def num_samples(self) -> int:
@@ -84,6 +91,7 @@ def empirical_ntk(
     seed: int = 0,
     memory_budget: int | None = None,
     parameter_scales: Mapping[nn.Parameter, torch.Tensor] | None = None,
+    sharding: Sharding | None = None,
 ) -> NTK:
     """Compute the empirical NTK Gram matrix of ``model`` on ``inputs``.
 
@@ -131,6 +139,14 @@ def empirical_ntk(
             takes the scales: materialised gradients are scaled as they are formed, dense layers
             (one position) contract K_d(i, j) = Σ_a s_da² a_ia a_ja, embedding cotangents are
             scaled per token; the Kronecker projection of a scaled layer is a dense Gaussian one.
+        sharding: split the samples across processes (:class:`lightning_ttp.kernel.shard.Sharding`;
+            a collective: every process calls with the same model weights, inputs and options).
+            Process r runs the forward and backward passes of its contiguous shard only; the
+            per-sample factors (or random features, or fallback Jacobian rows) are all-gathered,
+            each process contracts its row block Θ[shard, :] against all of them (the same ghost or
+            materialised choice as one process, made for all N), the row blocks are all-gathered
+            and symmetrised. Every process returns the same NTK, equal to the one-process NTK up to
+            float rounding. Fewer than 2 samples per process: not split.
 
     Raises:
         ValueError: no trainable parameters, N = 0, outputs not (N, C) or not finite, bad options.
@@ -139,7 +155,7 @@ def empirical_ntk(
     compute = functools.partial(
         _empirical_ntk, model, inputs, output_fn=output_fn, kernel=kernel, projection_dim=projection_dim,
         projection=projection, parameter_groups=parameter_groups, chunk_size=chunk_size, seed=seed,
-        memory_budget=memory_budget, parameter_scales=parameter_scales)
+        memory_budget=memory_budget, parameter_scales=parameter_scales, sharding=sharding)
     try:
         return compute(use_cached_probe=True)
     except _StaleProbe:
@@ -160,6 +176,7 @@ def _empirical_ntk(
     seed: int = 0,
     memory_budget: int | None = None,
     parameter_scales: Mapping[nn.Parameter, torch.Tensor] | None = None,
+    sharding: Sharding | None = None,
     use_cached_probe: bool = True,
 ) -> NTK:
     started = time.perf_counter()
@@ -172,6 +189,8 @@ def _empirical_ntk(
     names = {id(p): name for name, p in model.named_parameters(remove_duplicate=True)}
     forward = ForwardFn(model, output_fn)
     projected = projection_dim is not None
+    sharded = sharding is not None and sharding.active(n)
+    lo, hi = sharding.bounds(n) if sharded else (0, n)
 
     device = _device(model)
     rng_devices = [device] if device.type == "cuda" else []
@@ -191,11 +210,11 @@ def _empirical_ntk(
         check_budget(estimate, budget, num_samples=n, num_outputs=num_outputs, kernel=kernel, projected=projected)
 
         methods: dict[str, str] = {}
-        timings = {"passes": 0.0, "fallback": 0.0, "contraction": 0.0}
+        timings = {"passes": 0.0, "fallback": 0.0, "contraction": 0.0, "gather": 0.0}
         outputs: list[torch.Tensor] = []
         per_group: dict[tuple[int, int], Any] = defaultdict(list)
-        for start in range(0, n, chunk):
-            batch = slice_batch(inputs, start, min(start + chunk, n))
+        for start in range(lo, hi, chunk):  # this process's shard (all samples unless sharded)
+            batch = slice_batch(inputs, start, min(start + chunk, hi))
             out, terms = _chunk_terms(forward, batch, adapters, group_of, fallback, names, methods, timings,
                                       stale=_StaleProbe if cached else RuntimeError, streamed=streamed, scales=scales)
             outputs.append(out.detach())
@@ -205,33 +224,54 @@ def _empirical_ntk(
                     per_group[key].append(term)
                     continue
                 features = _features(term, projection, projection_dim, seed, key)
-                if key not in per_group:  # one buffer for all N: no copy when the chunks are joined
-                    per_group[key] = features.new_empty((n,) + features.shape[1:])
-                per_group[key][start : start + features.shape[0]] = features
+                if key not in per_group:  # one buffer for the shard: no copy when the chunks are joined
+                    per_group[key] = features.new_empty((hi - lo,) + features.shape[1:])
+                per_group[key][start - lo : start - lo + features.shape[0]] = features
             timings["passes"] += time.perf_counter() - tick
 
-    tick = time.perf_counter()
+    f0 = torch.cat(outputs)
+    rows = slice(lo, hi) if sharded else None
+
+    def gathered(part: torch.Tensor) -> torch.Tensor:  # a shard's rows → all N rows, on every process
+        tock = time.perf_counter()
+        full = sharding.gather_rows(part, n) if sharded else part
+        timings["gather"] += time.perf_counter() - tock
+        return full
+
+    f0 = gathered(f0)
+    tick, gathering = time.perf_counter(), timings["gather"]
     grams = []
     for g in range(len(groups)):
         keys = [key for key in per_group if key[0] == g]
         gram = None
         for key in keys:
             if projected:
-                part = _gram_of_features(per_group.pop(key), kernel)
+                part = _gram_of_features(gathered(per_group.pop(key)), kernel, rows)
             else:
-                part, how = _concat(per_group.pop(key)).gram(kernel)
+                term = _concat(per_group.pop(key))
+                if sharded:
+                    term = dataclasses.replace(term, **{f: gathered(getattr(term, f)) for f in _sample_fields(term)})
+                part, how = term.gram(kernel, rows)
                 for name in _term_names(key, adapters, fallback, names, group_of):
                     methods.setdefault(name, how)
             gram = part if gram is None else gram + part
         size = n * num_outputs if kernel == "full" else n
-        grams.append(gram if gram is not None else torch.zeros(size, size, dtype=dtype, device=_device(model)))
+        if gram is None:
+            height = size if rows is None else size * (hi - lo) // n
+            gram = torch.zeros(height, size, dtype=dtype, device=_device(model))
+        grams.append(gram)
+    if sharded:  # the row blocks Θ_g[shard, :] of every group, gathered at once and symmetrised
+        block = torch.stack([g.reshape(hi - lo, -1) for g in grams], 1)
+        size = n * num_outputs if kernel == "full" else n
+        full = gathered(block)
+        grams = [(lambda m: (m + m.T) / 2)(full[:, i].reshape(size, size)) for i in range(len(grams))]
     if projected:
         for name in list(methods):
             methods[name] = f"{projection} projection ({methods[name]})"
     total = grams[0] if len(grams) == 1 else torch.stack(grams).sum(0)
-    timings["contraction"] += time.perf_counter() - tick
+    timings["contraction"] += time.perf_counter() - tick - (timings["gather"] - gathering)
     return NTK(
-        outputs=torch.cat(outputs),
+        outputs=f0,
         gram=total,
         grams=grams,
         kernel=kernel,
@@ -241,6 +281,8 @@ def _empirical_ntk(
         methods=methods,
         seconds=time.perf_counter() - started,
         timings=timings,
+        world_size=sharding.world_size if sharded else 1,
+        shard=(lo, hi),
     )
 
 
@@ -613,15 +655,18 @@ def _features(term: Term, projection: str, dim: int, seed: int, key: tuple[int, 
     return term.project(dim, seed=seed, term=index, kind=projection)
 
 
+def _sample_fields(term: Term) -> list[str]:
+    """The names of ``term``'s per-sample tensors (one row per sample; others, like a layer's
+    preconditioner ``scale``, are shared by all samples)."""
+    return [f.name for f in dataclasses.fields(term) if f.name in SAMPLE_FIELDS]
+
+
 def _concat(chunks: list[Term]) -> Term:
     if len(chunks) == 1:
         return chunks[0]
     first = chunks[0]
-    values = {}
-    for field in dataclasses.fields(first):
-        parts = [getattr(t, field.name) for t in chunks]
-        values[field.name] = torch.cat(parts) if isinstance(parts[0], torch.Tensor) else parts[0]
-    return type(first)(**values)
+    return dataclasses.replace(first, **{name: torch.cat([getattr(t, name) for t in chunks])
+                                         for name in _sample_fields(first)})
 
 
 def _term_names(

@@ -30,19 +30,35 @@ TEMP_ELEMENTS = 2**24
 PROJECTION_ROWS = 2**14
 
 
-def _gram_of_features(features: torch.Tensor, kernel: str) -> torch.Tensor:
-    """Θ from materialised features (N, C, k): full (NC, NC) or trace (N, N).
+def _gram_of_features(features: torch.Tensor, kernel: str, rows: slice | None = None) -> torch.Tensor:
+    """Θ from materialised features (N, C, k): full (NC, NC) or trace (N, N); with ``rows`` (a
+    slice of samples) only their row block Θ[rows, :] ((|rows|·C, NC) or (|rows|, N)).
 
     Features stored output-major (a transposed view of a contiguous (C, N, k) tensor, as the
     engine forms them output by output) are multiplied in that layout and the small Gram permuted.
     """
     n, c, k = features.shape
+    if rows is not None and (rows.start, rows.stop) != (0, n):
+        return _feature_rows(features, kernel, rows)
     if kernel == "trace":
         return torch.einsum("ick,jck->ij", features, features)
     if c > 1 and not features.is_contiguous() and features.transpose(0, 1).is_contiguous():
         flat = features.transpose(0, 1).reshape(c * n, k)
         return _self_product(flat).view(c, n, c, n).permute(1, 0, 3, 2).reshape(n * c, n * c)
     return _self_product(features.reshape(n * c, k))
+
+
+def _feature_rows(features: torch.Tensor, kernel: str, rows: slice) -> torch.Tensor:
+    """The row block Θ[rows, :] of :func:`_gram_of_features`."""
+    n, c, k = features.shape
+    if kernel == "trace":
+        return torch.einsum("ick,jck->ij", features[rows], features)
+    m = rows.stop - rows.start
+    if c > 1 and not features.is_contiguous() and features.transpose(0, 1).is_contiguous():
+        major = features.transpose(0, 1)  # (C, N, k), contiguous
+        part = major[:, rows].reshape(c * m, k) @ major.reshape(c * n, k).T
+        return part.view(c, m, c, n).permute(1, 0, 3, 2).reshape(m * c, n * c)
+    return features[rows].reshape(m * c, k) @ features.reshape(n * c, k).T
 
 
 def _self_product(flat: torch.Tensor, min_rows: int = 512) -> torch.Tensor:
@@ -92,48 +108,55 @@ def _blocks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
-def _scaled_dense_ghost(a: torch.Tensor, deltas: torch.Tensor, scale: torch.Tensor, kernel: str) -> torch.Tensor:
+def _scaled_dense_ghost(a: torch.Tensor, deltas: torch.Tensor, scale: torch.Tensor, kernel: str,
+                        only: slice | None = None) -> torch.Tensor:
     """Θ[(i,c),(j,e)] = Σ_d δ_icd K_d(i,j) δ_jed, K_d(i,j) = Σ_a (a_ia a_ja) s_da²: a dense layer (P = 1) whose
     gradients g_ic = (δ_ic ⊗ a_i) ⊙ s are never formed; K is one product of the pairwise input products
-    with s². a (n, d_in), deltas (n, C, d_out), scale (d_out, d_in)."""
+    with s². a (n, d_in), deltas (n, C, d_out), scale (d_out, d_in); ``only``: the row block of these samples."""
     n, c, d_out = deltas.shape
     d_in = a.shape[1]
-    out = deltas.new_zeros((n * c, n * c) if kernel == "full" else (n, n))
+    only = only or slice(0, n)
+    m = only.stop - only.start
+    out = deltas.new_zeros((m * c, n * c) if kernel == "full" else (m, n))
     squared = scale * scale
     temp = TEMP_ELEMENTS // 16  # three temporaries (input products, K, K δ) of at most this many elements
     for units in _blocks(d_out, max(1, min(d_out, temp // (4 * n * (c + 1))))):
         s2, d = squared[units], deltas[..., units]
         width = s2.shape[0]
-        for rows in _blocks(n, max(1, temp // (n * (d_in + width * (c + 1))))):
+        for local in _blocks(m, max(1, temp // (n * (d_in + width * (c + 1))))):
+            rows = slice(only.start + local.start, only.start + local.stop)
             k = (a[rows, None, :] * a[None, :, :]) @ s2.T  # K_d(i, j): (bi, n, d)
             if kernel == "trace":  # Σ_d K_d(i, j) Σ_c δ_icd δ_jcd
-                out[rows] += (k * torch.einsum("icd,jcd->ijd", d[rows], d)).sum(-1)
+                out[local] += (k * torch.einsum("icd,jcd->ijd", d[rows], d)).sum(-1)
                 continue
             w = k[:, :, None, :] * d[None]  # (bi, j, e, d) = K_d(i, j) δ_jed
             blk = torch.bmm(d[rows], w.reshape(w.shape[0], n * c, width).transpose(1, 2))  # (bi, c, (j, e))
-            out[rows.start * c : rows.stop * c] += blk.reshape(-1, n * c)
+            out[local.start * c : local.stop * c] += blk.reshape(-1, n * c)
     return out
 
 
-def _ghost_gram(a_fn, deltas: torch.Tensor, kernel: str) -> torch.Tensor:
-    """Σ_{p,q} k(a_ip, a_jq) ⟨δ_icp, δ_jc'q⟩ without materialising g.
+def _ghost_gram(a_fn, deltas: torch.Tensor, kernel: str, only: slice | None = None) -> torch.Tensor:
+    """Σ_{p,q} k(a_ip, a_jq) ⟨δ_icp, δ_jc'q⟩ without materialising g (``only``: the row block of these samples).
 
     ``a_fn(rows, cols)`` gives k(a_ip, a_jq) for sample blocks, shape (bi, bj, P, P).
     """
     n, c, p, d = deltas.shape
+    whole = slice(0, n)
+    only = only or whole
+    m = only.stop - only.start
     if p == 1:  # a dense layer: two GEMMs and a product, no blocking needed
-        whole = slice(0, n)
-        ka = a_fn(whole, whole)[..., 0, 0]
+        ka = a_fn(only, whole)[..., 0, 0]
         if kernel == "trace":
-            return torch.einsum("icd,jcd->ij", deltas[:, :, 0], deltas[:, :, 0]) * ka
+            return torch.einsum("icd,jcd->ij", deltas[only, :, 0], deltas[:, :, 0]) * ka
         flat = deltas.reshape(n * c, d)
-        out = flat @ flat.T
-        out.view(n, c, n, c).mul_(ka[:, None, :, None])
+        out = flat @ flat.T if m == n else flat[only.start * c : only.stop * c] @ flat.T
+        out.view(m, c, n, c).mul_(ka[:, None, :, None])
         return out
-    out = deltas.new_zeros((n * c, n * c) if kernel == "full" else (n, n))
+    out = deltas.new_zeros((m * c, n * c) if kernel == "full" else (m, n))
     per_pair = max(1, p * p + c * p * d)
     block = max(1, int(math.sqrt(TEMP_ELEMENTS / per_pair)))
-    for rows in _blocks(n, block):
+    for local in _blocks(m, block):
+        rows = slice(only.start + local.start, only.start + local.stop)
         for cols in _blocks(n, block):
             ka = a_fn(rows, cols)  # (bi, bj, P, Q)
             m = torch.einsum("ijpq,icpd->icjqd", ka, deltas[rows])
@@ -143,9 +166,9 @@ def _ghost_gram(a_fn, deltas: torch.Tensor, kernel: str) -> torch.Tensor:
                 blk = torch.einsum("icjqd,jcqd->ij", m, deltas[cols])
             if kernel == "full":
                 bi, bj = blk.shape[0], blk.shape[2]
-                out[rows.start * c : rows.stop * c, cols.start * c : cols.stop * c] = blk.reshape(bi * c, bj * c)
+                out[local.start * c : local.stop * c, cols.start * c : cols.stop * c] = blk.reshape(bi * c, bj * c)
             else:
-                out[rows, cols] = blk
+                out[local, cols] = blk
     return out
 
 
@@ -155,7 +178,8 @@ class Term:
     num_parameters: int
     deltas: torch.Tensor  # (N, C, P, d) or for DenseTerm the features
 
-    def gram(self, kernel: str) -> tuple[torch.Tensor, str]:
+    def gram(self, kernel: str, rows: slice | None = None) -> tuple[torch.Tensor, str]:
+        """Θ_w (or, with ``rows``, its row block Θ_w[rows, :] of those samples) and how it was contracted."""
         raise NotImplementedError
 
     def slices(self) -> Iterator[tuple[int, torch.Tensor]]:
@@ -191,8 +215,8 @@ class DenseTerm(Term):
     def num_parameters(self) -> int:  # type: ignore[override]
         return self.features.shape[-1]
 
-    def gram(self, kernel: str) -> tuple[torch.Tensor, str]:
-        return _gram_of_features(self.features, kernel), "materialised"
+    def gram(self, kernel: str, rows: slice | None = None) -> tuple[torch.Tensor, str]:
+        return _gram_of_features(self.features, kernel, rows), "materialised"
 
     def slices(self) -> Iterator[tuple[int, torch.Tensor]]:
         k = self.features.shape[-1]
@@ -230,16 +254,16 @@ class OuterTerm(Term):
     def _input_kernel(self, rows: slice, cols: slice) -> torch.Tensor:
         return torch.einsum("ipa,jqa->ijpq", self.inputs[rows], self.inputs[cols])
 
-    def gram(self, kernel: str) -> tuple[torch.Tensor, str]:
+    def gram(self, kernel: str, rows: slice | None = None) -> tuple[torch.Tensor, str]:
         ghost, materialised = self.flops(kernel)
         if ghost <= materialised:
             if self.scale is not None:
-                return _scaled_dense_ghost(self.inputs[:, 0], self.deltas[:, :, 0], self.scale, kernel), "ghost"
-            return _ghost_gram(self._input_kernel, self.deltas, kernel), "ghost"
+                return _scaled_dense_ghost(self.inputs[:, 0], self.deltas[:, :, 0], self.scale, kernel, rows), "ghost"
+            return _ghost_gram(self._input_kernel, self.deltas, kernel, rows), "ghost"
         n, c = self.deltas.shape[:2]
         out = None
         for _, g in self.slices(rows_per_block=max(1, min(PROJECTION_ROWS, TEMP_ELEMENTS // (n * c)))):
-            part = _gram_of_features(g, kernel)
+            part = _gram_of_features(g, kernel, rows)
             out = part if out is None else out + part
         assert out is not None
         return out, "materialised"
@@ -308,13 +332,13 @@ class IndexTerm(Term):
         g.scatter_add_(2, index[:, None, :, None].expand(n, c, p, d), self.deltas)
         return g[:, :, :-1].reshape(n, c, -1)
 
-    def gram(self, kernel: str) -> tuple[torch.Tensor, str]:
+    def gram(self, kernel: str, rows: slice | None = None) -> tuple[torch.Tensor, str]:
         n, c, p, d = self.deltas.shape
         used = torch.unique(self.ids)
         ghost, materialised = index_flops(n, c, p, d, len(used), kernel)
         if ghost <= materialised:
-            return _ghost_gram(self._input_kernel, self.deltas, kernel), "ghost"
-        return _gram_of_features(self._scatter(used), kernel), "materialised"
+            return _ghost_gram(self._input_kernel, self.deltas, kernel, rows), "ghost"
+        return _gram_of_features(self._scatter(used), kernel, rows), "materialised"
 
     def _rows_per_block(self) -> int:
         return max(1, PROJECTION_ROWS // self.deltas.shape[-1])
@@ -380,8 +404,8 @@ class ConvTerm(Term):
         kernel = self.geometry[0]
         return (self.images.shape[1] * math.prod(kernel) + self.bias) * self.deltas.shape[-1]
 
-    def gram(self, kernel: str) -> tuple[torch.Tensor, str]:
-        return self._outer().gram(kernel)
+    def gram(self, kernel: str, rows: slice | None = None) -> tuple[torch.Tensor, str]:
+        return self._outer().gram(kernel, rows)
 
     def slices(self, rows_per_block: int = PROJECTION_ROWS) -> Iterator[tuple[int, torch.Tensor]]:
         return self._outer().slices(rows_per_block)
