@@ -99,7 +99,8 @@ def predict_run(
     counted from the model's shapes, never timed, so the choice is the same on any machine). The
     choice is in ``prediction.diagnostics["budget"]``; ``budget=None`` uses the whole subset.
 
-    With ``lookahead`` (default) the open-loop prediction is corrected by a look-ahead of a few
+    With ``lookahead`` (default, when it fits the cost cap on top of the kernel: it is dropped
+    before the kernel is shrunk) the open-loop prediction is corrected by a look-ahead of a few
     real optimiser steps on the kernel subset (:func:`lightning_ttp.lookahead.look_ahead`; model,
     optimiser and RNG left as they were): its loss curve becomes the open loop's ramped to the
     level the real steps reached, then the continuation re-linearised there; band and
@@ -136,14 +137,14 @@ def predict_run(
     prediction = simulate_plan(kernel, spec, plan, method=method, num_paths=num_paths, seed=seed,
                                continuation=continuation)
     diverged = prediction.diverged if sharding is None else sharding.rank_zero(prediction.diverged)
-    if lookahead and not diverged:
+    if lookahead and not diverged and (choice is None or choice.lookahead):
         prediction = _looked_ahead(prediction, model, optimizer, spec, inputs, targets, plan, kernel, loss=loss,
                                    output_fn=output_fn, projection_dim=projection_dim, num_paths=num_paths, seed=seed,
                                    sharding=sharding)
     if choice is not None:
         prediction.diagnostics.extra["budget"] = choice.to_dict()
-        if choice.num_samples < available or choice.kernel == "trace":
-            prediction.diagnostics.warnings.append(f"cost budget: {choice.reason}.")
+        if choice.num_samples < available or choice.kernel == "trace" or (lookahead and not choice.lookahead):
+            prediction.diagnostics.warnings.append(f"cost cap: {choice.reason}.")
     return RunPrediction(prediction, kernel, spec, inputs, targets, output_fn)
 
 

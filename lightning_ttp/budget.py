@@ -59,6 +59,7 @@ from .dynamics import OptimizerSpec
 from .estimate import flat_output_fn, model_outputs
 from .kernel import count_ntk_macs
 from .kernel.batch import batch_size as sample_count
+from .lookahead import lookahead_steps
 from .plan import RunPlan
 
 __all__ = ["FLOOR_MACS", "MIN_SAMPLES", "KernelChoice", "choose_kernel", "forward_macs", "prediction_macs",
@@ -100,6 +101,10 @@ class KernelChoice:
             ``contraction`` (the Gram, the fallback's included), ``extras`` (J·w0, Adam's second
             moments), ``simulation`` (per step × simulated steps, stability report included).
         forward_macs: F, one sample's forward.
+        lookahead: whether the fit-start look-ahead (:mod:`lightning_ttp.lookahead`) fits the cap
+            on top of the kernel: it is dropped before the kernel is shrunk (its count is the
+            component ``lookahead``: k training steps, the kernel again at w_k, the continuation
+            and its control).
         processes: the processes the kernel is split across (the counts are one process's).
     """
 
@@ -112,6 +117,7 @@ class KernelChoice:
     components: dict[str, float] = field(default_factory=dict)
     forward_macs: float = 0.0
     processes: int = 1
+    lookahead: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -225,6 +231,13 @@ def choose_kernel(
     def choice(kind: str, n: int, reason: str) -> KernelChoice:
         components = parts(kind, n)
         total = sum(components.values())
+        # the look-ahead: k training steps, the kernel once more at w_k, the continuation and its control
+        k = lookahead_steps(plan.steps)
+        ahead = (k * (min(n, plan.effective_batch_size) * 3.0 * forward + STEP_OVERHEAD_MACS) / processes
+                 + components["passes"] + components["contraction"] + 2 * components["simulation"]) if k else 0.0
+        look = bool(k) and total + ahead <= allowed
+        if k and not look:
+            reason += "; no look-ahead (it would cost more than the cap)"
         across = f" across {processes} processes" if processes > 1 else ""
         share = f"{budget:g} × one process's share of the run's {run:.2g}" if processes > 1 else \
             f"{budget:g} × the run's {run:.2g}"
@@ -232,7 +245,10 @@ def choose_kernel(
                    f"{components['passes'] + components['contraction'] + components['extras']:.2g}, simulation of up "
                    f"to {steps} steps {components['simulation']:.2g}; cap {allowed:.2g} = "
                    + (f"{share})" if allowed > floor_macs else f"the floor, more than {share})"))
-        return KernelChoice(n, kind, total, allowed, run, reason, components, forward, processes)
+        if look:
+            total += ahead
+            components["lookahead"] = ahead
+        return KernelChoice(n, kind, total, allowed, run, reason, components, forward, processes, look)
 
     def largest_fitting(kind: str, above: int = 0) -> int | None:
         return next((n for n in _candidates(n_max) if n > above and sum(parts(kind, n).values()) <= allowed), None)

@@ -29,10 +29,21 @@ def test_the_default_keeps_the_exact_kernel_on_every_sample_and_reports_each_cou
     choice = choose_kernel(model, x, y, opt, plan_run((x, y), opt, 100, batch_size=16), budget=1.0)
     assert (choice.num_samples, choice.kernel) == (96, "full")
     parts = choice.components
-    assert set(parts) == {"passes", "contraction", "extras", "simulation"}
+    assert set(parts) == {"passes", "contraction", "extras", "simulation", "lookahead"} and choice.lookahead
     assert parts["passes"] > 0 and parts["contraction"] > 0 and parts["simulation"] > 0
     assert choice.predicted_macs == pytest.approx(sum(parts.values()))
     assert choice.budget_macs == budget.FLOOR_MACS and choice.run_macs > 0
+
+
+def test_the_lookahead_gives_way_before_the_kernel_shrinks():
+    model, x, y, opt = _setup(n=256, width=64, classes=8)
+    plan = plan_run((x, y), opt, 200, batch_size=32)
+    free = choose_kernel(model, x, y, opt, plan, budget=1000.0, floor_macs=0.0)
+    kernel_only = free.predicted_macs - free.components["lookahead"]
+    # room for the exact kernel on every sample, not for the look-ahead on top of it
+    tight = choose_kernel(model, x, y, opt, plan, budget=(kernel_only * 1.01) / free.run_macs, floor_macs=0.0)
+    assert (tight.num_samples, tight.kernel, tight.lookahead) == (256, "full", False)
+    assert "no look-ahead" in tight.reason and "lookahead" not in tight.components
 
 
 def test_an_impossible_cap_falls_back_to_the_trace_kernel_on_the_smallest_subset():
@@ -55,7 +66,8 @@ def test_the_subset_shrinks_only_when_the_exact_kernel_counts_more_than_the_cap_
     assert full.predicted_macs <= 100 * full.run_macs and (full.num_samples, full.kernel) == (256, "full")
     floor = choose_kernel(model, x, y, opt, plan, budget=1e-9, floor_macs=full.predicted_macs)
     assert (floor.num_samples, floor.kernel) == (256, "full")  # the cap is max(budget × run, floor)
-    small = choose_kernel(model, x, y, opt, plan, budget=full.predicted_macs / 3 / full.run_macs, floor_macs=0.0)
+    kernel_only = full.predicted_macs - full.components.get("lookahead", 0.0)
+    small = choose_kernel(model, x, y, opt, plan, budget=kernel_only / 3 / full.run_macs, floor_macs=0.0)
     assert small.num_samples < 256 or small.kernel == "trace"
     assert small.predicted_macs <= small.budget_macs
 
@@ -100,7 +112,7 @@ def test_predict_run_uses_the_choice_on_a_seeded_random_part_of_the_subset(monke
     run = predict_run(model, (x, y), opt, plan, budget=0.05, num_paths=1)
     pred, kernel = run.prediction, run.kernel
     assert kernel.num_samples == 40 and pred.diagnostics["budget"]["num_samples"] == 40
-    assert any("cost budget" in w for w in pred.diagnostics.warnings)
+    assert any("cost cap" in w for w in pred.diagnostics.warnings)
     order = torch.randperm(96, generator=torch.Generator().manual_seed(0))[:40].sort().values
     assert torch.equal(kernel.targets, y[order])  # a random part, not the first 40 samples
     full = predict_run(model, (x, y), opt, plan, budget=None, num_paths=1)

@@ -705,3 +705,24 @@ def test_closed_loop_relinearises_within_its_budget_and_survives_a_checkpoint(tm
     off = _quiet_predictor(num_samples=64, refine=False)
     _trainer("pytorch_lightning", tmp_path, max_steps=100, callbacks=[off]).fit(_module("pytorch_lightning"), loader)
     assert off.state.live_step is None and off.state.live_seconds == 0.0
+
+
+def test_the_live_curve_refit_follows_a_faster_run_past_the_end_instead_of_a_flat_tail():
+    # a run 1.5x faster than the live curve: the time-warped refit reads the curve beyond T, where
+    # the open loop's continuation (joined at T) goes on falling; a live curve cut at T would be
+    # held flat there and converge too early
+    from lightning_ttp import Prediction
+    from lightning_ttp.callbacks.predictor import PredictorState
+
+    steps = np.arange(101)
+    curve = 0.2 + np.exp(-steps / 60.0)
+    continuation = 0.2 + np.exp(-np.arange(101, 201) / 60.0)
+    predictor = _quiet_predictor()
+    predictor.state = PredictorState(prediction=Prediction(steps, curve, continuation=continuation))
+    predictor.state.live_loss, predictor.state.live_step = curve.tolist(), 5
+    predictor.state.observed_losses = (0.2 + np.exp(-1.5 * np.arange(40) / 60.0)).tolist()
+    predictor._refine_now()
+    refit = predictor.state.refinement
+    assert refit.warp == pytest.approx(1.5, rel=0.1)
+    np.testing.assert_allclose(refit.loss[-1], 0.2 + np.exp(-150 / 60.0), rtol=0.02)  # read past T
+    assert refit.loss[-1] < refit.loss[80] - 0.01  # still falling at the end, not held flat

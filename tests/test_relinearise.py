@@ -336,3 +336,4 @@ def test_power_law_fit_and_blend_weights():
         {"relinearised_loss": truth * np.exp(0.1), "power_law_loss": truth * np.exp(0.3)})
     assert _blend_weight(previous, truth[:40], min_span=20) == pytest.approx(0.9)  # 0.01^-1 / (0.01^-1 + 0.09^-1)
     assert _blend_weight(previous, truth[:25], min_span=20) == 1.0
+

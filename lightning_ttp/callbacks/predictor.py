@@ -630,9 +630,14 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             if len(observed) < 2 or self._real_run_diverged(observed):
                 return
             self._converge_cache.clear()
-            if self.state.live_loss is not None:  # refit the re-linearised curve to what came after it
-                self.state.refinement = refine_curve(np.asarray(self.state.live_loss), observed,
-                                                     start=self.state.refinement)
+            if self.state.live_loss is not None:  # refit the re-linearised curve to what came after it,
+                # continued past T by the open loop's continuation (joined at T): a faster-than-predicted
+                # run is then followed beyond T instead of meeting a flat tail (which converges too early)
+                live = np.asarray(self.state.live_loss)
+                tail = pred.continuation if pred.continuation is not None else np.empty(0)
+                join = live[-1] / pred.loss[-1] if pred.loss[-1] > 0 else 1.0
+                self.state.refinement = refine_curve(np.concatenate([live, tail * join]), observed,
+                                                     horizon=pred.num_steps, start=self.state.refinement)
             else:  # the continuation past T lets a faster-than-predicted run follow the curve beyond T
                 self.state.refinement = refine_curve(pred.extended_loss(), observed, band=pred.extended_band(),
                                                      horizon=pred.num_steps, start=self.state.refinement)
