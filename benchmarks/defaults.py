@@ -91,6 +91,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _results  # noqa: E402
+from _fidelity_tasks import adam_pretrain  # noqa: E402
 
 import lightning_ttp  # noqa: E402
 from lightning_ttp.api import DEFAULT_NUM_SAMPLES  # noqa: E402
@@ -276,14 +277,7 @@ def pretrained_backbone(arch: str, steps: int = 300) -> torch.nn.Module:
     torch.manual_seed(PRETRAIN_SEED)
     body, width = backbone(arch)
     model = torch.nn.Sequential(body, torch.nn.Linear(width, num_classes(y)))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(PRETRAIN_SEED)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, x.shape[0], (128,), generator=gen)
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
+    adam_pretrain(model, x, y, steps=steps, seed=PRETRAIN_SEED)
     return body
 
 
