@@ -62,7 +62,7 @@ from .kernel.batch import batch_size as sample_count
 from .lookahead import lookahead_steps
 from .plan import RunPlan
 
-__all__ = ["FLOOR_MACS", "MIN_SAMPLES", "KernelChoice", "choose_kernel", "forward_macs", "prediction_macs",
+__all__ = ["FLOOR_MACS", "LOOKAHEAD_SHARE", "MIN_SAMPLES", "KernelChoice", "choose_kernel", "forward_macs", "prediction_macs",
            "run_macs"]
 
 #: the smallest kernel subset the cap chooses (smaller subsets bias the simulation)
@@ -81,6 +81,9 @@ SIM_STEP_OVERHEAD_MACS = 1e6
 WEIGHTS = {"passes": 0.5, "contraction": 0.05, "extras": 1.0, "simulation": 0.2}
 #: products with each Gram of the stability report (Lanczos iterations, a few lr directions)
 LANCZOS_PRODUCTS = 60
+#: the look-ahead runs only when it counts at most this share of the run (and fits the cap), or
+#: when the whole prediction stays under the floor
+LOOKAHEAD_SHARE = 0.1
 #: samples run through the forward that counts F
 PROBE_SAMPLES = 4
 
@@ -102,7 +105,8 @@ class KernelChoice:
             moments), ``simulation`` (per step × simulated steps, stability report included).
         forward_macs: F, one sample's forward.
         lookahead: whether the fit-start look-ahead (:mod:`lightning_ttp.lookahead`) fits the cap
-            on top of the kernel: it is dropped before the kernel is shrunk (its count is the
+            on top of the kernel and counts at most ``LOOKAHEAD_SHARE`` of the run: it is dropped
+            before the kernel is shrunk (its count is the
             component ``lookahead``: k training steps, the kernel again at w_k, the continuation
             and its control).
         processes: the processes the kernel is split across (the counts are one process's).
@@ -235,9 +239,12 @@ def choose_kernel(
         k = lookahead_steps(plan.steps)
         ahead = (k * (min(n, plan.effective_batch_size) * 3.0 * forward + STEP_OVERHEAD_MACS) / processes
                  + components["passes"] + components["contraction"] + 2 * components["simulation"]) if k else 0.0
-        look = bool(k) and total + ahead <= allowed
+        # within the cap, and at most LOOKAHEAD_SHARE of the run unless the whole is under the floor
+        look = bool(k) and total + ahead <= allowed and ahead <= max(LOOKAHEAD_SHARE * run / processes,
+                                                                     floor_macs - total)
         if k and not look:
-            reason += "; no look-ahead (it would cost more than the cap)"
+            reason += (f"; no look-ahead (it would count more than the cap, or than {LOOKAHEAD_SHARE:.0%} of the "
+                       "run)")
         across = f" across {processes} processes" if processes > 1 else ""
         share = f"{budget:g} × one process's share of the run's {run:.2g}" if processes > 1 else \
             f"{budget:g} × the run's {run:.2g}"

@@ -38,12 +38,16 @@ def test_the_default_keeps_the_exact_kernel_on_every_sample_and_reports_each_cou
 def test_the_lookahead_gives_way_before_the_kernel_shrinks():
     model, x, y, opt = _setup(n=256, width=64, classes=8)
     plan = plan_run((x, y), opt, 200, batch_size=32)
-    free = choose_kernel(model, x, y, opt, plan, budget=1000.0, floor_macs=0.0)
+    free = choose_kernel(model, x, y, opt, plan, budget=1e-9, floor_macs=1e15)  # everything under the floor
     kernel_only = free.predicted_macs - free.components["lookahead"]
     # room for the exact kernel on every sample, not for the look-ahead on top of it
-    tight = choose_kernel(model, x, y, opt, plan, budget=(kernel_only * 1.01) / free.run_macs, floor_macs=0.0)
+    tight = choose_kernel(model, x, y, opt, plan, budget=1e-9, floor_macs=kernel_only * 1.01)
     assert (tight.num_samples, tight.kernel, tight.lookahead) == (256, "full", False)
     assert "no look-ahead" in tight.reason and "lookahead" not in tight.components
+    # a generous cap, but a look-ahead that would count more than LOOKAHEAD_SHARE of this short run
+    short = choose_kernel(model, x, y, opt, plan, budget=1000.0, floor_macs=0.0)
+    assert free.components["lookahead"] > budget.LOOKAHEAD_SHARE * short.run_macs
+    assert (short.num_samples, short.kernel, short.lookahead) == (256, "full", False)
 
 
 def test_an_impossible_cap_falls_back_to_the_trace_kernel_on_the_smallest_subset():
