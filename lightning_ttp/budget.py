@@ -62,8 +62,8 @@ from .kernel.batch import batch_size as sample_count
 from .lookahead import lookahead_steps
 from .plan import RunPlan
 
-__all__ = ["FLOOR_MACS", "LOOKAHEAD_SHARE", "MIN_SAMPLES", "KernelChoice", "choose_kernel", "forward_macs", "prediction_macs",
-           "run_macs"]
+__all__ = ["FLOOR_MACS", "LOOKAHEAD_SHARE", "MIN_SAMPLES", "KernelChoice", "choose_kernel", "forward_macs",
+           "prediction_macs", "run_macs"]
 
 #: the smallest kernel subset the cap chooses (smaller subsets bias the simulation)
 MIN_SAMPLES = 64
