@@ -29,6 +29,8 @@ __all__ = [
     "preserve_buffers",
     "preserve_modes",
     "preserve_module",
+    "preserve_optimizer",
+    "preserve_parameter_values",
     "preserve_parameters",
     "preserve_rng",
     "untouched",
@@ -85,6 +87,36 @@ def preserve_parameters(module: nn.Module) -> Iterator[None]:
         for p, flag, grad in zip(params, flags, grads):
             p.requires_grad_(flag)
             p.grad = grad
+
+
+@contextmanager
+def preserve_parameter_values(module: nn.Module) -> Iterator[None]:
+    """Restore every parameter's values on exit (also on error), copied back in place: for the one
+    pass of ours that trains (the look-ahead, :mod:`lightning_ttp.lookahead`). Costs one copy of
+    the parameters."""
+    saved = [(p, p.detach().clone()) for p in module.parameters()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in saved:
+                p.copy_(value)
+
+
+@contextmanager
+def preserve_optimizer(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Restore an optimiser's state (its tensors cloned, put back; entries created inside dropped)
+    and its param groups' values (lr and the like) on exit (also on error)."""
+    state = {p: {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+             for p, s in optimizer.state.items()}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        yield
+    finally:
+        optimizer.state.clear()
+        optimizer.state.update(state)
+        for group, saved in zip(optimizer.param_groups, groups, strict=True):
+            group.update(saved)
 
 
 @contextmanager

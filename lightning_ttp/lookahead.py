@@ -21,7 +21,7 @@ step of the run, :func:`look_ahead`
    reached, ramped in) and L̂(k + τ) = P(k + τ)·S(τ)/C(k + τ) after, P the open loop's curve;
 4. leaves everything as it was: parameters, buffers (BatchNorm's running statistics), ``.grad``,
    the optimiser's state and param groups, module modes and the RNG streams are restored bit
-   for bit (:func:`_restored`).
+   for bit (:func:`_restored`, from :mod:`lightning_ttp._modes`).
 
 The prediction's curve becomes L̂, its band and continuation rejoined to it
 (:meth:`lightning_ttp.prediction.Prediction.rejoined`). For a model that is linear in its
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._modes import preserve_modes
+from ._modes import preserve_optimizer, preserve_parameter_values, untouched
 from .dynamics import BatchSampler, Loss, OptimizerSpec, get_loss, simulate_discrete
 from .dynamics.adam import simulate_adam
 from .dynamics.discrete import Batch
@@ -97,36 +97,10 @@ def lookahead_steps(total_steps: int) -> int:
 @contextmanager
 def _restored(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """Everything the look-ahead's training touches, restored bit for bit on exit (also on error):
-    parameters and buffers (values, in place), ``.grad`` (values or None), the optimiser's state
-    (the saved tensors put back, new entries dropped) and param groups' values, module modes, and
-    the CPU and CUDA RNG streams."""
-    params = list(model.parameters())
-    values = [p.detach().clone() for p in params]
-    grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    state = {p: {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
-             for p, s in optimizer.state.items()}
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
-    with preserve_modes(model), torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, v, g in zip(params, values, grads, strict=True):
-                    p.copy_(v)
-                    if g is None:
-                        p.grad = None
-                    elif p.grad is None:
-                        p.grad = g
-                    else:
-                        p.grad.copy_(g)
-                for b, v in buffers:
-                    b.copy_(v)
-            optimizer.state.clear()
-            optimizer.state.update(state)
-            for group, saved in zip(optimizer.param_groups, groups, strict=True):
-                group.update(saved)
+    the model's parameter values, buffers, modes, ``requires_grad``/``.grad``, the RNG streams
+    (:func:`lightning_ttp._modes.untouched`) and the optimiser's state and param groups."""
+    with untouched(model), preserve_parameter_values(model), preserve_optimizer(optimizer):
+        yield
 
 
 def _batches(n: int, plan: RunPlan, steps: int, seed: int) -> list[torch.Tensor]:

@@ -634,7 +634,8 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
                 # continued past T by the open loop's continuation (joined at T): a faster-than-predicted
                 # run is then followed beyond T instead of meeting a flat tail (which converges too early)
                 live = np.asarray(self.state.live_loss)
-                tail = pred.continuation if pred.continuation is not None else np.empty(0)
+                finite = pred.continuation is not None and not pred.diverged and np.isfinite(pred.continuation).all()
+                tail = pred.continuation if finite else np.empty(0)
                 join = live[-1] / pred.loss[-1] if pred.loss[-1] > 0 else 1.0
                 self.state.refinement = refine_curve(np.concatenate([live, tail * join]), observed,
                                                      horizon=pred.num_steps, start=self.state.refinement)
