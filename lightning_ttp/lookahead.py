@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ._modes import preserve_optimizer, preserve_parameter_values, untouched
-from .dynamics import BatchSampler, Loss, OptimizerSpec, get_loss, simulate_discrete
+from .dynamics import Loss, OptimizerSpec, get_loss, simulate_discrete
 from .dynamics.adam import simulate_adam
 from .dynamics.discrete import Batch
 from .estimate import KernelEstimate, model_outputs
@@ -50,7 +50,7 @@ from .kernel.batch import index_batch
 from .kernel.shard import Sharding
 from .plan import RunPlan
 from .prediction import Prediction
-from .relinearise import relinearised_prediction
+from .relinearise import continuation_batches, relinearised_prediction
 
 __all__ = ["LOOKAHEAD_FRACTION", "LookAhead", "joined_curve", "look_ahead", "lookahead_steps"]
 
@@ -147,26 +147,21 @@ def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: Any
 def _control(start: KernelEstimate, spec: OptimizerSpec, plan: RunPlan, batches: list[torch.Tensor],
              num_paths: int, seed: int) -> np.ndarray:
     """C at steps 0..T: the linearised model at w0 on the look-ahead's k batches, then on the
-    Monte Carlo batches the re-linearised continuation draws (the sampler
-    :func:`~lightning_ttp.relinearise.relinearised_prediction` builds at step k), mean over paths."""
+    Monte Carlo batches the re-linearised continuation draws
+    (:func:`~lightning_ttp.relinearise.continuation_batches` at step k), mean over paths."""
     n0, k = start.num_samples, len(batches)
     n = max(n0, int(plan.dataset_size or n0))
-    b = plan.effective_batch_size
     device = start.grams[0].device
-    paths, later = 1, None
-    if b < n and num_paths > 0:
-        sampler = BatchSampler(n0, b, num_paths, n_total=n, seed=seed + k, device=device)
-        paths, later = num_paths, sampler.batch
-    weights = [torch.full((paths, idx.numel()), 1.0 / idx.numel(), dtype=start.grams[0].dtype, device=device)
-               for idx in batches]
-    early = [Batch(w, idx.to(device).expand(paths, -1).contiguous()) for w, idx in zip(weights, batches, strict=True)]
-    full_batch = b >= n
+    later, paths = continuation_batches(n0, plan.effective_batch_size, n, num_paths, seed=seed, step=k,
+                                        device=device)
+    early = [Batch(torch.full((paths, idx.numel()), 1.0 / idx.numel(), dtype=start.grams[0].dtype, device=device),
+                   idx.to(device).expand(paths, -1).contiguous()) for idx in batches]
 
     def batch(t: int) -> Batch | None:
         return early[t] if t < k else (None if later is None else later(t - k))
 
     lrs = spec.schedule(plan.lr_schedule, plan.steps, steps_name="steps")
-    select = None if full_batch else batch
+    select = None if plan.effective_batch_size >= n else batch  # full batch: the expected gradient throughout
     if spec.kind in ("adam", "adamw") and start.adam_blocks is not None:
         blocks = start.adam_blocks
         res = simulate_adam(start.outputs, start.targets, blocks["grams"], blocks["group"], blocks["sizes"],

@@ -69,6 +69,7 @@ __all__ = [
     "LivePrediction",
     "centred_alignment",
     "checkpoint_steps",
+    "continuation_batches",
     "kernel_drift",
     "relinearised_prediction",
 ]
@@ -521,10 +522,7 @@ def relinearised_prediction(
     if subset_correction > 0 and n > n0:
         ke.grams = [_self_terms_scaled(g, n0, (n0 / n) ** subset_correction) for g in ke.grams]
     grams, rho = _stability_capped(ke, spec, remaining) if stability_cap else (ke.grams, float("nan"))
-    batches, paths = None, 1
-    if not full_batch and num_paths > 0:
-        sampler = BatchSampler(n0, b, num_paths, n_total=n, seed=seed + step, device=grams[0].device)
-        batches, paths = sampler.batch, num_paths
+    batches, paths = continuation_batches(n0, b, n, num_paths, seed=seed, step=step, device=grams[0].device)
     res = simulate_discrete(ke.outputs, ke.targets, grams, ke.loss, spec, remaining, jvp_w0=ke.jvp_w0,
                             batches=batches, num_paths=paths, initial_buffers=bufs, start_step=adam_step,
                             fixed_preconditioner=spec.kind in ("adam", "adamw"))
@@ -552,6 +550,18 @@ def relinearised_prediction(
                            "adam_step": adam_step,
                            "batch_statistics": batch_statistics,
                            "warp": warp, "rho_max": rho})
+
+
+def continuation_batches(n0: int, batch_size: int, dataset_size: int, num_paths: int, *, seed: int, step: int,
+                         device: torch.device | str) -> tuple[Callable[[int], Any] | None, int]:
+    """(batches, paths) of a continuation from step ``step``: Monte Carlo mini-batches of
+    ``num_paths`` paths drawn from ``seed + step`` (the batch function of a
+    :class:`~lightning_ttp.dynamics.BatchSampler`), or the expected gradient ``(None, 1)`` for a
+    full batch or ``num_paths=0``. The look-ahead's linearised control draws the same batches."""
+    if batch_size >= dataset_size or num_paths < 1:
+        return None, 1
+    sampler = BatchSampler(n0, batch_size, num_paths, n_total=dataset_size, seed=seed + step, device=device)
+    return sampler.batch, num_paths
 
 
 def _self_terms_scaled(gram: torch.Tensor, n0: int, factor: float) -> torch.Tensor:
