@@ -9,7 +9,7 @@ Run (from the repository root)::
 Nothing but defaults is passed to the entry points:
 
 1. ``lightning_ttp.predict_training_time(model, loader, optimizer, steps)`` (loss
-   "cross_entropy", N0 = 256, the 5 % cost budget, method "auto", ...), then real training of a
+   "cross_entropy", N0 = 256, the cost cap `budget=1.0`, the look-ahead, method "auto", ...), then real training of a
    copy of the same model with the same optimiser settings: a plain torch loop over the same
    DataLoader for the same steps in ``model.train()``, recording the loss of each step's batch
    (what the callback observes).

@@ -163,7 +163,8 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         steps: planned optimiser steps; default ``trainer.estimated_stepping_batches``
             (required for an ``IterableDataset`` without ``max_steps``).
         projection_dim, method, num_paths, seed: passed to the prediction pipeline
-            (:func:`lightning_ttp.api.predict_run`).
+            (:func:`lightning_ttp.api.predict_run`); ``num_paths`` also sets the Monte Carlo
+            mini-batch paths of the closed loop's continuation.
         output_fn: ``output_fn(pl_module, batch) -> (N, C) logits`` when the logits are not
             ``pl_module(batch[0])`` (tuples, dicts and ``ModelOutput.logits`` are found without it).
         target_fn: ``target_fn(batch) -> targets`` when the batch is not ``(x, y, ...)``.
@@ -568,7 +569,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
                 loss=self.loss, batch_size=plan.effective_batch_size, dataset_size=plan.dataset_size,
                 smoothing_window=default_smoothing_window(plan.steps_per_epoch, plan.full_batch),
                 output_fn=run.output_fn, projection_dim=self.projection_dim,
-                seed=self.seed, sharding=sharding)
+                num_paths=self.num_paths, seed=self.seed, sharding=sharding)
             diag = run.prediction.diagnostics
             self._loop_cost = float(diag.kernel_seconds or 0.0) + float(diag.simulation_seconds or 0.0)
         plan_info = plan.describe()
