@@ -29,7 +29,7 @@ from ._modes import untouched
 from .budget import MIN_SAMPLES, choose_kernel
 from .data import sample_subset, split_batch
 from .dynamics import Loss, OptimizerSpec
-from .estimate import KernelEstimate, estimate_kernel, per_sample_view
+from .estimate import KernelEstimate, estimate_kernel, per_sample_view, standing_for
 from .kernel.batch import index_batch
 from .kernel.shard import Sharding
 from .lookahead import look_ahead
@@ -134,11 +134,12 @@ def predict_run(
     kernel = estimate_kernel(model, inputs, targets, spec, loss=loss, output_fn=output_fn, kernel=kind,
                              projection_dim=projection_dim, seed=seed, batch_size=plan.effective_batch_size,
                              sharding=sharding)
+    subset_kernel, kernel = kernel, standing_for(kernel, plan.dataset_size)
     prediction = simulate_plan(kernel, spec, plan, method=method, num_paths=num_paths, seed=seed,
                                continuation=continuation)
     diverged = prediction.diverged if sharding is None else sharding.rank_zero(prediction.diverged)
     if lookahead and not diverged and (choice is None or choice.lookahead):
-        prediction = _looked_ahead(prediction, model, optimizer, spec, inputs, targets, plan, kernel, loss=loss,
+        prediction = _looked_ahead(prediction, model, optimizer, spec, inputs, targets, plan, subset_kernel, loss=loss,
                                    output_fn=output_fn, projection_dim=projection_dim, num_paths=num_paths, seed=seed,
                                    sharding=sharding)
     if choice is not None:

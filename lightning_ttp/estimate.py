@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -24,6 +24,7 @@ from .dynamics.losses import TokenCrossEntropy, token_loss
 from .kernel.batch import batch_size as sample_count
 from .kernel.batch import index_batch
 from .kernel.shard import Sharding, map_rows
+from .kernel.subset import stand_for_dataset
 
 __all__ = [
     "FULL_KERNEL_MAX",
@@ -34,6 +35,7 @@ __all__ = [
     "flat_output_fn",
     "model_outputs",
     "per_sample_view",
+    "standing_for",
 ]
 
 #: N·C above which ``kernel="auto"`` uses the trace kernel.
@@ -436,3 +438,28 @@ def estimate_kernel(
                           adam_blocks)
 
 
+
+
+def standing_for(kernel: KernelEstimate, dataset_size: int | None) -> KernelEstimate:
+    """The estimate with every Gram made to stand for the whole training set of ``dataset_size``
+    samples (:func:`lightning_ttp.kernel.subset.stand_for_dataset`: each subset sample's own,
+    unshared kernel term weighted N0/N); the estimate itself when the subset is the whole set.
+
+    Every param group's Gram (and Adam's per-block Grams, which sum to them) takes its own share α,
+    so each stays positive semi-definite. The shares are in ``info["idiosyncratic_share"]``."""
+    n0 = kernel.num_samples
+    n = int(dataset_size or n0)
+    if n <= n0:
+        return kernel
+    if kernel.adam_blocks is not None:
+        blocks = [stand_for_dataset(g, n0, n) for g in kernel.adam_blocks["grams"]]
+        grams = [torch.zeros_like(kernel.grams[0]) for _ in kernel.grams]
+        for (g, _), gi in zip(blocks, kernel.adam_blocks["group"], strict=True):
+            grams[gi] += g
+        adam_blocks = {**kernel.adam_blocks, "grams": [g for g, _ in blocks]}
+        shares = [a for _, a in blocks]
+    else:
+        pairs = [stand_for_dataset(g, n0, n) for g in kernel.grams]
+        grams, shares, adam_blocks = [g for g, _ in pairs], [a for _, a in pairs], None
+    info = {**kernel.info, "idiosyncratic_share": shares, "dataset_size": n}
+    return replace(kernel, grams=grams, adam_blocks=adam_blocks, info=info, stability_cache={})

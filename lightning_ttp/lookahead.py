@@ -214,6 +214,7 @@ def look_ahead(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: O
                                        dataset_size=plan.dataset_size, output_fn=output_fn,
                                        projection_dim=projection_dim, num_paths=num_paths, blend=False,
                                        calibrate=False, batch_statistics=False, extrapolate_drift=extrapolate,
+                                       stand_for_dataset=False,
                                        seed=seed, sharding=sharding)
     control = _control(start, spec, plan, batches, num_paths, seed)
     curve = joined_curve(prediction.loss, live.continuation, control, k)

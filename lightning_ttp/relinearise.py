@@ -57,7 +57,7 @@ import torch
 
 from .dynamics import BatchSampler, OptimizerSpec, simulate_discrete, stability_report
 from .dynamics.training_time import epsilon_training_time
-from .estimate import ADAM_V_FLOOR, KernelEstimate, OutputModule, estimate_kernel
+from .estimate import ADAM_V_FLOOR, KernelEstimate, OutputModule, estimate_kernel, standing_for
 from .kernel.batch import batch_size as _num_samples
 from .kernel.shard import Sharding, map_rows
 from .refine import default_smoothing_window, refine_curve, smooth_losses
@@ -440,7 +440,7 @@ def relinearised_prediction(
     calibration_prior: float = 1.0,
     num_paths: int = 0,
     batch_statistics: bool | None = None,
-    subset_correction: float = 0.0,
+    stand_for_dataset: bool = True,
     blend: bool = True,
     blend_min_span: float = 0.1,
     seed: int = 0,
@@ -475,9 +475,11 @@ def relinearised_prediction(
             and P on the smoothed losses observed since that call — only once that span covers
             ``blend_min_span`` · T steps (shorter spans favour the short-range power law); w = 1
             before.
-        subset_correction: λ ∈ [0, 1]; with N0 < N the subset's self-terms are scaled by
-            (N0/N)^λ (:func:`_self_terms_scaled`); default 0 (off: on the benchmark it slows the
-            early predictions more than it helps late ones, see docs/prediction.md §8).
+        stand_for_dataset: with N0 < N the kernel at w_k is made to stand for the whole training set
+            (:func:`lightning_ttp.estimate.standing_for`: each subset sample's unshared kernel term
+            weighted N0/N), as the fit-start prediction's is; ``start`` must then be the corrected
+            fit-start estimate too (the drift compares like with like). Off for the look-ahead,
+            whose real steps train on the subset itself.
         smoothing_window: for the observed prefix (default: the package's,
             :func:`lightning_ttp.refine.default_smoothing_window`).
         projection_dim: random projection of the gradients (large models; cheaper kernels).
@@ -512,6 +514,8 @@ def relinearised_prediction(
     ke, bufs, adam_step = _current_state(model, inputs, targets, spec, optimizer, loss=loss, output_fn=output_fn,
                                          kernel=start.kernel, projection_dim=projection_dim, seed=seed,
                                          reference=start if batch_statistics else None, sharding=sharding)
+    if stand_for_dataset:
+        ke = standing_for(ke, n)
     kernel_seconds = time.perf_counter() - kernel_started
     drift = kernel_drift(start.grams, ke.grams, start.targets, lrs[step], num_outputs=start.num_outputs, step=step)
     if extrapolate_drift:
@@ -519,8 +523,6 @@ def relinearised_prediction(
     else:
         mult = np.ones(total_steps - step)
     remaining = lrs[step:total_steps] * mult[:, None]
-    if subset_correction > 0 and n > n0:
-        ke.grams = [_self_terms_scaled(g, n0, (n0 / n) ** subset_correction) for g in ke.grams]
     grams, rho = _stability_capped(ke, spec, remaining) if stability_cap else (ke.grams, float("nan"))
     batches, paths = continuation_batches(n0, b, n, num_paths, seed=seed, step=step, device=grams[0].device)
     res = simulate_discrete(ke.outputs, ke.targets, grams, ke.loss, spec, remaining, jvp_w0=ke.jvp_w0,
@@ -562,24 +564,6 @@ def continuation_batches(n0: int, batch_size: int, dataset_size: int, num_paths:
         return None, 1
     sampler = BatchSampler(n0, batch_size, num_paths, n_total=dataset_size, seed=seed + step, device=device)
     return sampler.batch, num_paths
-
-
-def _self_terms_scaled(gram: torch.Tensor, n0: int, factor: float) -> torch.Tensor:
-    """The Gram with each sample's own block Θ_(i,·),(i,·) multiplied by ``factor`` (= N0/N).
-
-    On a subset of N0 of the N training samples every subset sample stands for N/N0 of them
-    (batch weights of mean 1/N0): the cross terms Σ_j Θ_ij g_j/N0 estimate the whole set's
-    Σ_j Θ_ij g_j/N without bias, but a sample's own term Θ_ii g_i/N0 is N/N0 times its real
-    weight 1/N. Scaling the self blocks by N0/N removes this bias (it makes the subset memorise
-    N/N0 times faster than the data set). Negative eigenvalues of the result are clipped at 0.
-    """
-    g = torch.as_tensor(gram, dtype=torch.float64).clone()
-    c = g.shape[0] // n0
-    blocks = g.reshape(n0, c, n0, c)
-    idx = torch.arange(n0, device=g.device)
-    blocks[idx, :, idx, :] *= factor
-    vals, vecs = torch.linalg.eigh(blocks.reshape(n0 * c, n0 * c))
-    return (vecs * vals.clamp(min=0.0)) @ vecs.T  # the nearest PSD kernel (no direction grows)
 
 
 JACOBIAN_MAX_BYTES = 256 * 2**20  # the batch-statistics kernel holds the full Jacobian (N0·C × P float64)

@@ -280,7 +280,8 @@ def simulate(
         kernel_seconds=ke.seconds, simulation_seconds=sim_seconds,
         seconds=ke.seconds + (time.perf_counter() - started), loss=ke.loss.describe(),
         lr_first=run.lrs[0].tolist(), lr_last=run.lrs[horizon - 1].tolist(), warnings=run.notes,
-        extra={k: v for k, v in ke.info.items() if k in ("num_parameters", "projection_dim", "processes")},
+        extra={k: v for k, v in ke.info.items()
+               if k in ("num_parameters", "projection_dim", "processes", "idiosyncratic_share")},
     )
     if diverged:
         diagnostics.extra["diverged"] = True

@@ -48,6 +48,10 @@ def summary(predictor: Any) -> str:
     processes = int(pred.diagnostics.extra.get("processes", 1) or 1)
     if processes > 1:
         kernel += f" across {processes} processes"
+    shares = [a for a in pred.diagnostics.extra.get("idiosyncratic_share") or [] if a > 0]
+    if shares:
+        kernel += (f", each sample's own term weighted {used}/{pred.diagnostics.dataset_size} on its "
+                   f"unshared {max(shares):.0%}")
     parts = [
         f"lightning_ttp: predicted fine-tuning of {plan.get('steps', len(loss) - 1)} optimiser steps "
         f"(batch {plan.get('batch_size')} × accumulate {plan.get('accumulate_grad_batches')} × "
