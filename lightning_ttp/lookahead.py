@@ -44,7 +44,7 @@ import torch
 from ._modes import preserve_optimizer, preserve_parameter_values, untouched
 from .dynamics import Loss, OptimizerSpec, get_loss, simulate_discrete
 from .dynamics.adam import simulate_adam
-from .dynamics.discrete import Batch
+from .dynamics.batch import Batch
 from .estimate import KernelEstimate, model_outputs
 from .kernel.batch import index_batch
 from .kernel.shard import Sharding
