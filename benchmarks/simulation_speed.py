@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import save  # noqa: E402
 
 from lightning_ttp.dynamics import BatchSampler, OptimizerSpec, get_loss, simulate_discrete  # noqa: E402
-from lightning_ttp.dynamics.discrete import Batch  # noqa: E402
+from lightning_ttp.dynamics.batch import Batch  # noqa: E402
 
 CASES = [(128, 5, 32, 8), (256, 5, 32, 8), (256, 10, 32, 8), (256, 10, 64, 8), (512, 10, 32, 8)]
 QUICK = [(128, 5, 32, 8), (256, 10, 32, 8)]

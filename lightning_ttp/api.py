@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._modes import untouched
 from .budget import MIN_SAMPLES, choose_kernel
 from .data import sample_subset, split_batch
 from .dynamics import Loss, OptimizerSpec
 from .estimate import KernelEstimate, estimate_kernel, per_sample_view, standing_for
 from .kernel.batch import index_batch
+from .kernel.modes import untouched
 from .kernel.shard import Sharding
 from .lookahead import look_ahead
 from .plan import RunPlan, plan_run

@@ -53,13 +53,13 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._modes import preserve_modes
 from .data import take
 from .dynamics import OptimizerSpec
-from .estimate import flat_output_fn, model_outputs
 from .kernel import count_ntk_macs
 from .kernel.batch import batch_size as sample_count
+from .kernel.modes import preserve_modes
 from .lookahead import lookahead_steps
+from .outputs import flat_output_fn, model_outputs
 from .plan import RunPlan
 
 __all__ = ["FLOOR_MACS", "LOOKAHEAD_SHARE", "MIN_SAMPLES", "KernelChoice", "choose_kernel", "forward_macs",

@@ -11,29 +11,27 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
-from ._modes import preserve_modes
+from .batch_statistics import JACOBIAN_MAX_BYTES, batch_statistics_state, has_batch_statistics
 from .data import logits_of, num_samples_in
 from .dynamics import CallableLoss, Loss, OptimizerSpec, get_loss
 from .dynamics.losses import TokenCrossEntropy, token_loss
 from .kernel.batch import batch_size as sample_count
 from .kernel.batch import index_batch
+from .kernel.modes import preserve_modes
 from .kernel.shard import Sharding, map_rows
 from .kernel.subset import stand_for_dataset
+from .outputs import OutputModule, flat_output_fn, model_outputs
 
 __all__ = [
     "FULL_KERNEL_MAX",
     "KernelEstimate",
-    "OutputModule",
     "PerSampleOutputs",
     "estimate_kernel",
-    "flat_output_fn",
-    "model_outputs",
     "per_sample_view",
     "standing_for",
 ]
@@ -89,28 +87,6 @@ class KernelEstimate:
         return int(self.outputs.shape[1])
 
 
-def model_outputs(model: torch.nn.Module, inputs: Any, output_fn: Callable | None = None) -> torch.Tensor:
-    """The (N, C) outputs the loss sees: ``output_fn(model, inputs)`` or the logits of
-    ``model(inputs)`` (:func:`lightning_ttp.data.logits_of`), flattened to one row per sample."""
-    out = output_fn(model, inputs) if output_fn is not None else logits_of(model(inputs))
-    if not isinstance(out, torch.Tensor):
-        out = logits_of(out)
-    return out[:, None] if out.dim() == 1 else out.reshape(out.shape[0], -1)
-
-
-class OutputModule(torch.nn.Module):
-    """:func:`model_outputs` as a module (the model as its submodule ``m``), so
-    ``torch.func.functional_call`` can swap the weights."""
-
-    def __init__(self, model: torch.nn.Module, output_fn: Callable | None) -> None:
-        super().__init__()
-        self.m = model
-        self.fn = output_fn
-
-    def forward(self, inputs):
-        return model_outputs(self.m, inputs, self.fn)
-
-
 def _prepared_targets(loss: Loss, targets: torch.Tensor, num_outputs: int, n: int) -> torch.Tensor:
     y = loss.prepare_targets(torch.as_tensor(targets).detach().cpu(), num_outputs)
     if y.shape[0] != n:
@@ -137,16 +113,6 @@ def _probe_outputs(model: torch.nn.Module, inputs: Any,
         notes.append(f"the model returns a {type(raw).__name__}; its {where} is taken as the logits "
                      "(pass output_fn=... to choose another).")
     return tuple(logits.shape), notes
-
-
-def flat_output_fn(output_fn: Callable | None) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
-    """``(model, inputs) -> (N, C)`` outputs as :func:`model_outputs` gives them, as a
-    ``functools.partial`` (the kernel engine's probe cache recognises it across calls)."""
-    return partial(_outputs_with, output_fn=output_fn)
-
-
-def _outputs_with(model: torch.nn.Module, inputs: Any, *, output_fn: Callable | None) -> torch.Tensor:
-    return model_outputs(model, inputs, output_fn)
 
 
 class PerSampleOutputs:
@@ -337,9 +303,9 @@ def estimate_kernel(
         kernel: "full", "trace" or "auto" (full if N0·C ≤ 2500).
         batch_statistics: SGD only: with BatchNorm layers in train mode, f0 and the Grams of the
             kernel samples as *one training batch* (the batched train-mode Jacobian,
-            :func:`lightning_ttp.relinearise.batch_statistics_state`) instead of eval mode;
+            :func:`lightning_ttp.batch_statistics.batch_statistics_state`) instead of eval mode;
             default (None): when the model has such layers, no ``projection_dim`` is set and the
-            Jacobian fits ``lightning_ttp.relinearise.JACOBIAN_MAX_BYTES``.
+            Jacobian fits ``lightning_ttp.batch_statistics.JACOBIAN_MAX_BYTES``.
         parameter_scales: non-Adam optimisers only: ``{parameter: s}`` for Grams J_g diag(s²) J_gᵀ, a fixed
             diagonal preconditioner (e.g. Adam's at a later step of the run: s = (√v̂ + ε)^{-1/2}), through
             the engine's fast paths (:func:`lightning_ttp.kernel.empirical_ntk`); parameters not listed have s = 1.
@@ -377,16 +343,14 @@ def estimate_kernel(
     kernel_groups = [tensor_groups[i] for i in nonempty]
     kernel_fn = flat_output_fn(output_fn)
     if not adam and projection_dim is None and batch_statistics is not False:
-        from . import relinearise as rl  # lazy: relinearise imports this module
-
-        if batch_statistics or (rl.has_batch_statistics(model)
-                                and 8 * n * c * sum(p.numel() for g in groups for p in g) <= rl.JACOBIAN_MAX_BYTES):
+        if batch_statistics or (has_batch_statistics(model)
+                                and 8 * n * c * sum(p.numel() for g in groups for p in g) <= JACOBIAN_MAX_BYTES):
             # the eval-mode kernel below is not computed at all: the batch-statistics one replaces it
             by_id = None if parameter_scales is None else {
                 id(p): torch.as_tensor(parameter_scales.get(p, torch.ones_like(p))) for g in groups for p in g}
-            f0, grams, _, jw = rl.batch_statistics_state(model, inputs, groups, kernel=kernel, scales=by_id,
-                                                         tangents={}, weight_decay=spec.has_weight_decay,
-                                                         output_fn=output_fn, sharding=sharding)
+            f0, grams, _, jw = batch_statistics_state(model, inputs, groups, kernel=kernel, scales=by_id,
+                                                      tangents={}, weight_decay=spec.has_weight_decay,
+                                                      output_fn=output_fn, sharding=sharding)
             y = _prepared_targets(loss_obj, targets, c, n)
             info = _info(time.perf_counter() - started, groups, projection_dim, c, n, notes)
             info["batch_statistics"] = True

@@ -21,7 +21,7 @@ step of the run, :func:`look_ahead`
    reached, ramped in) and L̂(k + τ) = P(k + τ)·S(τ)/C(k + τ) after, P the open loop's curve;
 4. leaves everything as it was: parameters, buffers (BatchNorm's running statistics), ``.grad``,
    the optimiser's state and param groups, module modes and the RNG streams are restored bit
-   for bit (:func:`_restored`, from :mod:`lightning_ttp._modes`).
+   for bit (:func:`_restored`, from :mod:`lightning_ttp.kernel.modes`).
 
 The prediction's curve becomes L̂, its band and continuation rejoined to it
 (:meth:`lightning_ttp.prediction.Prediction.rejoined`). For a model that is linear in its
@@ -41,13 +41,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._modes import preserve_optimizer, preserve_parameter_values, untouched
 from .dynamics import Loss, OptimizerSpec, get_loss, simulate_discrete
 from .dynamics.adam import simulate_adam
-from .dynamics.discrete import Batch
-from .estimate import KernelEstimate, model_outputs
+from .dynamics.batch import Batch
+from .estimate import KernelEstimate
 from .kernel.batch import index_batch
+from .kernel.modes import preserve_optimizer, preserve_parameter_values, untouched
 from .kernel.shard import Sharding
+from .outputs import model_outputs
 from .plan import RunPlan
 from .prediction import Prediction
 from .relinearise import continuation_batches, relinearised_prediction
@@ -98,7 +99,7 @@ def lookahead_steps(total_steps: int) -> int:
 def _restored(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """Everything the look-ahead's training touches, restored bit for bit on exit (also on error):
     the model's parameter values, buffers, modes, ``requires_grad``/``.grad``, the RNG streams
-    (:func:`lightning_ttp._modes.untouched`) and the optimiser's state and param groups."""
+    (:func:`lightning_ttp.kernel.modes.untouched`) and the optimiser's state and param groups."""
     with untouched(model), preserve_parameter_values(model), preserve_optimizer(optimizer):
         yield
 

@@ -55,11 +55,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .batch_statistics import JACOBIAN_MAX_BYTES, batch_statistics_state, has_batch_statistics
 from .dynamics import BatchSampler, OptimizerSpec, simulate_discrete, stability_report
 from .dynamics.training_time import epsilon_training_time
-from .estimate import ADAM_V_FLOOR, KernelEstimate, OutputModule, estimate_kernel, standing_for
+from .estimate import ADAM_V_FLOOR, KernelEstimate, estimate_kernel, standing_for
 from .kernel.batch import batch_size as _num_samples
 from .kernel.shard import Sharding, map_rows
+from .outputs import OutputModule
 from .refine import default_smoothing_window, refine_curve, smooth_losses
 
 __all__ = [
@@ -216,71 +218,6 @@ def _buffers(module: torch.nn.Module, inputs: Any, groups: list[list[torch.nn.Pa
         return out
 
     return map_rows(sharding, images, inputs, _num_samples(inputs))
-
-
-def has_batch_statistics(model: torch.nn.Module) -> bool:
-    """Whether ``model`` trains on batch statistics: a BatchNorm layer in train mode."""
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
-               and (m.track_running_stats is False or m.momentum != 0) for m in model.modules())
-
-
-def batch_statistics_state(model, inputs, groups: list[list[torch.nn.Parameter]], *, kernel: str,
-                            scales: dict[int, torch.Tensor] | None, tangents: dict[int, torch.Tensor],
-                            weight_decay: bool, output_fn,
-                            sharding: Sharding | None = None) -> tuple[torch.Tensor, list, list, list | None]:
-    """Outputs, Grams, buffer images and J_g w_g of the subset as *one training batch*.
-
-    BatchNorm in train mode normalises by the statistics of the batch, so each output depends
-    on every sample of it: the Jacobian J = ∂f/∂w of the batched forward (rows (i, c)) is taken
-    with the subset as the batch (one backward pass per output, running statistics untouched), and
-    Θ_g = J_g S_g J_gᵀ, B_g = J_g S_g v_g, with S_g = diag(s²) for Adam's preconditioner (``scales``)
-    and the identity for SGD. This is the kernel of the dynamics the training steps follow;
-    the eval-mode (running statistics) kernel of :func:`estimate_kernel` trains faster than them.
-    With a ``sharding`` every process runs the (whole-batch) forward and the backward passes of
-    its shard's rows of J only; the rows are all-gathered.
-    """
-    forward = OutputModule(model, output_fn)
-    flat = [p for g in groups for p in g]
-    modes = {m: m.training for m in model.modules()}
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
-    tracking = [m.track_running_stats for m in bns]
-    model.eval()  # dropout and the like off; BatchNorm on the subset's batch statistics, running ones untouched
-    for m in bns:
-        m.train()
-        m.track_running_stats = False
-    try:
-        with torch.enable_grad():
-            out = forward(inputs)
-            lo, hi = (0, out.shape[0]) if sharding is None else sharding.bounds(out.shape[0])
-            rows = [torch.autograd.grad(o, flat, retain_graph=True, allow_unused=True)
-                    for o in out[lo:hi].reshape(-1)]
-    finally:
-        for m, flag in zip(bns, tracking, strict=True):
-            m.track_running_stats = flag
-        for m, flag in modes.items():
-            m.training = flag
-    out = out.detach()
-    n, c = out.shape
-    device = out.device
-    jf = {id(p): torch.stack([torch.zeros(p.numel(), device=device) if r[i] is None else r[i].reshape(-1)
-                              for r in rows]).to(torch.float64) for i, p in enumerate(flat)}
-    if hi - lo < n:  # this process's rows (i, c) of its shard's samples: gather all of them
-        jf = {key: sharding.gather_rows(j.reshape(hi - lo, c, -1), n).reshape(n * c, -1) for key, j in jf.items()}
-    scale2 = {id(p): (torch.ones(p.numel(), dtype=torch.float64, device=device) if scales is None
-                      else scales[id(p)].reshape(-1).to(torch.float64) ** 2) for p in flat}
-    grams, bufs, jw = [], [], []
-    for group in groups:
-        g = sum(((jf[id(p)] * scale2[id(p)]) @ jf[id(p)].T for p in group),
-                torch.zeros(n * c, n * c, dtype=torch.float64, device=device))
-        grams.append(g if kernel == "full" else torch.einsum("icjc->ij", g.reshape(n, c, n, c)) / c)
-        have = [p for p in group if id(p) in tangents]
-        bufs.append(sum(jf[id(p)] @ (scale2[id(p)] * tangents[id(p)].reshape(-1).to(torch.float64))
-                        for p in have).reshape(n, c) if have else None)
-        jw.append(sum(jf[id(p)] @ p.detach().reshape(-1).to(torch.float64) for p in group).reshape(n, c)
-                  if group else torch.zeros(n, c, dtype=torch.float64, device=device))
-    # outputs, buffer images and J·w on the CPU like estimate_kernel's; the Grams stay on the device
-    bufs = [None if b is None else b.cpu() for b in bufs]
-    return out.to(torch.float64).cpu(), grams, bufs, ([j.cpu() for j in jw] if weight_decay else None)
 
 
 def _current_state(model, inputs, targets, spec: OptimizerSpec, optimizer: torch.optim.Optimizer, *, loss,
@@ -564,9 +501,6 @@ def continuation_batches(n0: int, batch_size: int, dataset_size: int, num_paths:
         return None, 1
     sampler = BatchSampler(n0, batch_size, num_paths, n_total=dataset_size, seed=seed + step, device=device)
     return sampler.batch, num_paths
-
-
-JACOBIAN_MAX_BYTES = 256 * 2**20  # the batch-statistics kernel holds the full Jacobian (N0·C × P float64)
 
 
 def _jacobian_fits(model: torch.nn.Module, start: KernelEstimate, spec: OptimizerSpec) -> bool:

@@ -107,7 +107,7 @@ def test_float32_grams_multiply_in_float32_and_stay_within_rounding_of_float64()
 def test_sparse_batches_give_the_curves_of_their_dense_weights():
     # The batch's rows of the block Grams (and rᵀ K_k r from those rows) against the same
     # batches as dense (P, N) weights through the dense product: the same AdamW curves.
-    from lightning_ttp.dynamics.discrete import Batch
+    from lightning_ttp.dynamics.batch import Batch
 
     model, x, y = setup()
     f0, grams, rms, jw = preconditioned_blocks(model, x, y, 1e-8)

@@ -271,7 +271,7 @@ def test_a_linear_probe_kernel_is_simulated_as_its_kronecker_factor():
 def test_cross_entropy_batch_gradient_on_the_rows_equals_the_full_one(targets):
     # cross-entropy forms G only on the batch's rows; the generic path forms it on all N and
     # then takes the rows: the same value and batch gradient (label smoothing included).
-    from lightning_ttp.dynamics.discrete import Batch
+    from lightning_ttp.dynamics.batch import Batch
     from lightning_ttp.dynamics.losses import Loss
 
     g = torch.Generator().manual_seed(1)

@@ -107,7 +107,8 @@ def test_sparse_batch_product_equals_the_dense_weights_product(kind):
     # Θ (w ⊙ G) from the batch's rows of Θ (embedding_bag) vs the dense (P, N·C) × Θ product,
     # repeated samples included (with-replacement draws add up); also K Grams side by side.
     from lightning_ttp.dynamics.adam import apply_blocks
-    from lightning_ttp.dynamics.discrete import Batch, apply_kernel
+    from lightning_ttp.dynamics.batch import Batch
+    from lightning_ttp.dynamics.discrete import apply_kernel
 
     g = torch.Generator().manual_seed(0)
     n, c, p, k = 12, 3, 4, 5

@@ -22,8 +22,8 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader, IterableDataset
 
-from .._modes import preserve_module
 from ..data import dataset_samples, loader_batch_size
+from ..kernel.modes import preserve_module
 from ..kernel.shard import Sharding
 from ..plan import RunPlan, loader_shuffles
 from ..schedules import SchedulerSpec, hyper_schedule
@@ -150,8 +150,8 @@ def preserve_state(module: torch.nn.Module) -> Iterator[None]:
     (BatchNorm running statistics and ``num_batches_tracked``, spectral-norm vectors, a custom
     layer's counters: values and identity), every parameter's ``requires_grad`` and ``.grad``,
     all restored on exit (also on error). The callbacks run every forward pass of theirs inside
-    it (:func:`lightning_ttp._modes.preserve_module`; the plain-PyTorch twin is
-    :func:`lightning_ttp._modes.untouched`)."""
+    it (:func:`lightning_ttp.kernel.modes.preserve_module`; the plain-PyTorch twin is
+    :func:`lightning_ttp.kernel.modes.untouched`)."""
     with preserve_rng(), preserve_module(module):
         yield
 

@@ -35,7 +35,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .discrete import Batch, CurveRecorder, SimulationResult, _single_threaded, as_gram, kernel_kind, product
+from .batch import Batch
+from .discrete import CurveRecorder, SimulationResult, _single_threaded, as_gram, kernel_kind, product
 from .losses import Loss
 from .optim_spec import OptimizerSpec
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from .discrete import Batch
+    from .batch import Batch
 
 __all__ = [
     "BCEWithLogits",
@@ -69,7 +69,7 @@ class Loss:
     def value_and_batch_gradient(self, f: torch.Tensor, y: torch.Tensor, batch: Batch
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss over the N samples, the batch gradient w ⊙ G in the layout of
-        :meth:`~lightning_ttp.dynamics.discrete.Batch.gradient`). A loss may form G on the
+        :meth:`~lightning_ttp.dynamics.batch.Batch.gradient`). A loss may form G on the
         batch's rows only (cross-entropy does)."""
         value, g = self.value_and_grad(f, y)
         return value, batch.gradient(g)

@@ -12,7 +12,7 @@ otherwise it is a smaller batch (mean over its own size). Several seeded paths
 (``numpy.random.default_rng([seed, path])``) give the expected curve (mean over paths)
 and a band (5–95 % quantiles by default).
 
-A batch is kept as its sample indices and weights (:class:`~lightning_ttp.dynamics.discrete.Batch`),
+A batch is kept as its sample indices and weights (:class:`~lightning_ttp.dynamics.batch.Batch`),
 so a step reads only the |B| columns of Θ it needs: |B|·C·N·C multiply-adds per path
 instead of (N·C)².
 
@@ -37,13 +37,14 @@ import math
 import numpy as np
 import torch
 
-from .discrete import Batch, SimulationResult, simulate_discrete
+from .batch import Batch
+from .discrete import SimulationResult, simulate_discrete
 
 __all__ = ["BatchSampler", "simulate_minibatch", "summarize_paths"]
 
 
 class BatchSampler:
-    """The batches (:class:`~lightning_ttp.dynamics.discrete.Batch`) of P paths at every step,
+    """The batches (:class:`~lightning_ttp.dynamics.batch.Batch`) of P paths at every step,
     drawn lazily epoch by epoch.
 
     Path p draws from ``numpy.random.default_rng([seed, p])``: one permutation (or the
