@@ -96,8 +96,8 @@ from _fidelity_tasks import adam_pretrain  # noqa: E402
 import lightning_ttp  # noqa: E402
 from lightning_ttp.api import DEFAULT_NUM_SAMPLES  # noqa: E402
 from lightning_ttp.dynamics.training_time import still_falling  # noqa: E402
-from lightning_ttp.refine import default_smoothing_window, epsilon_training_time, smooth_losses  # noqa: E402
-from lightning_ttp.relinearise import power_law_curve  # noqa: E402
+from lightning_ttp.pipeline.refine import default_smoothing_window, epsilon_training_time, smooth_losses  # noqa: E402
+from lightning_ttp.pipeline.relinearise import power_law_curve  # noqa: E402
 
 EPS = (0.01, 0.1, 0.4)
 TOL = {"GD": 0.13, "SGD": 0.20}

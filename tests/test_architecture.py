@@ -34,8 +34,6 @@ def _modules() -> dict[str, Path]:
 
 
 MODULES = _modules()
-_PIPELINE_AT_ROOT = {"batch_statistics", "budget", "data", "estimate", "lookahead", "outputs", "plan",
-                     "prediction", "refine", "relinearise", "schedules", "simulate"}
 
 
 def layer(module: str) -> str:
@@ -46,8 +44,6 @@ def layer(module: str) -> str:
         return "math"
     if parts[1] in ("pipeline", "callbacks", "report", "api"):
         return parts[1]
-    if parts[1] in _PIPELINE_AT_ROOT:  # until the move into lightning_ttp/pipeline/
-        return "pipeline"
     raise AssertionError(f"{module} is in no layer: put it in a sub-package (docs/architecture.md)")
 
 
@@ -97,7 +93,7 @@ def test_no_upward_imports():
     assert not wrong, "imports against the layers of docs/architecture.md:\n" + "\n".join(wrong)
 
 
-def test_math_layers_are_independent_of_each_other_but_kernel():
+def test_the_math_layers_do_not_import_each_other():
     """dynamics and spectral need no kernel engine and no model; the kernel needs neither of them."""
     wrong = [
         f"{m} imports {t}"

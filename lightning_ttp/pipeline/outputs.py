@@ -19,7 +19,7 @@ __all__ = ["OutputModule", "flat_output_fn", "model_outputs"]
 
 def model_outputs(model: torch.nn.Module, inputs: Any, output_fn: Callable | None = None) -> torch.Tensor:
     """The (N, C) outputs the loss sees: ``output_fn(model, inputs)`` or the logits of
-    ``model(inputs)`` (:func:`lightning_ttp.data.logits_of`), flattened to one row per sample."""
+    ``model(inputs)`` (:func:`lightning_ttp.pipeline.data.logits_of`), flattened to one row per sample."""
     out = output_fn(model, inputs) if output_fn is not None else logits_of(model(inputs))
     if not isinstance(out, torch.Tensor):
         out = logits_of(out)

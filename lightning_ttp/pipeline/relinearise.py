@@ -29,7 +29,7 @@ linearisation (faster or slower). At a few steps k of the run (geometric: 2, 5, 
    observed level ℓ_k (a straight line through the last observed losses, evaluated at k):
    L̂_t = ℓ_k S_{t−k}/S_0 for t ≥ k, the smoothed observed losses before k;
 6. calibrates the speed: from the second call on, the previous call's curve is fitted to the
-   losses observed since its step with :func:`lightning_ttp.refine.refine_curve` (time warp
+   losses observed since its step with :func:`lightning_ttp.pipeline.refine.refine_curve` (time warp
    a, log a ~ N(0, 1), evidence gate 1) and the new continuation is warped,
    L̂_{k+τ} ← L̂_{k+aτ}: how much faster (a > 1) or slower the real run went than its last
    linearisation;
@@ -55,12 +55,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..dynamics import BatchSampler, OptimizerSpec, simulate_discrete, stability_report
+from ..dynamics.training_time import epsilon_training_time
+from ..kernel.batch import batch_size as _num_samples
+from ..kernel.shard import Sharding, map_rows
 from .batch_statistics import JACOBIAN_MAX_BYTES, batch_statistics_state, has_batch_statistics
-from .dynamics import BatchSampler, OptimizerSpec, simulate_discrete, stability_report
-from .dynamics.training_time import epsilon_training_time
 from .estimate import ADAM_V_FLOOR, KernelEstimate, estimate_kernel, standing_for
-from .kernel.batch import batch_size as _num_samples
-from .kernel.shard import Sharding, map_rows
 from .outputs import OutputModule
 from .refine import default_smoothing_window, refine_curve, smooth_losses
 
@@ -413,12 +413,12 @@ def relinearised_prediction(
             ``blend_min_span`` · T steps (shorter spans favour the short-range power law); w = 1
             before.
         stand_for_dataset: with N0 < N the kernel at w_k is made to stand for the whole training set
-            (:func:`lightning_ttp.estimate.standing_for`: each subset sample's unshared kernel term
+            (:func:`lightning_ttp.pipeline.estimate.standing_for`: each subset sample's unshared kernel term
             weighted N0/N), as the fit-start prediction's is; ``start`` must then be the corrected
             fit-start estimate too (the drift compares like with like). Off for the look-ahead,
             whose real steps train on the subset itself.
         smoothing_window: for the observed prefix (default: the package's,
-            :func:`lightning_ttp.refine.default_smoothing_window`).
+            :func:`lightning_ttp.pipeline.refine.default_smoothing_window`).
         projection_dim: random projection of the gradients (large models; cheaper kernels).
         extrapolate_drift: multiply the remaining lrs by the extrapolated kernel scale m(t)
             (default False: the kernel is held at Θ^{(k)}; on ``benchmarks/fidelity.py`` the
@@ -427,7 +427,7 @@ def relinearised_prediction(
             lrs (the real network self-stabilises at the edge of stability; its linearisation
             would diverge).
         calibrate: time-warp the continuation by the speed of the real run relative to the
-            previous call's curve (:func:`lightning_ttp.refine.refine_curve` fitted to
+            previous call's curve (:func:`lightning_ttp.pipeline.refine.refine_curve` fitted to
             the losses observed since then); ``calibration_prior`` is the prior sd of log a.
         sharding: split the subset's samples across data-parallel processes for the kernel and
             the buffer images (:class:`lightning_ttp.kernel.Sharding`; a collective: every process

@@ -2,8 +2,8 @@
 
 A BatchNorm layer in train mode normalises by the statistics of its batch, so each output
 depends on every sample of it: :func:`batch_statistics_state` takes the Jacobian of the kernel
-subset as *one training batch*. Used at fit start (:func:`lightning_ttp.estimate.estimate_kernel`)
-and at every re-linearisation of the closed loop (:mod:`lightning_ttp.relinearise`): its own
+subset as *one training batch*. Used at fit start (:func:`lightning_ttp.pipeline.estimate.estimate_kernel`)
+and at every re-linearisation of the closed loop (:mod:`lightning_ttp.pipeline.relinearise`): its own
 module, below both.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernel.shard import Sharding
+from ..kernel.shard import Sharding
 from .outputs import OutputModule
 
 __all__ = ["JACOBIAN_MAX_BYTES", "batch_statistics_state", "has_batch_statistics"]

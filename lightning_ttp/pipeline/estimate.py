@@ -16,15 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..dynamics import CallableLoss, Loss, OptimizerSpec, get_loss
+from ..dynamics.losses import TokenCrossEntropy, token_loss
+from ..kernel.batch import batch_size as sample_count
+from ..kernel.batch import index_batch
+from ..kernel.modes import preserve_modes
+from ..kernel.shard import Sharding, map_rows
+from ..kernel.subset import stand_for_dataset
 from .batch_statistics import JACOBIAN_MAX_BYTES, batch_statistics_state, has_batch_statistics
 from .data import logits_of, num_samples_in
-from .dynamics import CallableLoss, Loss, OptimizerSpec, get_loss
-from .dynamics.losses import TokenCrossEntropy, token_loss
-from .kernel.batch import batch_size as sample_count
-from .kernel.batch import index_batch
-from .kernel.modes import preserve_modes
-from .kernel.shard import Sharding, map_rows
-from .kernel.subset import stand_for_dataset
 from .outputs import OutputModule, flat_output_fn, model_outputs
 
 __all__ = [
@@ -62,7 +62,7 @@ class KernelEstimate:
         info: sizes, projection, method details.
         stability_cache: memo of what depends on the kernel only (the stability diagnostic's loss
             curvature and λmax per lr direction, a linear probe's Kronecker factors), filled by
-            :func:`lightning_ttp.simulate.simulate`, so what-if simulations on one estimate share
+            :func:`lightning_ttp.pipeline.simulate.simulate`, so what-if simulations on one estimate share
             it. Replace the Grams, not edit them, after a simulation.
     """
 
@@ -303,9 +303,9 @@ def estimate_kernel(
         kernel: "full", "trace" or "auto" (full if N0·C ≤ 2500).
         batch_statistics: SGD only: with BatchNorm layers in train mode, f0 and the Grams of the
             kernel samples as *one training batch* (the batched train-mode Jacobian,
-            :func:`lightning_ttp.batch_statistics.batch_statistics_state`) instead of eval mode;
+            :func:`lightning_ttp.pipeline.batch_statistics.batch_statistics_state`) instead of eval mode;
             default (None): when the model has such layers, no ``projection_dim`` is set and the
-            Jacobian fits ``lightning_ttp.batch_statistics.JACOBIAN_MAX_BYTES``.
+            Jacobian fits ``lightning_ttp.pipeline.batch_statistics.JACOBIAN_MAX_BYTES``.
         parameter_scales: non-Adam optimisers only: ``{parameter: s}`` for Grams J_g diag(s²) J_gᵀ, a fixed
             diagonal preconditioner (e.g. Adam's at a later step of the run: s = (√v̂ + ε)^{-1/2}), through
             the engine's fast paths (:func:`lightning_ttp.kernel.empirical_ntk`); parameters not listed have s = 1.
@@ -315,7 +315,7 @@ def estimate_kernel(
             its shard only (:class:`lightning_ttp.kernel.Sharding`). Adam's second moments (a few
             mini-batch gradients) are computed by every process alike.
     """
-    from .kernel import empirical_ntk
+    from ..kernel import empirical_ntk
 
     started = time.perf_counter()
     if spec is None:

@@ -21,7 +21,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.data import DataLoader, IterableDataset
 
-from .kernel.batch import index_batch, slice_batch
+from ..kernel.batch import index_batch, slice_batch
 
 __all__ = [
     "concat_batches",
