@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from lightning_ttp.api import estimate_kernel
 from lightning_ttp.dynamics import OptimizerSpec, stability_report
-from lightning_ttp.pipeline.relinearise import (
+from lightning_ttp.pipeline.closed_loop.loop import (
     ClosedLoop,
     KernelDrift,
     LivePrediction,

@@ -22,11 +22,11 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
 from ..dynamics import get_loss
+from ..pipeline.closed_loop import ClosedLoop
 from ..pipeline.data import sample_subset
 from ..pipeline.predict import DEFAULT_BUDGET, predict_run
 from ..pipeline.prediction import Prediction, plain_python
 from ..pipeline.refine import Refinement, default_smoothing_window, epsilon_training_time, refine_curve, smooth_losses
-from ..pipeline.relinearise import ClosedLoop
 from ..pipeline.simulate import Method, check_what_if, what_if
 from . import _report
 from ._compat import bases
@@ -62,7 +62,7 @@ class PredictorState:
         what_if_seconds: wall-clock of the what-if table's simulations.
         observed_losses: the real training loss of every optimiser step so far.
         live_loss: the latest re-linearised prediction of the whole curve (steps 0..T), made at
-            optimiser step ``live_step`` (:mod:`lightning_ttp.pipeline.relinearise`).
+            optimiser step ``live_step`` (:mod:`lightning_ttp.pipeline.closed_loop`).
         live_seconds: wall-clock spent re-linearising so far.
     """
 
@@ -172,7 +172,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             ``{"lr": [0.01, 0.1], "batch_size": [16, 64], "momentum": [0.0, 0.9]}``
             (one key varied at a time); table printed at fit start, see :attr:`what_if_table`.
         refine: refine the prediction while training (closed loop): re-linearise the model at
-            2, 5, 10, 20 and 40 % of the run (:class:`lightning_ttp.pipeline.relinearise.ClosedLoop`:
+            2, 5, 10, 20 and 40 % of the run (:class:`lightning_ttp.pipeline.closed_loop.ClosedLoop`:
             the kernel re-estimated on the same subset at the current weights, the optimiser's
             state carried into function space, the rest of the run re-simulated from the
             current outputs) within ``relinearise_budget``, and refit the latest curve to the

@@ -21,7 +21,7 @@ runs steps 1–6):
 While training runs (the callbacks call them):
 
 7. :mod:`~lightning_ttp.pipeline.refine`: the curve refitted to the observed losses;
-8. :mod:`~lightning_ttp.pipeline.relinearise`: the closed loop — the kernel re-estimated at the
+8. :mod:`~lightning_ttp.pipeline.closed_loop`: the closed loop — the kernel re-estimated at the
    current weights, its drift measured, the rest of the run re-simulated from f_t.
 
 The modules import each other and the math layers, never the callbacks, the reports or Lightning;

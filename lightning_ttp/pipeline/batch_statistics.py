@@ -3,7 +3,7 @@
 A BatchNorm layer in train mode normalises by the statistics of its batch, so each output
 depends on every sample of it: :func:`batch_statistics_state` takes the Jacobian of the kernel
 subset as *one training batch*. Used at fit start (:func:`lightning_ttp.pipeline.estimate.estimate_kernel`)
-and at every re-linearisation of the closed loop (:mod:`lightning_ttp.pipeline.relinearise`): its own
+and at every re-linearisation of the closed loop (:mod:`lightning_ttp.pipeline.closed_loop`): its own
 module, below both.
 """
 

@@ -48,7 +48,7 @@ DEFAULT_BUDGET = 1.0  # the prediction may count as many multiply-adds as the ru
 class RunPrediction:
     """What :func:`predict_run` computed: the prediction, and what a caller needs to simulate
     more on the same kernel (:func:`what_if`) or to re-linearise later
-    (:class:`lightning_ttp.pipeline.relinearise.ClosedLoop`)."""
+    (:class:`lightning_ttp.pipeline.closed_loop.ClosedLoop`)."""
 
     prediction: Prediction
     kernel: KernelEstimate

@@ -55,14 +55,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..dynamics import BatchSampler, OptimizerSpec, simulate_discrete, stability_report
-from ..dynamics.training_time import epsilon_training_time
-from ..kernel.batch import batch_size as _num_samples
-from ..kernel.shard import Sharding, map_rows
-from .batch_statistics import JACOBIAN_MAX_BYTES, batch_statistics_state, has_batch_statistics
-from .estimate import ADAM_V_FLOOR, KernelEstimate, estimate_kernel, standing_for
-from .outputs import OutputModule
-from .refine import default_smoothing_window, refine_curve, smooth_losses
+from ...dynamics import BatchSampler, OptimizerSpec, simulate_discrete, stability_report
+from ...dynamics.training_time import epsilon_training_time
+from ...kernel.batch import batch_size as _num_samples
+from ...kernel.shard import Sharding, map_rows
+from ..batch_statistics import JACOBIAN_MAX_BYTES, batch_statistics_state, has_batch_statistics
+from ..estimate import ADAM_V_FLOOR, KernelEstimate, estimate_kernel, standing_for
+from ..outputs import OutputModule
+from ..refine import default_smoothing_window, refine_curve, smooth_losses
 
 __all__ = [
     "DEFAULT_FRACTIONS",
