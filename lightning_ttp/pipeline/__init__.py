@@ -21,8 +21,11 @@ runs steps 1–6):
 While training runs (the callbacks call them):
 
 7. :mod:`~lightning_ttp.pipeline.refine`: the curve refitted to the observed losses;
-8. :mod:`~lightning_ttp.pipeline.closed_loop`: the closed loop — the kernel re-estimated at the
-   current weights, its drift measured, the rest of the run re-simulated from f_t.
+8. :mod:`~lightning_ttp.pipeline.closed_loop`: the closed loop, one module per job, run in order by
+   its ``loop``: ``state`` (the kernel re-estimated at the current weights, the optimiser state
+   in function space), ``drift`` (against the fit-start kernel), ``continuation`` (what the
+   simulation of the rest of the run from f_t runs on), ``blend`` (joined to the observed losses,
+   calibrated, blended with a power law).
 
 The modules import each other and the math layers, never the callbacks, the reports or Lightning;
 ``tests/test_architecture.py`` checks that no import goes up a layer or around a loop
