@@ -37,14 +37,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ttp import api, predict_training_time
 from lightning_ttp import kernel as kernel_module
-from lightning_ttp.data import sample_subset, split_batch
+from lightning_ttp import predict_training_time
 from lightning_ttp.dynamics import OptimizerSpec, still_falling
-from lightning_ttp.estimate import estimate_kernel
-from lightning_ttp.plan import plan_run
-from lightning_ttp.refine import default_smoothing_window, epsilon_training_time, smooth_losses
-from lightning_ttp.simulate import simulate_plan
+from lightning_ttp.pipeline import predict as api
+from lightning_ttp.pipeline.data import sample_subset, split_batch
+from lightning_ttp.pipeline.estimate import estimate_kernel
+from lightning_ttp.pipeline.plan import plan_run
+from lightning_ttp.pipeline.refine import default_smoothing_window, epsilon_training_time, smooth_losses
+from lightning_ttp.pipeline.simulate import simulate_plan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB, LENGTH, CLASSES = 64, 24, 5

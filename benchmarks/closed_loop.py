@@ -10,7 +10,7 @@ For every run:
 
 * open loop (0 %): the engine's prediction at w0 (``estimate_kernel`` + ``simulate``, the
   callback's defaults: discrete for GD, Monte Carlo for SGD);
-* closed loop at f ∈ {10, 25, 50} % of the run: :func:`lightning_ttp.refine.refine_curve`
+* closed loop at f ∈ {10, 25, 50} % of the run: :func:`lightning_ttp.pipeline.refine.refine_curve`
   fitted to the losses the callback observes during the first f·T steps — the **mini-batch**
   training loss of each step (noisy for SGD), exactly what ``TrainingTimePredictor`` sees;
 * real: ε-training-time of the loss on the whole training set at every step (smoothed with
@@ -44,8 +44,8 @@ from tt_accuracy import EPS, TOL, T, fine_tuning_setups, load_task  # noqa: E402
 
 from lightning_ttp.api import simulate  # noqa: E402
 from lightning_ttp.dynamics import epsilon_training_time, smooth_curve  # noqa: E402
-from lightning_ttp.prediction import Prediction  # noqa: E402
-from lightning_ttp.refine import refine_curve  # noqa: E402
+from lightning_ttp.pipeline.prediction import Prediction  # noqa: E402
+from lightning_ttp.pipeline.refine import refine_curve  # noqa: E402
 
 FRACTIONS = (0.0, 0.10, 0.25, 0.50)
 VARIANTS = {"engine": 1.0, "kernel x0.7": 0.7, "kernel x1.4": 1.4}

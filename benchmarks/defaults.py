@@ -54,7 +54,7 @@ Columns of the tables:
 * cost: wall-clock of ``predict_training_time`` / of the plain training loop;
 * callback table: open-loop (fit-start) error and the live error at 10/25/50 % of the run
   ("live") next to the power law L(t) = a + b(t+1)^(−c) fitted to the same observed prefix
-  ("pow", ``relinearise.power_law_curve``), for every ε; relin: whether the closed loop
+  ("pow", ``closed_loop.blend.power_law_curve``), for every ε; relin: whether the closed loop
   re-linearised (``state.live_step``); cost: ``predictor.cost_seconds`` / the fit's
   training-loop wall clock (``on_train_start`` → ``on_train_end``).
 
@@ -96,8 +96,8 @@ from _fidelity_tasks import adam_pretrain  # noqa: E402
 import lightning_ttp  # noqa: E402
 from lightning_ttp.api import DEFAULT_NUM_SAMPLES  # noqa: E402
 from lightning_ttp.dynamics.training_time import still_falling  # noqa: E402
-from lightning_ttp.refine import default_smoothing_window, epsilon_training_time, smooth_losses  # noqa: E402
-from lightning_ttp.relinearise import power_law_curve  # noqa: E402
+from lightning_ttp.pipeline.closed_loop.blend import power_law_curve  # noqa: E402
+from lightning_ttp.pipeline.refine import default_smoothing_window, epsilon_training_time, smooth_losses  # noqa: E402
 
 EPS = (0.01, 0.1, 0.4)
 TOL = {"GD": 0.13, "SGD": 0.20}

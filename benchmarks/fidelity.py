@@ -20,8 +20,8 @@ Per run (plain torch, no Lightning):
   (Monte Carlo mini-batch paths), the fit-start answer. Runs whose prediction the stability
   diagnostic flags (ρ_max > 1) are marked.
 * live at f ∈ {5, 10, 25, 50} % of T, from the same prefix of observed losses:
-  ``relin`` — :class:`lightning_ttp.relinearise.ClosedLoop` updated at 2, 5, 10, 25, 50 %
-  inside the training loop; ``refine`` — :func:`lightning_ttp.refine.refine_curve` of the
+  ``relin`` — :class:`lightning_ttp.pipeline.closed_loop.ClosedLoop` updated at 2, 5, 10, 25, 50 %
+  inside the training loop; ``refine`` — :func:`lightning_ttp.pipeline.refine.refine_curve` of the
   open-loop curve; ``exp`` — a + b·e^{−ct} and ``power`` — a + b(t+1)^{−c} fitted to the prefix
   (``scipy.optimize.curve_fit``). Every method's curve is the smoothed prefix up to k joined
   to its own continuation.
@@ -60,8 +60,8 @@ from _fidelity_tasks import pretrained_backbone, source_and_target, with_fresh_h
 
 from lightning_ttp.api import estimate_kernel, simulate  # noqa: E402
 from lightning_ttp.dynamics import OptimizerSpec, epsilon_training_time  # noqa: E402
-from lightning_ttp.refine import default_smoothing_window, refine_curve, smooth_losses  # noqa: E402
-from lightning_ttp.relinearise import ClosedLoop  # noqa: E402
+from lightning_ttp.pipeline.closed_loop import ClosedLoop  # noqa: E402
+from lightning_ttp.pipeline.refine import default_smoothing_window, refine_curve, smooth_losses  # noqa: E402
 
 T, N, BATCH, SUBSET = 300, 256, 64, 64
 EPS = (0.1, 0.01)

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._results import save  # noqa: E402
 from lightning_ttp.api import predict_run  # noqa: E402
 from lightning_ttp.kernel import Sharding, empirical_ntk  # noqa: E402
-from lightning_ttp.plan import plan_run  # noqa: E402
+from lightning_ttp.pipeline.plan import plan_run  # noqa: E402
 
 
 def _model(width: int, depth: int) -> nn.Module:

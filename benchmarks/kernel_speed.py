@@ -32,8 +32,8 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_ttp.estimate import estimate_kernel  # noqa: E402
 from lightning_ttp.kernel import empirical_ntk  # noqa: E402
+from lightning_ttp.pipeline.estimate import estimate_kernel  # noqa: E402
 
 OPTIMIZERS = {
     "SGD": lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),

@@ -9,9 +9,9 @@ What is measured
 * Optimisers: SGD with momentum 0.9 (lr 0.002, inside the linearised stability limit, about
   0.009 here) and AdamW (lr 1e-3, weight decay 0.01).
 * Prediction, the two stages of ``predict_training_time`` (without its cost-budget pilots):
-  ``lightning_ttp.estimate.estimate_kernel`` on the N samples
+  ``lightning_ttp.pipeline.estimate.estimate_kernel`` on the N samples
   (the kernel's cost; for AdamW it includes the second moments and the preconditioned
-  block Grams) + ``lightning_ttp.simulate.simulate`` (Monte Carlo, 8 paths, plus the
+  block Grams) + ``lightning_ttp.pipeline.simulate.simulate`` (Monte Carlo, 8 paths, plus the
   stability report). Each is
   timed ``--repeats`` times in this process; the medians are reported.
 * Training loop: the real fine-tuning's optimiser steps (forward, backward, step), timed
@@ -56,9 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import save  # noqa: E402
 from tt_accuracy import pretrained  # noqa: E402
 
-import lightning_ttp.estimate as estimate  # noqa: E402
+import lightning_ttp.pipeline.estimate as estimate  # noqa: E402
 from lightning_ttp.dynamics import OptimizerSpec, epsilon_training_time  # noqa: E402
-from lightning_ttp.simulate import simulate  # noqa: E402
+from lightning_ttp.pipeline.simulate import simulate  # noqa: E402
 
 N, BATCH, C = 256, 32, 5
 EPS = (0.1, 0.4)

@@ -12,12 +12,12 @@ estimate:
   orthogonal inputs: a large per-sample share of the kernel, the hard case for a subset).
 
 For each N0 and seeded subset, three simulations with ``dataset_size=N``
-(``lightning_ttp.simulate``, the package's discrete GD) against the full-N kernel's curve:
+(``lightning_ttp.pipeline.simulate``, the package's discrete GD) against the full-N kernel's curve:
 
 * ``subset``: the kernel on N0 samples with weights 1/N0, uncorrected;
 * ``mean-field``: every sample's own C × C block scaled by N0/N, then the nearest PSD kernel
   (the rejected correction, kept as the reference of what not to do);
-* ``standing for N`` (the package's default, ``lightning_ttp.estimate.standing_for``): only
+* ``standing for N`` (the package's default, ``lightning_ttp.pipeline.estimate.standing_for``): only
   the certainly unshared share α of the self blocks is weighted N0/N.
 
 Prints T_ε (ε = 0.4, 0.1, 0.01) and the loss at steps 50 / 150 / 300 of each, the relative
@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _results  # noqa: E402
 
 from lightning_ttp.dynamics import OptimizerSpec  # noqa: E402
-from lightning_ttp.estimate import KernelEstimate, estimate_kernel, standing_for  # noqa: E402
-from lightning_ttp.simulate import simulate  # noqa: E402
+from lightning_ttp.pipeline.estimate import KernelEstimate, estimate_kernel, standing_for  # noqa: E402
+from lightning_ttp.pipeline.simulate import simulate  # noqa: E402
 
 EPS = (0.4, 0.1, 0.01)
 STEPS = 300

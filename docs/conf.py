@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import pkgutil
 import re
+import shutil
 from pathlib import Path
 
 from sphinx.pycode import ModuleAnalyzer
@@ -56,6 +57,9 @@ if _mathjax is not None and _mathjax.origin is not None:
 # Generated from the package, one page per public module (api.md, _templates/autosummary):
 # a new public module gets its page without editing the docs.
 autosummary_generate = True
+# the generated pages are rewritten on every build: drop those of a previous build first, so that a
+# module that has moved or gone (docs/architecture.md) leaves no orphan page behind (a warning)
+shutil.rmtree(Path(__file__).resolve().parent / "_autosummary", ignore_errors=True)
 autodoc_default_options = {
     "members": True,
     "undoc-members": True,  # every name in __all__, also a constant without a doc comment
@@ -71,11 +75,21 @@ napoleon_use_ivar = True  # "Attributes:" as a field list: undoc-members lists t
 
 
 def _public_modules() -> list:
-    return [
-        importlib.import_module(f"lightning_ttp.{info.name}")
-        for info in pkgutil.iter_modules(lightning_ttp.__path__)
-        if not info.name.startswith("_")
-    ]
+    """The package's public modules, and the public modules of a sub-package without an ``__all__``
+    of its own (``lightning_ttp.pipeline``, ``lightning_ttp.report``): the modules with a page."""
+    found = []
+    for info in pkgutil.iter_modules(lightning_ttp.__path__, "lightning_ttp."):
+        if info.name.rsplit(".", 1)[1].startswith("_"):
+            continue
+        module = importlib.import_module(info.name)
+        found.append(module)
+        if info.ispkg and not hasattr(module, "__all__"):
+            found += [
+                importlib.import_module(sub.name)
+                for sub in pkgutil.iter_modules(module.__path__, f"{info.name}.")
+                if not sub.name.rsplit(".", 1)[1].startswith("_")
+            ]
+    return found
 
 
 def _top_level_targets() -> list[str]:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 from .api import predict_training_time  # noqa: E402
-from .prediction import Prediction  # noqa: E402
+from .pipeline.prediction import Prediction  # noqa: E402
 
 if TYPE_CHECKING:  # pragma: no cover
     from .callbacks import EarlyGiveUp, ETAProgressBar, RichETAProgressBar, TrainingTimePredictor

@@ -7,10 +7,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_ttp import api, budget, predict_training_time
+from lightning_ttp import predict_training_time
 from lightning_ttp.api import plan_run, predict_run
-from lightning_ttp.budget import MIN_SAMPLES, KernelChoice, choose_kernel
 from lightning_ttp.kernel import count_ntk_macs, empirical_ntk, estimate_ntk_cost
+from lightning_ttp.pipeline import budget
+from lightning_ttp.pipeline import predict as api
+from lightning_ttp.pipeline.budget import MIN_SAMPLES, KernelChoice, choose_kernel
 
 pytestmark = pytest.mark.usefixtures("_one_thread")
 

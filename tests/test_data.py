@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from lightning_ttp.data import concat_batches, logits_of, sample_subset, split_batch, take
+from lightning_ttp.pipeline.data import concat_batches, logits_of, sample_subset, split_batch, take
 
 
 def _loader(n=40, **kw):

@@ -365,7 +365,7 @@ def test_hooks_exist_only_during_validation():
 
 
 def test_preserve_modes_restores_each_submodule_flag():
-    from lightning_ttp._modes import preserve_modes
+    from lightning_ttp.kernel.modes import preserve_modes
 
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Sequential(nn.Dropout(), nn.Linear(2, 1)))
     model[1].eval()

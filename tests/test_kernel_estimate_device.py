@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_ttp.dynamics import OptimizerSpec, get_loss
 from lightning_ttp.dynamics.ode import FunctionSpaceDrift
-from lightning_ttp.estimate import ADAM_V_FLOOR, _adam_second_moments, estimate_kernel
+from lightning_ttp.pipeline.estimate import ADAM_V_FLOOR, _adam_second_moments, estimate_kernel
 from tests.ntk_reference import reference_jacobian, relative_error
 
 

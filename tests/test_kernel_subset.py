@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from lightning_ttp.dynamics import OptimizerSpec
-from lightning_ttp.estimate import KernelEstimate, estimate_kernel, standing_for
 from lightning_ttp.kernel.subset import idiosyncratic_share, stand_for_dataset
-from lightning_ttp.simulate import simulate
+from lightning_ttp.pipeline.estimate import KernelEstimate, estimate_kernel, standing_for
+from lightning_ttp.pipeline.simulate import simulate
 
 
 def _low_rank_plus_nugget(n0: int, c: int, rank: int, nugget: float, seed: int = 0) -> torch.Tensor:
@@ -101,7 +101,7 @@ def test_predict_training_time_corrects_its_subset_and_says_so(monkeypatch):
     """Through the public entry point: a kernel on 64 of 512 samples with per-sample features."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    import lightning_ttp.api
+    import lightning_ttp.pipeline.predict
     from lightning_ttp import predict_training_time
 
     gen = torch.Generator().manual_seed(2)
@@ -113,7 +113,7 @@ def test_predict_training_time_corrects_its_subset_and_says_so(monkeypatch):
     common = dict(loss="mse", num_samples=64, budget=None, lookahead=False)
     pred = predict_training_time(model, loader, opt, 50, **common)
     assert pred.diagnostics.kernel_samples == 64 and pred.diagnostics.extra["idiosyncratic_share"][0] > 0.05
-    monkeypatch.setattr(lightning_ttp.api, "standing_for", lambda kernel, n: kernel)
+    monkeypatch.setattr(lightning_ttp.pipeline.predict, "standing_for", lambda kernel, n: kernel)
     raw = predict_training_time(model, loader, opt, 50, **common)
     assert "idiosyncratic_share" not in raw.diagnostics.extra
     assert raw.loss[-1] < pred.loss[-1] < raw.loss[0]  # the subset alone memorises too fast

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from lightning_ttp import predict_training_time
 from lightning_ttp.api import predict_run
-from lightning_ttp.lookahead import _batches, joined_curve, look_ahead, lookahead_steps
-from lightning_ttp.plan import plan_run
-from lightning_ttp.prediction import Prediction
+from lightning_ttp.pipeline.lookahead import _batches, joined_curve, look_ahead, lookahead_steps
+from lightning_ttp.pipeline.plan import plan_run
+from lightning_ttp.pipeline.prediction import Prediction
 
 pytestmark = pytest.mark.usefixtures("_one_thread")
 

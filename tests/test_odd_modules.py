@@ -417,7 +417,7 @@ def _prebatched(items=16, size=32, last=None):
 def test_prebatched_map_dataset_plans_samples_not_items(last, tmp_path):
     """16 items that are batches of 32: the plan reads 512 samples (16 steps per epoch, mini-batch
     SGD), exactly as the same data unbatched in a DataLoader(batch_size=32) gives it."""
-    from lightning_ttp.plan import plan_run
+    from lightning_ttp.pipeline.plan import plan_run
 
     x, y, items = _prebatched(last=last)
     keys = ("dataset_size", "steps_per_epoch", "full_batch", "batch_size", "effective_batch_size")
@@ -442,7 +442,7 @@ def test_token_classification_predict_training_time_under_the_cost_budget(flatte
     the default (B, T, C) path and a flattening output_fn/target_fn give the same prediction, whose
     first point is the real token-mean cross-entropy of the kernel subset."""
     from lightning_ttp import predict_training_time
-    from lightning_ttp.data import sample_subset
+    from lightning_ttp.pipeline.data import sample_subset
 
     tokens, tags = _token_data(96)
     loader = DataLoader(TensorDataset(tokens, tags), batch_size=32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lightning_ttp.refine import (
+from lightning_ttp.pipeline.refine import (
     Refinement,
     default_smoothing_window,
     epsilon_training_time,

@@ -13,21 +13,19 @@ import torch.nn.functional as F
 
 from lightning_ttp.api import estimate_kernel
 from lightning_ttp.dynamics import OptimizerSpec, stability_report
-from lightning_ttp.relinearise import (
+from lightning_ttp.pipeline.closed_loop import (
     ClosedLoop,
     KernelDrift,
     LivePrediction,
-    _blend_weight,
-    _current_state,
-    _speed,
-    _stability_capped,
     centred_alignment,
     checkpoint_steps,
-    drift_multiplier,
     kernel_drift,
-    power_law_curve,
     relinearised_prediction,
 )
+from lightning_ttp.pipeline.closed_loop.blend import _blend_weight, _speed, power_law_curve
+from lightning_ttp.pipeline.closed_loop.continuation import _stability_capped
+from lightning_ttp.pipeline.closed_loop.drift import drift_multiplier
+from lightning_ttp.pipeline.closed_loop.state import _current_state
 
 pytestmark = pytest.mark.usefixtures("_one_thread")  # tests/conftest.py
 

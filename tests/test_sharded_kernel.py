@@ -15,9 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from lightning_ttp.estimate import estimate_kernel
 from lightning_ttp.kernel import Sharding, empirical_ntk
 from lightning_ttp.kernel.shard import shard_bounds
+from lightning_ttp.pipeline.estimate import estimate_kernel
 from tests.conftest import GLOO_EXIT_ABORT
 
 N = 13  # odd: the shards differ in size (6 and 7)

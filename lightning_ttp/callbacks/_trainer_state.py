@@ -22,11 +22,11 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader, IterableDataset
 
-from .._modes import preserve_module
-from ..data import dataset_samples, loader_batch_size
+from ..kernel.modes import preserve_module
 from ..kernel.shard import Sharding
-from ..plan import RunPlan, loader_shuffles
-from ..schedules import SchedulerSpec, hyper_schedule
+from ..pipeline.data import dataset_samples, loader_batch_size
+from ..pipeline.plan import RunPlan, loader_shuffles
+from ..pipeline.schedules import SchedulerSpec, hyper_schedule
 from ._compat import is_instance
 
 __all__ = [
@@ -101,7 +101,7 @@ def _fingerprint(batch: Any) -> str:
 def same_on_every_rank(strategy: Any, batch: Any) -> tuple[Any, bool]:
     """``batch`` as rank zero holds it, on every rank, and whether it had to be sent: the kernel
     subset must be the same samples everywhere. A map-style dataset gives every rank the same
-    seeded draw (:func:`lightning_ttp.data.sample_subset` never touches the DistributedSampler),
+    seeded draw (:func:`lightning_ttp.pipeline.data.sample_subset` never touches the DistributedSampler),
     which a digest confirms; an ``IterableDataset`` that splits its stream by rank does not, and
     then rank zero's subset is broadcast. A collective: every rank calls it."""
     digest = _fingerprint(batch)
@@ -150,8 +150,8 @@ def preserve_state(module: torch.nn.Module) -> Iterator[None]:
     (BatchNorm running statistics and ``num_batches_tracked``, spectral-norm vectors, a custom
     layer's counters: values and identity), every parameter's ``requires_grad`` and ``.grad``,
     all restored on exit (also on error). The callbacks run every forward pass of theirs inside
-    it (:func:`lightning_ttp._modes.preserve_module`; the plain-PyTorch twin is
-    :func:`lightning_ttp._modes.untouched`)."""
+    it (:func:`lightning_ttp.kernel.modes.preserve_module`; the plain-PyTorch twin is
+    :func:`lightning_ttp.kernel.modes.untouched`)."""
     with preserve_rng(), preserve_module(module):
         yield
 
@@ -200,12 +200,12 @@ def train_dataloader(trainer: Any) -> DataLoader:
 
 
 def plan_from_trainer(trainer: Any, loader: DataLoader, steps_override: int | None = None) -> RunPlan:
-    """The :class:`~lightning_ttp.plan.RunPlan` of the fit the Trainer is about to run.
+    """The :class:`~lightning_ttp.pipeline.plan.RunPlan` of the fit the Trainer is about to run.
 
     Reads ``accumulate_grad_batches``, ``world_size``, ``num_training_batches``,
     ``estimated_stepping_batches`` (or ``steps_override``), the first optimiser and the lr
     schedulers with their ``interval``/``frequency`` (stepped on copies, with Lightning's
-    semantics: :mod:`lightning_ttp.schedules`). The RNG streams are restored afterwards:
+    semantics: :mod:`lightning_ttp.pipeline.schedules`). The RNG streams are restored afterwards:
     reading the first batch of a pre-batched loader draws from the global generators.
     """
     with preserve_rng():

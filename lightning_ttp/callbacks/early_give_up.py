@@ -21,7 +21,7 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils._pytree import tree_map
 
-from ..data import logits_of, num_samples_in, sample_subset, split_batch
+from ..pipeline.data import logits_of, num_samples_in, sample_subset, split_batch
 from ..spectral import (
     ActivationRecorder,
     GiveUpDecision,
@@ -120,7 +120,7 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         accuracy_metric: name of a logged metric that holds the validation accuracy in [0, 1]
             (e.g. ``"val_acc"``). ``None``: the callback measures it with a torchmetrics
             accuracy (synced across ranks) from the LightningModule's outputs (logits) and the
-            targets of the batch (``lightning_ttp.data.split_batch``); otherwise s_Fv is omitted.
+            targets of the batch (``lightning_ttp.pipeline.data.split_batch``); otherwise s_Fv is omitted.
         config: :class:`~lightning_ttp.spectral.SpectralConfig` (t0, β, η, t2, δ, γ, drift_tol, ...).
         keep_above: never give up on a stuck run whose v_t is at least this (kind
             ``converged``). ``"auto"``: halfway between chance (1 / classes, the classes read off
@@ -131,7 +131,7 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         on_give_up: called as ``on_give_up(trainer, pl_module, decision)`` when the rule fires
             (in both modes). Subclasses can override :meth:`on_give_up` instead.
         output_fn, target_fn: how to call the model on a batch and where its targets are, as in
-            :func:`lightning_ttp.data.split_batch` (only needed for batches that are not
+            :func:`lightning_ttp.pipeline.data.split_batch` (only needed for batches that are not
             ``(x, y, ...)`` or ``{"x", "y"}``).
         plot: save ``give_up_scores.png`` (scores per round, t1, checkpoint, decision) in the
             log directory at the decision and at the end of the fit, and log it to TensorBoard

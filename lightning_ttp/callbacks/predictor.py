@@ -2,11 +2,11 @@
 
 A thin caller of the public pipeline (:mod:`lightning_ttp.api`): at ``on_fit_start`` it
 builds the run's plan from the Trainer (:func:`._trainer_state.plan_from_trainer`), draws the
-kernel subset (:func:`lightning_ttp.data.sample_subset`) and calls
-:func:`lightning_ttp.api.predict_run` and :func:`lightning_ttp.simulate.what_if` — the same
+kernel subset (:func:`lightning_ttp.pipeline.data.sample_subset`) and calls
+:func:`lightning_ttp.api.predict_run` and :func:`lightning_ttp.pipeline.simulate.what_if` — the same
 functions :func:`lightning_ttp.predict_training_time` calls, so the same run gives the same
 prediction either way. During training it refines the prediction from the real losses
-(:mod:`lightning_ttp.refine`) and keeps an ETA (:mod:`.eta`); reports live in :mod:`._report`.
+(:mod:`lightning_ttp.pipeline.refine`) and keeps an ETA (:mod:`.eta`); reports live in :mod:`._report`.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
-from ..api import DEFAULT_BUDGET, predict_run
-from ..data import sample_subset
 from ..dynamics import get_loss
-from ..prediction import Prediction, plain_python
-from ..refine import Refinement, default_smoothing_window, epsilon_training_time, refine_curve, smooth_losses
-from ..relinearise import ClosedLoop
-from ..simulate import Method, check_what_if, what_if
+from ..pipeline.closed_loop import ClosedLoop
+from ..pipeline.data import sample_subset
+from ..pipeline.predict import DEFAULT_BUDGET, predict_run
+from ..pipeline.prediction import Prediction, plain_python
+from ..pipeline.refine import Refinement, default_smoothing_window, epsilon_training_time, refine_curve, smooth_losses
+from ..pipeline.simulate import Method, check_what_if, what_if
 from . import _report
 from ._compat import bases
 from ._trainer_state import (
@@ -56,13 +56,13 @@ class PredictorState:
     Attributes:
         prediction: the open-loop prediction made at fit start.
         refinement: the latest closed-loop refinement from the observed losses.
-        plan: the run's plan as plain values (:meth:`lightning_ttp.plan.RunPlan.describe`).
+        plan: the run's plan as plain values (:meth:`lightning_ttp.pipeline.plan.RunPlan.describe`).
         what_if: rows of the what-if study.
         cost_seconds: wall-clock of the fit-start prediction (the what-if table not included).
         what_if_seconds: wall-clock of the what-if table's simulations.
         observed_losses: the real training loss of every optimiser step so far.
         live_loss: the latest re-linearised prediction of the whole curve (steps 0..T), made at
-            optimiser step ``live_step`` (:mod:`lightning_ttp.relinearise`).
+            optimiser step ``live_step`` (:mod:`lightning_ttp.pipeline.closed_loop`).
         live_seconds: wall-clock spent re-linearising so far.
     """
 
@@ -172,11 +172,11 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             ``{"lr": [0.01, 0.1], "batch_size": [16, 64], "momentum": [0.0, 0.9]}``
             (one key varied at a time); table printed at fit start, see :attr:`what_if_table`.
         refine: refine the prediction while training (closed loop): re-linearise the model at
-            2, 5, 10, 20 and 40 % of the run (:class:`lightning_ttp.relinearise.ClosedLoop`:
+            2, 5, 10, 20 and 40 % of the run (:class:`lightning_ttp.pipeline.closed_loop.ClosedLoop`:
             the kernel re-estimated on the same subset at the current weights, the optimiser's
             state carried into function space, the rest of the run re-simulated from the
             current outputs) within ``relinearise_budget``, and refit the latest curve to the
-            observed losses (:func:`lightning_ttp.refine.refine_curve`) at 2, 5, 10, 25 and
+            observed losses (:func:`lightning_ttp.pipeline.refine.refine_curve`) at 2, 5, 10, 25 and
             50 % of the run and then every ``refine_every`` steps within ``refine_budget``.
         refine_every: after the fixed early refits, refit every this many optimiser steps
             (default: ~2 % of the run).
@@ -187,7 +187,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             about what the fit-start kernel did and so happens on runs of any length.
         budget: shrink the kernel (a smaller subset or the trace kernel) only when the exact
             kernel on ``num_samples`` would count more multiply-adds than this multiple of the
-            run (default 1; :mod:`lightning_ttp.budget`: counted from the model's shapes, never
+            run (default 1; :mod:`lightning_ttp.pipeline.budget`: counted from the model's shapes, never
             timed, so the prediction does not depend on the machine's load); ``None``: always
             the exact kernel on ``num_samples``.
         warmup_steps: optimiser steps ignored when measuring seconds per step.
@@ -453,7 +453,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         return steps is not None and len(self.observed_losses) >= steps > 0
 
     def real_curve(self) -> np.ndarray:
-        """The observed losses smoothed the package's one way (:func:`lightning_ttp.refine.smooth_losses`,
+        """The observed losses smoothed the package's one way (:func:`lightning_ttp.pipeline.refine.smooth_losses`,
         window = steps per epoch, 1 for full-batch runs)."""
         plan = self.state.plan or {}
         window = default_smoothing_window(plan.get("steps_per_epoch"), bool(plan.get("full_batch")))

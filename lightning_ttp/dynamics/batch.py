@@ -1,8 +1,7 @@
-"""One simulated step's mini-batch for P paths, as sample indices and gradient weights.
+"""One step's mini-batch of P simulated paths (:class:`Batch`), shared by the simulators and the losses.
 
-Shared by the losses (which form the batch gradient on its rows) and the simulators (which
-multiply the batch's rows of the Gram): its own module, so neither imports the other for it.
-Pure torch.
+Its own module so that ``losses`` (whose batch gradients take a :class:`Batch`) and ``discrete``
+(which imports the losses) do not import each other.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ re-linearises with P_k = diag(1/(√v̂_k + ε)) from the optimiser's own second
 the bias-corrected EMA of the preconditioned direction, which this simulator runs when given
 ``fixed_preconditioner=True``:  B ← β1 B + (1 − β1) d,  upd = B / (1 − β1^{k+t+1}).
 
-Starting mid-run (the closed loop, :mod:`lightning_ttp.relinearise`): ``f0`` are the outputs
+Starting mid-run (the closed loop, :mod:`lightning_ttp.pipeline.closed_loop`): ``f0`` are the outputs
 at the current weights w_k, the Grams and ``jvp_w0`` are taken at w_k, ``initial_buffers``
 are the images B_g = J_g b_g of the optimiser's buffers at step k (SGD: the momentum
 buffer; Adam: the preconditioned first moment J_g P m) and ``start_step = k`` continues
@@ -63,7 +63,7 @@ from .batch import Batch
 from .losses import Loss
 from .optim_spec import OptimizerSpec
 
-__all__ = ["Batch", "SimulationResult", "simulate_discrete", "apply_kernel", "as_gram", "kernel_kind",
+__all__ = ["SimulationResult", "simulate_discrete", "apply_kernel", "as_gram", "kernel_kind",
            "kronecker_factor", "single_thread"]
 
 

@@ -20,12 +20,13 @@ it, so that ``L_B = Σ_i w_i ℓ_i`` is the number the user's training step repo
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from .batch import Batch
+if TYPE_CHECKING:
+    from .batch import Batch
 
 __all__ = [
     "BCEWithLogits",

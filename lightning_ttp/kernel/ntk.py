@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from lightning_ttp._modes import preserve_modes
 from lightning_ttp.kernel.batch import batch_size, slice_batch
 from lightning_ttp.kernel.fallback import ForwardFn, per_sample_jacobian
 from lightning_ttp.kernel.layers import Capture, LayerAdapter, adapter_for
 from lightning_ttp.kernel.memory import check_budget, default_budget
+from lightning_ttp.kernel.modes import preserve_modes
 from lightning_ttp.kernel.projection import PROJECTIONS
 from lightning_ttp.kernel.shard import Sharding
 from lightning_ttp.kernel.terms import TEMP_ELEMENTS, DenseTerm, Term, _gram_of_features, outer_flops

@@ -1,19 +1,18 @@
-"""The kernel of a BatchNorm network in train mode: the subset as one training batch.
+"""The kernel of a model that trains on batch statistics (pure torch, no Lightning).
 
-BatchNorm in train mode normalises by the statistics of the batch, so each output depends on
-every sample of it and the eval-mode (running statistics) kernel trains faster than the real
-steps. :func:`batch_statistics_state` takes the Jacobian of the batched forward instead. Used by
-the fit-start estimate (:func:`lightning_ttp.estimate.estimate_kernel`) and the closed loop
-(:mod:`lightning_ttp.relinearise`); its own module so that neither imports the other.
-Pure torch.
+A BatchNorm layer in train mode normalises by the statistics of its batch, so each output
+depends on every sample of it: :func:`batch_statistics_state` takes the Jacobian of the kernel
+subset as *one training batch*. Used at fit start (:func:`lightning_ttp.pipeline.estimate.estimate_kernel`)
+and at every re-linearisation of the closed loop (:mod:`lightning_ttp.pipeline.closed_loop`): its own
+module, below both.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .data import OutputModule
-from .kernel.shard import Sharding
+from ..kernel.shard import Sharding
+from .outputs import OutputModule
 
 __all__ = ["JACOBIAN_MAX_BYTES", "batch_statistics_state", "has_batch_statistics"]
 

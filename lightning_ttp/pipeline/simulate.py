@@ -2,8 +2,8 @@
 
 - :func:`simulate`: ``steps`` optimiser steps of the linearised model in function space with
   one of the simulators of :mod:`lightning_ttp.dynamics`, chosen through the :class:`Method`
-  table; returns a :class:`~lightning_ttp.prediction.Prediction`.
-- :func:`simulate_plan`: the run of a :class:`~lightning_ttp.plan.RunPlan` plus its
+  table; returns a :class:`~lightning_ttp.pipeline.prediction.Prediction`.
+- :func:`simulate_plan`: the run of a :class:`~lightning_ttp.pipeline.plan.RunPlan` plus its
   continuation past T (for runs that converge faster than predicted, and for "not converged
   within the run").
 - :func:`what_if`: the same kernel under other settings (lr, batch size, momentum, weight decay).
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .dynamics import (
+from ..dynamics import (
     BatchSampler,
     OptimizerSpec,
     SimulationResult,
@@ -37,7 +37,7 @@ from .dynamics import (
     stability_report,
     summarize_paths,
 )
-from .dynamics.adam import simulate_adam
+from ..dynamics.adam import simulate_adam
 from .estimate import KernelEstimate
 from .plan import RunPlan, check_steps
 from .prediction import Diagnostics, Prediction
@@ -199,7 +199,7 @@ def simulate(
     """Simulate ``steps`` optimiser steps on a kernel estimate (seconds; no model needed).
 
     Args:
-        kernel_estimate: from :func:`lightning_ttp.estimate.estimate_kernel`.
+        kernel_estimate: from :func:`lightning_ttp.pipeline.estimate.estimate_kernel`.
         spec: the optimiser (possibly a what-if ``spec.replace(...)``).
         steps: optimiser steps to simulate.
         batch_size: samples per optimiser step (× accumulation × world size); ``None`` or ≥ the
@@ -310,7 +310,7 @@ def simulate_plan(
 ) -> Prediction:
     """The run of ``plan`` (steps 0..T), simulated to ``continuation``·T with the last lr held.
 
-    The steps after T become :attr:`~lightning_ttp.prediction.Prediction.continuation`; the
+    The steps after T become :attr:`~lightning_ttp.pipeline.prediction.Prediction.continuation`; the
     simulators are causal, so steps 0..T equal a T-step simulation. The plan's notes (what it
     had to assume) are added to the diagnostics' warnings.
     """

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .dynamics.training_time import (
+from ..dynamics.training_time import (
     _check_eps,
     epsilon_training_time,
     first_step_at_or_above,

@@ -92,7 +92,7 @@ def preserve_parameters(module: nn.Module) -> Iterator[None]:
 @contextmanager
 def preserve_parameter_values(module: nn.Module) -> Iterator[None]:
     """Restore every parameter's values on exit (also on error), copied back in place: for the one
-    pass of ours that trains (the look-ahead, :mod:`lightning_ttp.lookahead`). Costs one copy of
+    pass of ours that trains (the look-ahead, :mod:`lightning_ttp.pipeline.lookahead`). Costs one copy of
     the parameters."""
     saved = [(p, p.detach().clone()) for p in module.parameters()]
     try:

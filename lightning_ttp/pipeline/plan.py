@@ -4,7 +4,7 @@ A :class:`RunPlan` is the one description of a training run that the prediction 
 reads, whoever builds it: :func:`plan_run` from (data, optimiser, scheduler) for
 :func:`lightning_ttp.predict_training_time`, or the Lightning callback from a ``Trainer``
 (``lightning_ttp.callbacks._trainer_state.plan_from_trainer``). Both use the same schedule
-semantics (:mod:`lightning_ttp.schedules`). Pure torch/numpy: no Lightning.
+semantics (:mod:`lightning_ttp.pipeline.schedules`). Pure torch/numpy: no Lightning.
 """
 
 from __future__ import annotations

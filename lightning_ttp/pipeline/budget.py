@@ -53,13 +53,13 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._modes import preserve_modes
+from ..dynamics import OptimizerSpec
+from ..kernel import count_ntk_macs
+from ..kernel.batch import batch_size as sample_count
+from ..kernel.modes import preserve_modes
 from .data import take
-from .dynamics import OptimizerSpec
-from .estimate import flat_output_fn, model_outputs
-from .kernel import count_ntk_macs
-from .kernel.batch import batch_size as sample_count
 from .lookahead import lookahead_steps
+from .outputs import flat_output_fn, model_outputs
 from .plan import RunPlan
 
 __all__ = ["FLOOR_MACS", "LOOKAHEAD_SHARE", "MIN_SAMPLES", "KernelChoice", "choose_kernel", "forward_macs",
@@ -104,7 +104,7 @@ class KernelChoice:
             ``contraction`` (the Gram, the fallback's included), ``extras`` (J·w0, Adam's second
             moments), ``simulation`` (per step × simulated steps, stability report included).
         forward_macs: F, one sample's forward.
-        lookahead: whether the fit-start look-ahead (:mod:`lightning_ttp.lookahead`) fits the cap
+        lookahead: whether the fit-start look-ahead (:mod:`lightning_ttp.pipeline.lookahead`) fits the cap
             on top of the kernel and counts at most ``LOOKAHEAD_SHARE`` of the run: it is dropped
             before the kernel is shrunk (its count is the
             component ``lookahead``: k training steps, the kernel again at w_k, the continuation

@@ -10,7 +10,7 @@ step of the run, :func:`look_ahead`
    size, or the whole subset for a full-batch run), in train mode as training runs, dropout and
    the batches drawn from ``seed``;
 2. re-linearises there with the closed loop's machinery
-   (:func:`lightning_ttp.relinearise.relinearised_prediction`): the kernel Θ^{(k)} at w_k on the same
+   (:func:`lightning_ttp.pipeline.closed_loop.relinearised_prediction`): the kernel Θ^{(k)} at w_k on the same
    subset, the real outputs f_k, the optimiser's momentum or Adam moments carried into function
    space, and the remaining steps k..T simulated from f_k (Monte Carlo mini-batch paths as the
    open loop's): S(τ), τ = 0..T−k, S(0) the real network's loss on the subset at w_k;
@@ -21,10 +21,10 @@ step of the run, :func:`look_ahead`
    reached, ramped in) and L̂(k + τ) = P(k + τ)·S(τ)/C(k + τ) after, P the open loop's curve;
 4. leaves everything as it was: parameters, buffers (BatchNorm's running statistics), ``.grad``,
    the optimiser's state and param groups, module modes and the RNG streams are restored bit
-   for bit (:func:`_restored`, from :mod:`lightning_ttp._modes`).
+   for bit (:func:`_restored`, from :mod:`lightning_ttp.kernel.modes`).
 
 The prediction's curve becomes L̂, its band and continuation rejoined to it
-(:meth:`lightning_ttp.prediction.Prediction.rejoined`). For a model that is linear in its
+(:meth:`lightning_ttp.pipeline.prediction.Prediction.rejoined`). For a model that is linear in its
 parameters and an SGD-type optimiser the real steps are the linearised ones, S = C and L̂ = P
 exactly, whatever the batches (Adam's continuation holds its second moment, its control does
 not: there L̂ ≈ P). Pure torch, numpy and scipy: no Lightning.
@@ -41,16 +41,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._modes import preserve_optimizer, preserve_parameter_values, untouched
-from .dynamics import Loss, OptimizerSpec, get_loss, simulate_discrete
-from .dynamics.adam import simulate_adam
-from .dynamics.batch import Batch
-from .estimate import KernelEstimate, model_outputs
-from .kernel.batch import index_batch
-from .kernel.shard import Sharding
+from ..dynamics import Loss, OptimizerSpec, get_loss, simulate_discrete
+from ..dynamics.adam import simulate_adam
+from ..dynamics.batch import Batch
+from ..kernel.batch import index_batch
+from ..kernel.modes import preserve_optimizer, preserve_parameter_values, untouched
+from ..kernel.shard import Sharding
+from .closed_loop import continuation_batches, relinearised_prediction
+from .estimate import KernelEstimate
+from .outputs import model_outputs
 from .plan import RunPlan
 from .prediction import Prediction
-from .relinearise import continuation_batches, relinearised_prediction
 
 __all__ = ["LOOKAHEAD_FRACTION", "LookAhead", "joined_curve", "look_ahead", "lookahead_steps"]
 
@@ -68,7 +69,7 @@ class LookAhead:
         level_ratio: S(0)/C(k), the real network's loss on the subset after the k steps against
             the linearised model's after the same batches (< 1: the real steps went further).
         scale, alignment, alignment_start: the kernel drift at k
-            (:class:`lightning_ttp.relinearise.KernelDrift`).
+            (:class:`lightning_ttp.pipeline.closed_loop.KernelDrift`).
         losses: the k training losses of the look-ahead's batches.
         loss: the joined curve L̂ at steps 0..T (:func:`joined_curve`).
         seconds: wall clock of the look-ahead (steps, kernel, simulation).
@@ -98,7 +99,7 @@ def lookahead_steps(total_steps: int) -> int:
 def _restored(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """Everything the look-ahead's training touches, restored bit for bit on exit (also on error):
     the model's parameter values, buffers, modes, ``requires_grad``/``.grad``, the RNG streams
-    (:func:`lightning_ttp._modes.untouched`) and the optimiser's state and param groups."""
+    (:func:`lightning_ttp.kernel.modes.untouched`) and the optimiser's state and param groups."""
     with untouched(model), preserve_parameter_values(model), preserve_optimizer(optimizer):
         yield
 
@@ -148,7 +149,7 @@ def _control(start: KernelEstimate, spec: OptimizerSpec, plan: RunPlan, batches:
              num_paths: int, seed: int) -> np.ndarray:
     """C at steps 0..T: the linearised model at w0 on the look-ahead's k batches, then on the
     Monte Carlo batches the re-linearised continuation draws
-    (:func:`~lightning_ttp.relinearise.continuation_batches` at step k), mean over paths."""
+    (:func:`~lightning_ttp.pipeline.closed_loop.continuation_batches` at step k), mean over paths."""
     n0, k = start.num_samples, len(batches)
     n = max(n0, int(plan.dataset_size or n0))
     device = start.grams[0].device

@@ -11,30 +11,27 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
-from ._modes import preserve_modes
+from ..dynamics import CallableLoss, Loss, OptimizerSpec, get_loss
+from ..dynamics.losses import TokenCrossEntropy, token_loss
+from ..kernel.batch import batch_size as sample_count
+from ..kernel.batch import index_batch
+from ..kernel.modes import preserve_modes
+from ..kernel.shard import Sharding, map_rows
+from ..kernel.subset import stand_for_dataset
 from .batch_statistics import JACOBIAN_MAX_BYTES, batch_statistics_state, has_batch_statistics
-from .data import OutputModule, logits_of, model_outputs, num_samples_in
-from .dynamics import CallableLoss, Loss, OptimizerSpec, get_loss
-from .dynamics.losses import TokenCrossEntropy, token_loss
-from .kernel.batch import batch_size as sample_count
-from .kernel.batch import index_batch
-from .kernel.shard import Sharding, map_rows
-from .kernel.subset import stand_for_dataset
+from .data import logits_of, num_samples_in
+from .outputs import OutputModule, flat_output_fn, model_outputs
 
 __all__ = [
     "FULL_KERNEL_MAX",
     "KernelEstimate",
-    "OutputModule",
     "PerSampleOutputs",
     "estimate_kernel",
-    "flat_output_fn",
-    "model_outputs",
     "per_sample_view",
     "standing_for",
 ]
@@ -65,7 +62,7 @@ class KernelEstimate:
         info: sizes, projection, method details.
         stability_cache: memo of what depends on the kernel only (the stability diagnostic's loss
             curvature and λmax per lr direction, a linear probe's Kronecker factors), filled by
-            :func:`lightning_ttp.simulate.simulate`, so what-if simulations on one estimate share
+            :func:`lightning_ttp.pipeline.simulate.simulate`, so what-if simulations on one estimate share
             it. Replace the Grams, not edit them, after a simulation.
     """
 
@@ -116,16 +113,6 @@ def _probe_outputs(model: torch.nn.Module, inputs: Any,
         notes.append(f"the model returns a {type(raw).__name__}; its {where} is taken as the logits "
                      "(pass output_fn=... to choose another).")
     return tuple(logits.shape), notes
-
-
-def flat_output_fn(output_fn: Callable | None) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
-    """``(model, inputs) -> (N, C)`` outputs as :func:`model_outputs` gives them, as a
-    ``functools.partial`` (the kernel engine's probe cache recognises it across calls)."""
-    return partial(_outputs_with, output_fn=output_fn)
-
-
-def _outputs_with(model: torch.nn.Module, inputs: Any, *, output_fn: Callable | None) -> torch.Tensor:
-    return model_outputs(model, inputs, output_fn)
 
 
 class PerSampleOutputs:
@@ -316,9 +303,9 @@ def estimate_kernel(
         kernel: "full", "trace" or "auto" (full if N0·C ≤ 2500).
         batch_statistics: SGD only: with BatchNorm layers in train mode, f0 and the Grams of the
             kernel samples as *one training batch* (the batched train-mode Jacobian,
-            :func:`lightning_ttp.batch_statistics.batch_statistics_state`) instead of eval mode;
+            :func:`lightning_ttp.pipeline.batch_statistics.batch_statistics_state`) instead of eval mode;
             default (None): when the model has such layers, no ``projection_dim`` is set and the
-            Jacobian fits ``lightning_ttp.batch_statistics.JACOBIAN_MAX_BYTES``.
+            Jacobian fits ``lightning_ttp.pipeline.batch_statistics.JACOBIAN_MAX_BYTES``.
         parameter_scales: non-Adam optimisers only: ``{parameter: s}`` for Grams J_g diag(s²) J_gᵀ, a fixed
             diagonal preconditioner (e.g. Adam's at a later step of the run: s = (√v̂ + ε)^{-1/2}), through
             the engine's fast paths (:func:`lightning_ttp.kernel.empirical_ntk`); parameters not listed have s = 1.
@@ -328,7 +315,7 @@ def estimate_kernel(
             its shard only (:class:`lightning_ttp.kernel.Sharding`). Adam's second moments (a few
             mini-batch gradients) are computed by every process alike.
     """
-    from .kernel import empirical_ntk
+    from ..kernel import empirical_ntk
 
     started = time.perf_counter()
     if spec is None:
@@ -362,8 +349,8 @@ def estimate_kernel(
             by_id = None if parameter_scales is None else {
                 id(p): torch.as_tensor(parameter_scales.get(p, torch.ones_like(p))) for g in groups for p in g}
             f0, grams, _, jw = batch_statistics_state(model, inputs, groups, kernel=kernel, scales=by_id,
-                                                         tangents={}, weight_decay=spec.has_weight_decay,
-                                                         output_fn=output_fn, sharding=sharding)
+                                                      tangents={}, weight_decay=spec.has_weight_decay,
+                                                      output_fn=output_fn, sharding=sharding)
             y = _prepared_targets(loss_obj, targets, c, n)
             info = _info(time.perf_counter() - started, groups, projection_dim, c, n, notes)
             info["batch_statistics"] = True

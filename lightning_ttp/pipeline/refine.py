@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .dynamics.training_time import epsilon_training_time, first_step_at_or_below, smooth_curve
+from ..dynamics.training_time import epsilon_training_time, first_step_at_or_below, smooth_curve
 
 __all__ = [
     "Refinement",

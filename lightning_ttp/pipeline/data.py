@@ -21,15 +21,13 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.data import DataLoader, IterableDataset
 
-from .kernel.batch import index_batch, slice_batch
+from ..kernel.batch import index_batch, slice_batch
 
 __all__ = [
-    "OutputModule",
     "concat_batches",
     "dataset_samples",
     "loader_batch_size",
     "logits_of",
-    "model_outputs",
     "num_samples_in",
     "sample_subset",
     "split_batch",
@@ -232,25 +230,3 @@ def logits_of(output: Any) -> torch.Tensor:
         f"cannot find the logits in a model output of type {type(output).__name__}: return a tensor, a tuple whose "
         "first tensor is the logits, a dict with 'logits', or pass output_fn=lambda model, batch: <(N, C) logits>."
     )
-
-
-def model_outputs(model: torch.nn.Module, inputs: Any, output_fn: Callable | None = None) -> torch.Tensor:
-    """The (N, C) outputs the loss sees: ``output_fn(model, inputs)`` or the logits of
-    ``model(inputs)`` (:func:`lightning_ttp.data.logits_of`), flattened to one row per sample."""
-    out = output_fn(model, inputs) if output_fn is not None else logits_of(model(inputs))
-    if not isinstance(out, torch.Tensor):
-        out = logits_of(out)
-    return out[:, None] if out.dim() == 1 else out.reshape(out.shape[0], -1)
-
-
-class OutputModule(torch.nn.Module):
-    """:func:`model_outputs` as a module (the model as its submodule ``m``), so
-    ``torch.func.functional_call`` can swap the weights."""
-
-    def __init__(self, model: torch.nn.Module, output_fn: Callable | None) -> None:
-        super().__init__()
-        self.m = model
-        self.fn = output_fn
-
-    def forward(self, inputs):
-        return model_outputs(self.m, inputs, self.fn)

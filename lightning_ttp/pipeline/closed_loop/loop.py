@@ -1,0 +1,202 @@
+"""Re-linearised closed loop: re-predict the rest of a run from its current state.
+
+:func:`relinearised_prediction` runs the steps of :mod:`lightning_ttp.pipeline.closed_loop` in
+order; :class:`ClosedLoop` calls it at the checkpoints of one run and keeps the drift history.
+This module is pure torch/numpy/scipy: no Lightning.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...dynamics import OptimizerSpec, simulate_discrete
+from ...kernel.shard import Sharding
+from ..batch_statistics import has_batch_statistics
+from ..estimate import KernelEstimate, standing_for
+from ..refine import default_smoothing_window, smooth_losses
+from .blend import _blend_weight, _level, _speed, power_law_curve
+from .continuation import _stability_capped, continuation_batches
+from .drift import drift_multiplier, kernel_drift
+from .live import LivePrediction
+from .state import _current_state, _jacobian_fits
+
+__all__ = ["DEFAULT_FRACTIONS", "ClosedLoop", "checkpoint_steps", "relinearised_prediction"]
+
+DEFAULT_FRACTIONS = (0.02, 0.05, 0.10, 0.20, 0.40)
+
+
+def relinearised_prediction(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    spec: OptimizerSpec,
+    inputs: Any,
+    targets: torch.Tensor,
+    observed: Sequence[float] | np.ndarray,
+    total_steps: int,
+    start: KernelEstimate,
+    *,
+    lr_schedule: np.ndarray | None = None,
+    history: Sequence[LivePrediction] = (),
+    loss: Any = "cross_entropy",
+    batch_size: int | None = None,
+    dataset_size: int | None = None,
+    smoothing_window: int | None = None,
+    output_fn: Callable | None = None,
+    projection_dim: int | None = None,
+    extrapolate_drift: bool = False,
+    max_drift: float = 3.0,
+    stability_cap: bool = True,
+    calibrate: bool = True,
+    calibration_prior: float = 1.0,
+    num_paths: int = 0,
+    batch_statistics: bool | None = None,
+    stand_for_dataset: bool = True,
+    blend: bool = True,
+    blend_min_span: float = 0.1,
+    seed: int = 0,
+    sharding: Sharding | None = None,
+) -> LivePrediction:
+    """Re-predict the loss curve of a run at step k = ``len(observed)`` (see :mod:`lightning_ttp.pipeline.closed_loop`).
+
+    Args:
+        model, optimizer: the model at w_k and its optimiser (state read, never changed).
+        spec: the optimiser as the fit-start prediction read it (``OptimizerSpec.from_optimizer``).
+        inputs, targets: the fixed kernel subset (the same samples as ``start``).
+        observed: the training losses of steps 0..k−1 as the user's training reports them
+            (mini-batch means; NaN where missing).
+        total_steps: T.
+        start: the fit-start kernel estimate on the same subset (the open loop's), the
+            reference of the drift measures.
+        lr_schedule: (T, G) or (T,) lrs of the whole run; default: the spec's constant lrs.
+        history: the live predictions of earlier calls on this run (the scale trend is
+            fitted to their drifts; the last one calibrates the speed, ``calibrate``).
+        batch_size, dataset_size: the optimiser-step batch and the training-set size; with
+            batch_size < dataset_size and ``num_paths`` ≥ 1 the continuation is the mean of
+            ``num_paths`` Monte Carlo mini-batch paths; with ``num_paths=0`` (default) or a full
+            batch it follows the expected gradient (weights 1/N0: as accurate on
+            ``benchmarks/fidelity.py``, one path of cost).
+        batch_statistics: BatchNorm layers in train mode re-linearised on the batch statistics
+            of the kernel subset (:func:`batch_statistics_state`; the training dynamics) rather
+            than in eval mode; default (None): when the model has such layers, no
+            ``projection_dim`` is set and the subset's Jacobian fits ``JACOBIAN_MAX_BYTES``.
+        blend: combine the re-linearised curve R with the power law P fitted to the observed
+            prefix (:func:`power_law_curve`), L̂ = w R + (1 − w) P after step k, with the weights
+            w ∝ 1/e_R, 1 − w ∝ 1/e_P from the mean squared log errors e of the previous call's R
+            and P on the smoothed losses observed since that call — only once that span covers
+            ``blend_min_span`` · T steps (shorter spans favour the short-range power law); w = 1
+            before.
+        stand_for_dataset: with N0 < N the kernel at w_k is made to stand for the whole training set
+            (:func:`lightning_ttp.pipeline.estimate.standing_for`: each subset sample's unshared kernel term
+            weighted N0/N), as the fit-start prediction's is; ``start`` must then be the corrected
+            fit-start estimate too (the drift compares like with like). Off for the look-ahead,
+            whose real steps train on the subset itself.
+        smoothing_window: for the observed prefix (default: the package's,
+            :func:`lightning_ttp.pipeline.refine.default_smoothing_window`).
+        projection_dim: random projection of the gradients (large models; cheaper kernels).
+        extrapolate_drift: multiply the remaining lrs by the extrapolated kernel scale m(t)
+            (default False: the kernel is held at Θ^{(k)}; on ``benchmarks/fidelity.py`` the
+            extrapolation did not measurably help, see docs/prediction.md).
+        stability_cap: clip the kernel's eigenvalues at the stability limit of the remaining
+            lrs (the real network self-stabilises at the edge of stability; its linearisation
+            would diverge).
+        calibrate: time-warp the continuation by the speed of the real run relative to the
+            previous call's curve (:func:`lightning_ttp.pipeline.refine.refine_curve` fitted to
+            the losses observed since then); ``calibration_prior`` is the prior sd of log a.
+        sharding: split the subset's samples across data-parallel processes for the kernel and
+            the buffer images (:class:`lightning_ttp.kernel.Sharding`; a collective: every process
+            calls with the same weights, optimiser state and ``observed``, and gets the same result).
+    """
+    started = time.perf_counter()
+    obs = np.asarray(observed, dtype=np.float64).reshape(-1)
+    step = obs.size
+    if not 1 <= step < total_steps:
+        raise ValueError(f"observed holds {step} losses; re-linearise at 1 <= step < total_steps={total_steps}")
+    n0 = start.num_samples
+    n = max(n0, int(dataset_size or n0))
+    b = n if batch_size is None else int(batch_size)
+    full_batch = b >= n
+    window = smoothing_window or default_smoothing_window(-(-n // b), full_batch)
+    lrs = spec.schedule(lr_schedule, total_steps, steps_name="total_steps")
+    kernel_started = time.perf_counter()
+    if batch_statistics is None:
+        batch_statistics = projection_dim is None and has_batch_statistics(model) and _jacobian_fits(
+            model, start, spec)
+    ke, bufs, adam_step = _current_state(model, inputs, targets, spec, optimizer, loss=loss, output_fn=output_fn,
+                                         kernel=start.kernel, projection_dim=projection_dim, seed=seed,
+                                         reference=start if batch_statistics else None, sharding=sharding)
+    if stand_for_dataset:
+        ke = standing_for(ke, n)
+    kernel_seconds = time.perf_counter() - kernel_started
+    drift = kernel_drift(start.grams, ke.grams, start.targets, lrs[step], num_outputs=start.num_outputs, step=step)
+    if extrapolate_drift:
+        mult = drift_multiplier([*(p.drift for p in history), drift], step, total_steps, max_drift=max_drift)
+    else:
+        mult = np.ones(total_steps - step)
+    remaining = lrs[step:total_steps] * mult[:, None]
+    grams, rho = _stability_capped(ke, spec, remaining) if stability_cap else (ke.grams, float("nan"))
+    batches, paths = continuation_batches(n0, b, n, num_paths, seed=seed, step=step, device=grams[0].device)
+    res = simulate_discrete(ke.outputs, ke.targets, grams, ke.loss, spec, remaining, jvp_w0=ke.jvp_w0,
+                            batches=batches, num_paths=paths, initial_buffers=bufs, start_step=adam_step,
+                            fixed_preconditioner=spec.kind in ("adam", "adamw"))
+    cont = res.loss.mean(axis=0)
+    # full batch on the whole data set: the simulated loss at k is the run's loss, no join needed
+    level = float(cont[0]) if full_batch and n0 >= n else _level(obs, step, window)
+    joined = level * cont / cont[0] if cont[0] > 0 else cont + (level - cont[0])
+    previous = history[-1].info.get("relinearised_loss", history[-1].loss) if history else None
+    warp = _speed(previous, history[-1].step, obs, calibration_prior) if calibrate and history else 1.0
+    if warp != 1.0:
+        tau = np.arange(joined.size, dtype=np.float64)
+        joined = np.interp(warp * tau, tau, joined)
+    t_obs, finite = np.arange(step), np.isfinite(obs)
+    prefix = smooth_losses(np.interp(t_obs, t_obs[finite], obs[finite]), window)  # missing losses interpolated
+    relinearised = np.concatenate([prefix, joined])
+    power = power_law_curve(obs, relinearised.size)
+    weight = 1.0
+    if blend and history and "relinearised_loss" in history[-1].info:
+        weight = _blend_weight(history[-1], prefix, min_span=blend_min_span * total_steps)
+    curve = relinearised.copy()
+    curve[step:] = weight * relinearised[step:] + (1.0 - weight) * power[step:]
+    return LivePrediction(step, curve, cont, level, drift, mult, time.perf_counter() - started, kernel_seconds,
+                          {"smoothing_window": window, "num_paths": paths if batches is not None else 0,
+                           "relinearised_loss": relinearised, "power_law_loss": power, "blend_weight": weight,
+                           "adam_step": adam_step,
+                           "batch_statistics": batch_statistics,
+                           "warp": warp, "rho_max": rho})
+
+
+def checkpoint_steps(total_steps: int, fractions: Sequence[float] = DEFAULT_FRACTIONS, *,
+                     min_step: int = 3) -> list[int]:
+    """The steps k = round(f·T) at which to re-linearise (distinct, ≥ ``min_step``, < T)."""
+    steps = {max(int(round(f * total_steps)), min_step) for f in fractions}
+    return sorted(k for k in steps if k < total_steps)
+
+
+class ClosedLoop:
+    """The closed loop of one run: fixed subset and settings, the drift history across calls.
+
+    ``loop.steps`` are the steps at which to call :meth:`update` (default 2, 5, 10, 20, 40 %
+    of T). Every keyword of :func:`relinearised_prediction` except ``history`` is accepted.
+    """
+
+    def __init__(self, spec: OptimizerSpec, inputs: Any, targets: torch.Tensor, total_steps: int,
+                 start: KernelEstimate, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, **options: Any) -> None:
+        if "history" in options:
+            raise TypeError("ClosedLoop keeps its own drift history; do not pass history")
+        self.spec, self.inputs, self.targets, self.total_steps, self.start = spec, inputs, targets, total_steps, start
+        self.options = options
+        self.steps = checkpoint_steps(total_steps, fractions)
+        self.history: list[LivePrediction] = []
+
+    def update(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               observed: Sequence[float] | np.ndarray) -> LivePrediction:
+        """Re-predict at step k = ``len(observed)`` and remember the drift."""
+        live = relinearised_prediction(model, optimizer, self.spec, self.inputs, self.targets, observed,
+                                       self.total_steps, self.start, history=self.history,
+                                       **self.options)
+        self.history.append(live)
+        return live
