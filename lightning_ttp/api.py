@@ -1,19 +1,10 @@
 """The public entry point: predict the loss curve and training time of a fine-tuning run.
 
-``predict_training_time`` is the whole pipeline in one call, and the Lightning callback runs the
-same steps from a ``Trainer``:
-
-1. :func:`~lightning_ttp.pipeline.plan.plan_run` — the run's plan (steps, batch, per-step lr/momentum);
-2. :func:`~lightning_ttp.pipeline.data.sample_subset` — the fixed, seeded kernel subset;
-3. :func:`~lightning_ttp.pipeline.estimate.estimate_kernel` — f0 and the empirical NTK at w0 (the
-   expensive part);
-4. :func:`~lightning_ttp.pipeline.simulate.simulate_plan` — the function-space simulation (seconds);
-5. :func:`~lightning_ttp.pipeline.lookahead.look_ahead` — a few real steps on the kernel subset (model,
-   optimiser and RNG restored), re-linearised there: the curve that corrects the open loop for
-   the feature learning of the run's first steps.
-
-The pieces are public so that a caller estimates the kernel once and simulates many "what-if"
-settings on it (:func:`~lightning_ttp.pipeline.simulate.what_if`).
+``predict_training_time`` runs the whole pipeline in one call (plan → subset → kernel at w0 →
+simulation → look-ahead; the steps are listed in :mod:`lightning_ttp.pipeline.predict`), and the
+Lightning callback runs the same steps from a ``Trainer``. The pieces are public so that a caller
+estimates the kernel once and simulates many "what-if" settings on it
+(:func:`~lightning_ttp.pipeline.simulate.what_if`).
 
 This module is the facade of :mod:`lightning_ttp.pipeline` (where each name is defined, in the
 order the pipeline runs; ``docs/architecture.md``): it re-exports the public names and defines none.
