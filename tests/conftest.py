@@ -19,8 +19,9 @@ def _one_thread():
 
 
 #: ddp_spawn on gloo: a spawned rank sometimes aborts at interpreter exit, *after* the fit completed
-#: and its results were written ("terminate called without an active exception" in the process-group
-#: teardown). Distributed tests rerun on that failure only, never on a wrong result.
+#: and its results were written ("terminate called without an active exception"): torch's gloo worker
+#: thread racing Py_FinalizeEx, as Lightning never destroys a gloo group (benchmarks/repro_gloo_abort.py,
+#: docs/plugin.md). Distributed tests rerun on that failure only, never on a wrong result.
 GLOO_EXIT_ABORT = pytest.mark.flaky(
     reruns=2, only_rerun=["terminated with signal SIGABRT", "terminate called without an active exception"]
 )
