@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import sys
 import tempfile
@@ -672,12 +671,7 @@ def main(argv=None) -> dict:
     print_summary(summary)
     print(f"run time {summary['seconds']:.0f} s")
     out = {"summary": summary, "api_rows": api, "callback_rows": cb}
-    if args.json is None:
-        path = _results.save("defaults", out)
-    else:
-        args.json.write_text(json.dumps(out, indent=1, default=float))
-        path = args.json
-    print(f"JSON: {path}")
+    print(f"JSON: {_results.save('defaults', out, args.json)}")
     return summary
 
 

@@ -1,0 +1,208 @@
+"""Where the defaults' error comes from: the simulator, or the network leaving its linearisation.
+
+Run (from the repository root)::
+
+    python benchmarks/linearisation_gap.py            # 10 cases, ~5 min on 2 shared cores
+    python benchmarks/linearisation_gap.py --quick    # 4 cases
+    python benchmarks/linearisation_gap.py --seed 2 --json /tmp/gap.json
+
+For cases of ``benchmarks/defaults.py`` (same tasks, models, optimisers and data; nothing but
+defaults passed to ``lightning_ttp.predict_training_time``) three curves are compared:
+
+* **pred**: the prediction of ``predict_training_time(model, loader, optimizer, T)``, the
+  defaults (kernel on N0 = 256 of the N samples, subset correction, look-ahead, ...);
+* **lin**: the *exact* linearisation at w0 trained for real: f_lin(x; w) = f(x; w0) + J(x; w0)(w − w0)
+  (``torch.func.jvp`` through the model in train mode, BatchNorm on each batch's statistics),
+  trained by the same optimiser class and settings on the same batches in the same order as the
+  real run, over all N samples. This is what the paper's method (eq. 2–4: the linearised model's
+  dynamics in function space) predicts at best; pred − lin is the error of our estimate of it
+  (the kernel subset, the simulator, the Monte Carlo batches, the look-ahead's correction);
+* **real**: the network itself trained by ``defaults.plain_training`` (the user's loop);
+* **predN** (not the defaults, on purpose): the same call with ``num_samples=N``, the kernel on
+  every sample (the kernel kind the cost cap picks for it): predN − lin is the simulator's
+  error alone, pred − predN the kernel subset's.
+
+Scored as in ``defaults.py``: T_ε of each curve (the real and lin curves smoothed with the
+default window), relative error |a − b| / max(b, 1), within 13 % (GD) / 20 % (mini-batch);
+"n.c." when a curve is still falling at T. Also the final losses L_T. The summary gives the
+share within for pred vs real, pred vs lin, predN vs lin and lin vs real: where pred ≈ lin and lin ≠ real, the
+error is the network's feature learning, which no estimate of the linearised dynamics removes.
+The JSON goes to ``benchmarks/results/linearisation_gap.json`` or ``--json PATH``. One thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jvp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _results  # noqa: E402
+import defaults as D  # noqa: E402
+
+import lightning_ttp  # noqa: E402
+
+#: (arch, layers, N, optimiser, lr fraction of lr* (AdamW: the lr), batch, steps): a slice of defaults.grid()
+CASES = [
+    ("cnn-bn", "all", 300, "GD", 0.3, 300, 200),
+    ("cnn-bn", "all", 1200, "GD", 0.3, 1200, 200),
+    ("cnn-bn", "all", 2000, "SGD", 0.3, 64, 300),
+    ("cnn-bn", "all", 1200, "AdamW", 1e-3, 64, 300),
+    ("cnn-bn", "head", 1200, "GD", 0.5, 1200, 200),
+    ("conv1d", "all", 300, "GD", 0.3, 300, 200),
+    ("conv1d", "all", 1200, "GD", 0.1, 1200, 200),
+    ("conv1d", "all", 2000, "SGD", 0.3, 64, 300),
+    ("conv1d", "all", 1200, "AdamW", 1e-3, 64, 300),
+    ("conv1d", "head", 1200, "GD", 0.5, 1200, 200),
+]
+QUICK = (0, 2, 5, 9)
+
+
+def case_of(spec: tuple, seed: int) -> D.Case:
+    arch, layers, n, opt, lr, batch, steps = spec
+    fraction, fixed = (None, lr) if opt == "AdamW" else (lr, 0.0)
+    return D.resolved(D.Case(D.TASKS[arch], arch, layers, n, opt, fraction, batch, steps, fixed), seed)
+
+
+def linearised_training(model: torch.nn.Module, case: D.Case, loader, steps: int) -> list[float]:
+    """Per-step batch losses of the linearisation of ``model`` at its current weights, trained by
+    ``case``'s optimiser on ``loader``'s batches (module docstring, "lin")."""
+    model = copy.deepcopy(model).train()
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def net(w, x):  # buffers cloned: train-mode BatchNorm would update captured running stats in place
+        return functional_call(model, ({**w, **frozen}, {n: b.clone() for n, b in buffers.items()}), (x,))
+
+    holder = torch.nn.Module()
+    delta = torch.nn.ParameterDict({n.replace(".", "_"): torch.nn.Parameter(torch.zeros_like(w))
+                                    for n, w in trainable.items()})
+    holder.delta = delta
+    keys = list(trainable)
+    optimizer = D.make_optimizer(case, holder)
+
+    def batch_loss(dw, x, y):
+        f0, tangent = jvp(lambda w: net(w, x), (trainable,), (dw,))
+        return F.cross_entropy(f0 + tangent, y)
+
+    losses = []
+    while len(losses) < steps:
+        for x, y in loader:
+            dw = {n: delta[n.replace(".", "_")].detach() for n in keys}
+            g = grad(batch_loss)(dw, x, y)
+            with torch.no_grad():
+                losses.append(float(batch_loss(dw, x, y)))
+            for n in keys:
+                delta[n.replace(".", "_")].grad = g[n]
+            optimizer.step()
+            if len(losses) == steps:
+                break
+    return losses
+
+
+def pair(a: dict, b: dict, kind: str) -> dict:
+    """Per-ε scores of times ``a`` against reference times ``b``."""
+    return D.score(a, b, kind)
+
+
+def run_case(case: D.Case, seed: int) -> dict:
+    model = D.fine_tune_model(case, seed)
+    start = time.perf_counter()
+    prediction = lightning_ttp.predict_training_time(model, D.make_loader(case, seed),
+                                                     D.make_optimizer(case, model), case.steps)
+    cost = time.perf_counter() - start
+    on_all = lightning_ttp.predict_training_time(model, D.make_loader(case, seed), D.make_optimizer(case, model),
+                                                 case.steps, num_samples=case.n)
+    trained = copy.deepcopy(model)
+    real, _ = D.plain_training(trained, D.make_optimizer(case, trained), D.make_loader(case, seed), case.steps)
+    lin = linearised_training(model, case, D.make_loader(case, seed), case.steps)
+    window = D.smoothing_window(case, D.make_loader(case, seed))
+    times = {"pred": D.predicted_times(prediction), "predN": D.predicted_times(on_all),
+             "lin": D.real_times(lin, window),
+             "real": D.real_times(real, window)}
+    final = {"pred": float(prediction.loss[-1]), "predN": float(on_all.loss[-1]),
+             "lin": float(D.smooth_losses(np.asarray(lin), window)[-1]),
+             "real": float(D.smooth_losses(np.asarray(real), window)[-1])}
+    return {"case": asdict(case), "kind": case.kind, "seed": seed, "times": times,
+            "final_loss": final, "predict_seconds": cost, "predN_kernel": on_all.diagnostics.kernel,
+            "pred_vs_real": pair(times["pred"], times["real"], case.kind),
+            "pred_vs_lin": pair(times["pred"], times["lin"], case.kind),
+            "predN_vs_lin": pair(times["predN"], times["lin"], case.kind),
+            "lin_vs_real": pair(times["lin"], times["real"], case.kind)}
+
+
+def _t(v) -> str:
+    return "nc" if v is None else str(v)
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n== T_ε of the prediction (defaults), the exact linearisation trained for real, the real network ==")
+    head = "arch   lay      N opt       T |" + "".join(f" ε={e:<4} pred/predN/lin/real   |" for e in D.EPS)
+    print(head + " L_T pred/predN/lin/real     | pred s | predN kernel")
+    for r in rows:
+        c = r["case"]
+        t = r["times"]
+        cells = "".join(f" {'/'.join(f'{_t(t[k][e]):>3}' for k in ('pred', 'predN', 'lin', 'real'))} "
+                        + "".join("y" if r[key][str(e)]["within"] else "n"
+                                  for key in ("pred_vs_lin", "predN_vs_lin", "lin_vs_real")) + "  |"
+                        for e in D.EPS)
+        f = "/".join(f"{r['final_loss'][k]:.3f}" for k in ("pred", "predN", "lin", "real"))
+        print(f"{c['arch']:6} {c['layers']:5} {c['n']:5} {c['opt']:8} {c['steps']:4} |{cells}"
+              f" {f} | {r['predict_seconds']:6.1f} | {r['predN_kernel']}")
+    print("(the letters after each ε: pred within lin's T_ε, predN within lin's, lin within real's)")
+
+
+def share(rows: list[dict], key: str, keep=lambda r: True) -> float | None:
+    ok = [r[key][str(e)]["within"] for r in rows if keep(r) for e in D.EPS]
+    return float(np.mean(ok)) if ok else None
+
+
+def summarise(rows: list[dict]) -> dict:
+    out = {}
+    for name, keep in (("all", lambda r: True), ("all_layers", lambda r: r["case"]["layers"] == "all"),
+                       ("head", lambda r: r["case"]["layers"] == "head")):
+        out[name] = {key: share(rows, key, keep)
+                     for key in ("pred_vs_real", "pred_vs_lin", "predN_vs_lin", "lin_vs_real")}
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"{len(QUICK)} of the {len(CASES)} cases")
+    parser.add_argument("--seed", type=int, default=1, help="fine-tuning seed, held out from pre-training's 0")
+    parser.add_argument("--json", type=Path, default=None, help="write the JSON here instead of results/")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    start = time.perf_counter()
+    specs = [CASES[i] for i in QUICK] if args.quick else CASES
+    rows = []
+    for spec in specs:
+        rows.append(run_case(case_of(spec, args.seed), args.seed))
+        print(f"  [{time.perf_counter() - start:5.0f} s] {spec}", flush=True)
+    print_table(rows)
+    summary = summarise(rows)
+    print("\nshare of (case, ε) pairs within the threshold:")
+    for name, s in summary.items():
+        print(f"  {name:10}  pred vs real {s['pred_vs_real']:.0%}   pred vs lin {s['pred_vs_lin']:.0%}   "
+              f"predN vs lin {s['predN_vs_lin']:.0%}   lin vs real {s['lin_vs_real']:.0%}")
+    summary["seconds"] = time.perf_counter() - start
+    print(f"run time {summary['seconds']:.0f} s")
+    out = {"summary": summary, "rows": rows, "seed": args.seed}
+    print(f"JSON: {_results.save('linearisation_gap', out, args.json)}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
