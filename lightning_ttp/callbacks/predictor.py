@@ -6,15 +6,14 @@ kernel subset (:func:`lightning_ttp.pipeline.data.sample_subset`) and calls
 :func:`lightning_ttp.api.predict_run` and :func:`lightning_ttp.pipeline.simulate.what_if` — the same
 functions :func:`lightning_ttp.predict_training_time` calls, so the same run gives the same
 prediction either way. During training it refines the prediction from the real losses
-(:mod:`lightning_ttp.pipeline.refine`) and keeps an ETA (:mod:`.eta`); reports live in :mod:`._report`.
+(:mod:`lightning_ttp.pipeline.refine`) and keeps an ETA (:mod:`.eta`); what it keeps across a checkpoint
+and computes on it between hooks is :mod:`lightning_ttp.pipeline.run_state`; reports live in :mod:`._report`.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -22,11 +21,13 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
 from ..dynamics import get_loss
+from ..pipeline import run_state
 from ..pipeline.closed_loop import ClosedLoop
 from ..pipeline.data import sample_subset
 from ..pipeline.predict import DEFAULT_BUDGET, predict_run
-from ..pipeline.prediction import Prediction, plain_python
-from ..pipeline.refine import Refinement, default_smoothing_window, epsilon_training_time, refine_curve, smooth_losses
+from ..pipeline.prediction import Prediction
+from ..pipeline.refine import Refinement, default_smoothing_window, epsilon_training_time, smooth_losses
+from ..pipeline.run_state import PredictorState
 from ..pipeline.simulate import Method, check_what_if, what_if
 from . import _report
 from ._compat import bases
@@ -44,75 +45,6 @@ __all__ = ["PredictorState", "TrainingTimePredictor", "format_duration"]
 
 OutputFn = Callable[[Any, Any], torch.Tensor]
 TargetFn = Callable[[Any], torch.Tensor]
-
-#: fractions of the planned run at which the closed loop refits, whatever the time budget
-LIVE_FRACTIONS = (0.02, 0.05, 0.1, 0.25, 0.5)
-
-
-@dataclass
-class PredictorState:
-    """Everything the predictor keeps across a checkpoint, in one place.
-
-    Attributes:
-        prediction: the open-loop prediction made at fit start.
-        refinement: the latest closed-loop refinement from the observed losses.
-        plan: the run's plan as plain values (:meth:`lightning_ttp.pipeline.plan.RunPlan.describe`).
-        what_if: rows of the what-if study.
-        cost_seconds: wall-clock of the fit-start prediction (the what-if table not included).
-        what_if_seconds: wall-clock of the what-if table's simulations.
-        observed_losses: the real training loss of every optimiser step so far.
-        live_loss: the latest re-linearised prediction of the whole curve (steps 0..T), made at
-            optimiser step ``live_step`` (:mod:`lightning_ttp.pipeline.closed_loop`).
-        live_seconds: wall-clock spent re-linearising so far.
-    """
-
-    prediction: Prediction | None = None
-    refinement: Refinement | None = None
-    plan: dict[str, Any] | None = None
-    what_if: list[dict[str, Any]] = field(default_factory=list)
-    cost_seconds: float | None = None
-    what_if_seconds: float = 0.0
-    observed_losses: list[float] = field(default_factory=list)
-    live_loss: list[float] | None = None
-    live_step: int | None = None
-    live_seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain Python containers only, so a checkpoint loads with ``weights_only=True``."""
-        return plain_python({
-            "prediction": None if self.prediction is None else self.prediction.to_dict(),
-            "refinement": None if self.refinement is None else self.refinement.to_dict(),
-            "plan": self.plan,
-            "what_if": self.what_if,
-            "cost_seconds": self.cost_seconds,
-            "what_if_seconds": self.what_if_seconds,
-            "observed_losses": [float(x) for x in self.observed_losses],
-            "live_loss": self.live_loss,
-            "live_step": self.live_step,
-            "live_seconds": self.live_seconds,
-        })
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PredictorState:
-        """Inverse of :meth:`to_dict`; every key must be present (``what_if_seconds`` may be
-        missing: states saved before it existed)."""
-        missing = {f.name for f in fields(cls)} - set(data) - {"what_if_seconds"}
-        if missing:
-            raise KeyError(f"the TrainingTimePredictor state is missing {sorted(missing)}; was it saved by this "
-                           "version of lightning_ttp?")
-        return cls(
-            prediction=None if data["prediction"] is None else Prediction.from_dict(data["prediction"]),
-            refinement=None if data["refinement"] is None else Refinement.from_dict(data["refinement"]),
-            plan=data["plan"],
-            what_if=list(data["what_if"]),
-            cost_seconds=data["cost_seconds"],
-            what_if_seconds=float(data.get("what_if_seconds", 0.0)),
-            observed_losses=[float(x) for x in data["observed_losses"]],
-            live_loss=data["live_loss"],
-            live_step=data["live_step"],
-            live_seconds=float(data["live_seconds"]),
-        )
-
 
 def _epsilons(epsilons: float | Sequence[float]) -> tuple[float, ...]:
     values = (epsilons,) if isinstance(epsilons, (int, float)) and not isinstance(epsilons, bool) else epsilons
@@ -366,20 +298,13 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         if self.state.prediction is None:
             return None
         if eps not in self._converge_cache:  # O(T): once per prediction/refinement, not per step
-            value = epsilon_training_time(self.current_curve(), eps)
-            self._converge_cache[eps] = None if value is None else int(value) * self.step_unit
+            self._converge_cache[eps] = run_state.converge_step(self.current_curve(), eps, self.step_unit)
         return self._converge_cache[eps]
 
     def current_curve(self) -> np.ndarray:
         """The best current estimate of the run's loss curve (steps 0..T): the refit of the
         latest re-linearised curve (or of the open-loop prediction) to the observed losses."""
-        if self.state.refinement is not None:
-            return self.state.refinement.loss
-        if self.state.live_loss is not None:
-            return np.asarray(self.state.live_loss)
-        if self.state.prediction is None:
-            raise RuntimeError("no prediction yet")
-        return self.state.prediction.loss
+        return self.state.current_curve()
 
     def seconds_per_step(self) -> float | None:
         """Median seconds per optimiser step after the warm-up steps (None before)."""
@@ -391,19 +316,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
 
     def eta(self, global_step: int) -> dict[str, float | int | None]:
         """Steps and seconds remaining to convergence (headline ε) and to the end of the run."""
-        converge = self.converge_step()
-        sps = self.seconds_per_step()
-        end = self.planned_steps
-        to_converge = None if converge is None else max(0, converge - global_step)
-        to_end = None if end is None else max(0, end - global_step)
-        return {
-            "converge_step": converge,
-            "steps_to_converge": to_converge,
-            "steps_to_end": to_end,
-            "seconds_per_step": sps,
-            "eta_converge_seconds": None if sps is None or to_converge is None else to_converge * sps,
-            "eta_end_seconds": None if sps is None or to_end is None else to_end * sps,
-        }
+        return run_state.eta(self.converge_step(), global_step, self.planned_steps, self.seconds_per_step())
 
     def status_text(self, global_step: int) -> str | None:
         """``"converges ≈ step 412 · ETA 3:12 · run ends 9:40"`` (None without a prediction).
@@ -579,8 +492,8 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         return state.to_dict()
 
     def _schedule_refits(self) -> None:
-        steps = self.planned_steps or 0  # global_step units, like the step the hook sees
-        self._refits_due = sorted({max(2, int(round(f * steps))) for f in LIVE_FRACTIONS if f * steps >= 2})
+        # global_step units, like the step the hook sees
+        self._refits_due = run_state.refit_steps(self.planned_steps or 0)
 
     def _report_fit_start(self, trainer: Any) -> None:
         """Log and print the prediction (rank zero); a failure here never stops training."""
@@ -610,7 +523,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
     def _real_run_diverged(self, observed: Sequence[float]) -> bool:
         """Whether the real loss turned non-finite; then the closed loop stops, saying so once (the
         run itself diverged: nothing of it can be refined or re-linearised)."""
-        if not observed or math.isfinite(observed[-1]):
+        if not run_state.real_run_diverged(observed):
             return False
         self._drop_loop()
         if "real_diverged" not in self._warned:
@@ -631,18 +544,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             if len(observed) < 2 or self._real_run_diverged(observed):
                 return
             self._converge_cache.clear()
-            if self.state.live_loss is not None:  # refit the re-linearised curve to what came after it,
-                # continued past T by the open loop's continuation (joined at T): a faster-than-predicted
-                # run is then followed beyond T instead of meeting a flat tail (which converges too early)
-                live = np.asarray(self.state.live_loss)
-                finite = pred.continuation is not None and not pred.diverged and np.isfinite(pred.continuation).all()
-                tail = pred.continuation if finite else np.empty(0)
-                join = live[-1] / pred.loss[-1] if pred.loss[-1] > 0 else 1.0
-                self.state.refinement = refine_curve(np.concatenate([live, tail * join]), observed,
-                                                     horizon=pred.num_steps, start=self.state.refinement)
-            else:  # the continuation past T lets a faster-than-predicted run follow the curve beyond T
-                self.state.refinement = refine_curve(pred.extended_loss(), observed, band=pred.extended_band(),
-                                                     horizon=pred.num_steps, start=self.state.refinement)
+            self.state.refinement = self.state.refit(observed)
         except Exception as exc:  # noqa: BLE001
             self._fail("closed-loop refinement", exc)
 

@@ -25,7 +25,9 @@ While training runs (the callbacks call them):
    its ``loop``: ``state`` (the kernel re-estimated at the current weights, the optimiser state
    in function space), ``drift`` (against the fit-start kernel), ``continuation`` (what the
    simulation of the rest of the run from f_t runs on), ``blend`` (joined to the observed losses,
-   calibrated, blended with a power law).
+   calibrated, blended with a power law);
+9. :mod:`~lightning_ttp.pipeline.run_state`: the state the callback keeps across a checkpoint, and
+   what it reads off it between hooks (the current curve and its refit, the ETA, the refit steps).
 
 The modules import each other and the math layers, never the callbacks, the reports or Lightning;
 ``tests/test_architecture.py`` checks that no import goes up a layer or around a loop
