@@ -6,7 +6,9 @@ representations of a fixed sample set during Lightning's own validation loop; th
 all ranks are gathered (so the scores do not depend on the number of processes); the
 spectra and scores of eq. (2)–(8) of Jain & Ramaswamy come from :mod:`lightning_ttp.spectral`;
 :func:`lightning_ttp.spectral.decide` decides; the callback reduces the decision across
-ranks and acts.
+ranks and acts. What it keeps across a checkpoint and computes on it between hooks (the window of
+spectra, the history entries and metrics, the round's decision) is
+:mod:`lightning_ttp.pipeline.give_up_state`.
 """
 
 from __future__ import annotations
@@ -14,70 +16,23 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils._pytree import tree_map
 
+from ..pipeline import give_up_state
 from ..pipeline.data import logits_of, num_samples_in, sample_subset, split_batch
-from ..spectral import (
-    ActivationRecorder,
-    GiveUpDecision,
-    Scores,
-    SpectralConfig,
-    compute_scores,
-    decide,
-    spectrum_of,
-)
+from ..pipeline.give_up_state import GiveUpState
+from ..spectral import ActivationRecorder, GiveUpDecision, Scores, SpectralConfig, compute_scores, layer_spectra
 from ._compat import bases, installed_namespaces
 from ._trainer_state import preserve_state
 
 __all__ = ["EarlyGiveUp"]
 
 GiveUpHook = Callable[[Any, Any, GiveUpDecision], None]
-
-
-@dataclass
-class GiveUpState:
-    """Everything ``EarlyGiveUp`` learns during one fit (saved in checkpoints, reset by each fit)."""
-
-    history: list[dict[str, Any]] = field(default_factory=list)
-    spectra: list[list[torch.Tensor]] = field(default_factory=list)  # last t0 + 1 rounds x layers
-    scales: list[list[float]] = field(default_factory=list)
-    units: list[int] = field(default_factory=list)
-    layers: list[str] = field(default_factory=list)
-    decision: GiveUpDecision | None = None
-    decision_epoch: int | None = None
-    gave_up: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        d = self.decision
-        return {
-            "history": [dict(h) for h in self.history],
-            "spectra": [[s.tolist() for s in rnd] for rnd in self.spectra],
-            "scales": [list(r) for r in self.scales],
-            "units": list(self.units),
-            "layers": list(self.layers),
-            "decision": None if d is None else {"give_up": d.give_up, "kind": d.kind, "reason": d.reason},
-            "decision_epoch": self.decision_epoch,
-            "gave_up": self.gave_up,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GiveUpState:
-        d = data["decision"]
-        return cls(
-            history=[dict(h) for h in data["history"]],
-            spectra=[[torch.tensor(s, dtype=torch.float64) for s in rnd] for rnd in data["spectra"]],
-            scales=[list(r) for r in data["scales"]],
-            units=list(data["units"]),
-            layers=list(data["layers"]),
-            decision=None if d is None else GiveUpDecision(bool(d["give_up"]), d["kind"], d["reason"]),
-            decision_epoch=data["decision_epoch"],
-            gave_up=bool(data["gave_up"]),
-        )
 
 
 def _is_fitting(trainer: Any) -> bool:
@@ -357,30 +312,16 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
             self._guard("validation accuracy", self._update_accuracy, logits, self._targets(batch))
 
     def _update_accuracy(self, logits: torch.Tensor, targets: Any) -> None:
-        if (
-            not isinstance(targets, torch.Tensor)
-            or targets.dtype.is_floating_point
-            or targets.dim() != 1
-            or logits.dim() not in (1, 2)
-            or logits.shape[0] != targets.shape[0]
-        ):
+        batch = give_up_state.accuracy_predictions(logits, targets)
+        if batch is None:
             return
         from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
-        classes = int(logits.shape[1]) if logits.dim() == 2 and logits.shape[1] >= 2 else 2
+        classes, preds, targets = batch
         if self._accuracy is None or self._classes != classes:
             self._classes = classes
             self._accuracy = MulticlassAccuracy(classes, average="micro") if classes > 2 else BinaryAccuracy()
         self._accuracy = self._accuracy.to(logits.device)
-        targets = targets.to(logits.device)
-        finite = torch.isfinite(logits.reshape(logits.shape[0], -1)).all(dim=1)
-        if classes > 2 or logits.dim() == 2:
-            preds = logits.float().argmax(dim=1) if logits.dim() == 2 else (logits > 0).long()
-            preds = torch.where(finite, preds, (targets + 1) % classes)  # a diverged output is no prediction
-            if classes == 2:
-                preds = preds.float()
-        else:
-            preds = torch.where(finite, (logits.float() > 0).float(), 1.0 - targets.float())
         self._accuracy.update(preds, targets)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
@@ -450,7 +391,7 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         self._score(trainer, None)
         self._round = None
         if self.state.history:
-            self._log_to_loggers(trainer, self._metrics(self.state.history[-1]))
+            self._log_to_loggers(trainer, give_up_state.score_metrics(self.state.history[-1]))
         return True
 
     # ------------------------------------------------------------------ spectra and scores
@@ -477,7 +418,7 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         return rows[keep][: self.num_samples]
 
     def _spectra(self, mats: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[float], list[int]]:
-        specs = [spectrum_of(m) for m in mats]
+        spectra = layer_spectra(mats)
         self.state.layers = [layer.label for layer in self._recorder.layers or []]
         if self._recorder.missing:
             self._warn_once(
@@ -485,13 +426,13 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
                 f"EarlyGiveUp(layers=...): no module named {self._recorder.missing} ran in the forward pass; "
                 "they are not monitored.",
             )
-        if not specs:
+        if not mats:
             self._warn_once(
                 "no_layers",
                 "EarlyGiveUp: found no representation to monitor (no nn.Linear head and no convolution ran); "
                 "pass layers=[...] with module names. Training continues without scores.",
             )
-        return [s.values for s in specs], [s.scale for s in specs], [s.units for s in specs]
+        return spectra
 
     def _score(self, trainer: Any, v_t: float | None) -> Scores | None:
         assert self._round is not None
@@ -499,33 +440,18 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
         if not values:
             return None
         st = self.state
-        st.spectra = (st.spectra + [values])[-(self.config.t0 + 1) :]
-        st.scales = (st.scales + [scales])[-(self.config.t0 + 1) :]
-        st.units = units
+        st.add_round(values, scales, units, self.config.t0)
         epoch = int(trainer.current_epoch) + 1
         scores = compute_scores(st.spectra, epoch, v_t, self.config, st.units, st.scales)
-        st.history.append(self._entry(scores))
+        st.history.append(give_up_state.score_entry(scores))
         if self.trial is not None and self.accuracy_metric is None:
             self._report_trial(st.history[-1])
         return scores
 
-    @staticmethod
-    def _entry(scores: Scores) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in scores.as_dict().items()}
-
-    @staticmethod
-    def _metrics(entry: dict[str, Any]) -> dict[str, float]:
-        """The round's scores as metrics; none for a round with non-finite activations (its scores
-        are undefined: that round logs its decision, ``give_up/gave_up``, instead)."""
-        if entry.get("nonfinite_layers"):
-            return {}
-        keys = ("s_o", "s_s", "s_t", "s_F", "s_Fv", "v_t", "drift")
-        return {f"give_up/{k}": float(entry[k]) for k in keys if math.isfinite(entry[k])}
-
     def _log(self, pl_module: Any, scores: Scores) -> None:
         # the scores are the same on every rank (gathered rows); sync_dist averages equal values and
         # spares the user Lightning's "use sync_dist=True" warning under DDP
-        for key, value in self._metrics(self._entry(scores)).items():
+        for key, value in give_up_state.score_metrics(give_up_state.score_entry(scores)).items():
             try:
                 pl_module.log(key, value, on_epoch=True, sync_dist=True)
             except Exception as err:  # noqa: BLE001 - logging must never break training
@@ -554,7 +480,7 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
             scores = compute_scores(
                 self.state.spectra, int(entry["epoch"]), v, self.config, self.state.units, self.state.scales
             )
-            self.state.history[-1] = self._entry(scores)
+            self.state.history[-1] = give_up_state.score_entry(scores)
             if not scores.nonfinite_layers and math.isfinite(scores.s_Fv):
                 self._log_to_loggers(trainer, {"give_up/s_Fv": scores.s_Fv, "give_up/v_t": v})
         if self.trial is not None:
@@ -562,29 +488,18 @@ class EarlyGiveUp(*bases("Callback")):  # type: ignore[misc]
 
     def _report_trial(self, entry: dict[str, Any]) -> None:
         """s_Fv (a predicted accuracy); s_F without v_t; nothing where both are undefined."""
-        value = entry["s_Fv"] if math.isfinite(entry["s_Fv"]) else entry["s_F"]
-        if math.isfinite(value) and not entry.get("nonfinite_layers"):
-            self.trial.report(float(value), step=int(entry["epoch"]))
+        value = give_up_state.trial_value(entry)
+        if value is not None:
+            self.trial.report(value, step=int(entry["epoch"]))
 
     # ------------------------------------------------------------------ decision
-    def _keep_above(self) -> float | None:
-        if self.keep_above == "auto":
-            if self._classes is None:
-                return None
-            chance = 1.0 / self._classes
-            return chance + 0.5 * (1.0 - chance)
-        return None if self.keep_above is None else float(self.keep_above)
-
     def _after_round(self, trainer: Any, pl_module: Any) -> None:
         st = self.state
-        if st.gave_up or not st.history:
-            return
-        entry = st.history[-1]
-        epoch = int(entry["epoch"])
-        decided = st.decision is not None and st.decision.final
-        decision = decide(Scores(**entry), self.config, self.target_accuracy, self._keep_above())
-        if decision.kind != "diverged" and (decided or epoch < self.checkpoint_epoch):
+        keep_above = give_up_state.keep_above_threshold(self.keep_above, self._classes)
+        taken = give_up_state.round_decision(st, self.config, self.checkpoint_epoch, self.target_accuracy, keep_above)
+        if taken is None:
             return  # only divergence acts before the checkpoint or after the decision
+        epoch, decision = taken
         give_up = decision.give_up
         if self.mode == "stop":
             # the same scores on every rank; reduced anyway, as Lightning's EarlyStopping does

@@ -27,7 +27,9 @@ While training runs (the callbacks call them):
    simulation of the rest of the run from f_t runs on), ``blend`` (joined to the observed losses,
    calibrated, blended with a power law);
 9. :mod:`~lightning_ttp.pipeline.run_state`: the state the callback keeps across a checkpoint, and
-   what it reads off it between hooks (the current curve and its refit, the ETA, the refit steps).
+   what it reads off it between hooks (the current curve and its refit, the ETA, the refit steps);
+10. :mod:`~lightning_ttp.pipeline.give_up_state`: the same for :class:`~lightning_ttp.callbacks.EarlyGiveUp`
+    (its state, the window of spectra, a round's history entry and metrics, the round's decision).
 
 The modules import each other and the math layers, never the callbacks, the reports or Lightning;
 ``tests/test_architecture.py`` checks that no import goes up a layer or around a loop

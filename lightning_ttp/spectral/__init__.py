@@ -23,7 +23,14 @@ from .scores import (
     layer_shift,
     shift_score,
 )
-from .spectra import Spectrum, effective_rank, global_avg_pool, normalized_singular_values, spectrum_of
+from .spectra import (
+    Spectrum,
+    effective_rank,
+    global_avg_pool,
+    layer_spectra,
+    normalized_singular_values,
+    spectrum_of,
+)
 
 __all__ = [
     "GIVE_UP_KINDS",
@@ -47,6 +54,7 @@ __all__ = [
     "layer_compression",
     "layer_drift",
     "layer_shift",
+    "layer_spectra",
     "normalized_singular_values",
     "shift_score",
     "spectrum_of",

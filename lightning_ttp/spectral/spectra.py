@@ -33,7 +33,9 @@ import torch
 
 _CONSTANT = 1e-6  # relative spread across samples below which a layer's output is "constant"
 
-__all__ = ["Spectrum", "normalized_singular_values", "spectrum_of", "effective_rank", "global_avg_pool"]
+__all__ = [
+    "Spectrum", "normalized_singular_values", "spectrum_of", "layer_spectra", "effective_rank", "global_avg_pool",
+]
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,14 @@ def spectrum_of(activations: torch.Tensor) -> Spectrum:
     k = min(r, s.numel())  # keep the length r = min(m, d) also when rows were dropped
     out[:k] = s[:k] / s[0]
     return Spectrum(out, d, used, dropped, scale=scale)
+
+
+def layer_spectra(matrices: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[float], list[int]]:
+    """:func:`spectrum_of` of each monitored layer's activation matrix of one round, split into
+    what the scores need: the normalised singular values σ_l, the RMS scales and the units d_l
+    (one entry per layer, in the order of ``matrices``)."""
+    specs = [spectrum_of(m) for m in matrices]
+    return [s.values for s in specs], [s.scale for s in specs], [s.units for s in specs]
 
 
 def _singular_values(a: torch.Tensor) -> torch.Tensor:
