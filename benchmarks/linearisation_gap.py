@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, jvp
+from torch.func import functional_call, grad_and_value, jvp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -87,10 +87,7 @@ def linearised_training(model: torch.nn.Module, case: D.Case, loader, steps: int
         return functional_call(model, ({**w, **frozen}, {n: b.clone() for n, b in buffers.items()}), (x,))
 
     holder = torch.nn.Module()
-    delta = torch.nn.ParameterDict({n.replace(".", "_"): torch.nn.Parameter(torch.zeros_like(w))
-                                    for n, w in trainable.items()})
-    holder.delta = delta
-    keys = list(trainable)
+    holder.delta = torch.nn.ParameterList([torch.zeros_like(w) for w in trainable.values()])
     optimizer = D.make_optimizer(case, holder)
 
     def batch_loss(dw, x, y):
@@ -100,21 +97,15 @@ def linearised_training(model: torch.nn.Module, case: D.Case, loader, steps: int
     losses = []
     while len(losses) < steps:
         for x, y in loader:
-            dw = {n: delta[n.replace(".", "_")].detach() for n in keys}
-            g = grad(batch_loss)(dw, x, y)
-            with torch.no_grad():
-                losses.append(float(batch_loss(dw, x, y)))
-            for n in keys:
-                delta[n.replace(".", "_")].grad = g[n]
+            dw = {n: d.detach() for n, d in zip(trainable, holder.delta, strict=True)}
+            g, value = grad_and_value(batch_loss)(dw, x, y)
+            losses.append(float(value))
+            for n, d in zip(trainable, holder.delta, strict=True):
+                d.grad = g[n]
             optimizer.step()
             if len(losses) == steps:
                 break
     return losses
-
-
-def pair(a: dict, b: dict, kind: str) -> dict:
-    """Per-ε scores of times ``a`` against reference times ``b``."""
-    return D.score(a, b, kind)
 
 
 def run_case(case: D.Case, seed: int, full_n: bool = False) -> dict:
@@ -138,10 +129,10 @@ def run_case(case: D.Case, seed: int, full_n: bool = False) -> dict:
              "real": float(D.smooth_losses(np.asarray(real), window)[-1])}
     return {"case": asdict(case), "kind": case.kind, "seed": seed, "times": times,
             "final_loss": final, "predict_seconds": cost, "predN_kernel": on_all.diagnostics.kernel if full_n else "-",
-            "pred_vs_real": pair(times["pred"], times["real"], case.kind),
-            "pred_vs_lin": pair(times["pred"], times["lin"], case.kind),
-            "predN_vs_lin": pair(times["predN"], times["lin"], case.kind) if full_n else None,
-            "lin_vs_real": pair(times["lin"], times["real"], case.kind)}
+            "pred_vs_real": D.score(times["pred"], times["real"], case.kind),
+            "pred_vs_lin": D.score(times["pred"], times["lin"], case.kind),
+            "predN_vs_lin": D.score(times["predN"], times["lin"], case.kind) if full_n else None,
+            "lin_vs_real": D.score(times["lin"], times["real"], case.kind)}
 
 
 def _t(v) -> str:
@@ -168,7 +159,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def share(rows: list[dict], key: str, keep=lambda r: True) -> float | None:
-    ok = [r[key][str(e)]["within"] for r in rows if keep(r) for e in D.EPS]
+    """Share of the kept rows' (case, ε) pairs within the threshold for ``key`` (rows without it skipped)."""
+    ok = [r[key][str(e)]["within"] for r in rows if r[key] is not None and keep(r) for e in D.EPS]
     return float(np.mean(ok)) if ok else None
 
 
@@ -176,7 +168,7 @@ def summarise(rows: list[dict]) -> dict:
     out = {}
     for name, keep in (("all", lambda r: True), ("all_layers", lambda r: r["case"]["layers"] == "all"),
                        ("head", lambda r: r["case"]["layers"] == "head")):
-        out[name] = {key: share(rows, key, lambda r, keep=keep, key=key: r[key] is not None and keep(r))
+        out[name] = {key: share(rows, key, keep)
                      for key in ("pred_vs_real", "pred_vs_lin", "predN_vs_lin", "lin_vs_real")}
     return out
 
