@@ -121,8 +121,12 @@ def test_predict_run_uses_the_choice_on_a_seeded_random_part_of_the_subset(monke
     assert any("cost cap" in w for w in pred.diagnostics.warnings)
     order = torch.randperm(96, generator=torch.Generator().manual_seed(0))[:40].sort().values
     assert torch.equal(kernel.targets, y[order])  # a random part, not the first 40 samples
+    monkeypatch.undo()
     full = predict_run(model, (x, y), opt, plan, budget=None, num_paths=1)
-    assert full.kernel.num_samples == 96 and "budget" not in full.prediction.diagnostics
+    counted = full.prediction.diagnostics["budget"]  # no cap, but the counts for the closed loop's budget
+    assert full.kernel.num_samples == 96 and counted["num_samples"] == 96 and "no cost cap" in counted["reason"]
+    assert counted["budget_macs"] == float("inf") and counted["predicted_macs"] > 0
+    assert not any("cost cap" in w for w in full.prediction.diagnostics.warnings)
 
 
 def test_the_count_leaves_the_model_the_optimiser_and_the_rng_as_they_were():

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy.ndimage import uniform_filter1d
 
 from lightning_ttp import Prediction
 from lightning_ttp.dynamics import epsilon_training_time, smooth_curve
@@ -29,10 +30,28 @@ def test_noisy_curve_uses_the_last_excursion_and_smoothing():
     expected = int(np.ceil(-10 * np.log(0.1 + 0.9 * np.exp(-10))))  # 24
     assert epsilon_training_time(curve, 0.1) == expected == 24
     assert epsilon_training_time(noisy, 0.1) == 61
-    # The documented smoothing (centred moving average) dilutes the spike below the threshold.
+    # The documented smoothing (a moving average inside the curve) dilutes the spike below the threshold.
     assert epsilon_training_time(noisy, 0.1, window=9) < 40
     np.testing.assert_allclose(smooth_curve(curve, 1), curve)
-    assert smooth_curve([1.0, 2.0, 3.0], 3).tolist() == pytest.approx([4 / 3, 2.0, 8 / 3])
+
+
+def test_smoothing_is_the_moving_average_inside_and_unbiased_at_the_ends():
+    rng = np.random.default_rng(3)
+    values = rng.standard_normal(60)
+    inner = np.convolve(values, np.ones(9) / 9, mode="valid")  # the centred mean of width 9
+    np.testing.assert_allclose(smooth_curve(values, 9)[4:-4], inner)
+    ramp = 3.0 - 0.02 * np.arange(40)  # a line is kept, its ends included (a padded mean lifts L_T, lowers L_0)
+    np.testing.assert_allclose(smooth_curve(ramp, 9), ramp)
+    np.testing.assert_allclose(smooth_curve(ramp[:5], 9), ramp[:5])  # window shrunk to the curve
+    assert smooth_curve([1.0, 2.0], 9).tolist() == [1.0, 2.0]
+    # a falling noisy curve: the smoothed end points estimate L_0 and L_T without the padded mean's bias
+    t = np.arange(301)
+    clean = 0.5 + 0.9 * np.exp(-t / 40)
+    ends = np.array([smooth_curve(clean + 0.1 * rng.standard_normal(t.size), 33)[[0, -1]] for _ in range(200)])
+    padded = uniform_filter1d(clean, 33, mode="nearest")[0]  # the bias this replaced: 0.08 below L_0
+    assert padded < clean[0] - 0.07
+    assert abs(ends[:, 0].mean() - clean[0]) < 0.5 * (clean[0] - padded)  # a line misses the curvature only
+    assert abs(ends[:, 1].mean() - clean[-1]) < 0.01
 
 
 def test_flat_and_never_converging_curves():

@@ -8,13 +8,32 @@ import numpy as np
 import pytest
 
 from lightning_ttp import Prediction
-from lightning_ttp.pipeline.run_state import PredictorState, converge_step, eta, real_run_diverged, refit_steps
+from lightning_ttp.pipeline.run_state import (
+    PredictorState,
+    converge_step,
+    eta,
+    real_run_diverged,
+    refit_steps,
+    relinearisation_steps,
+)
 
 
 def test_refit_steps_are_the_live_fractions_of_the_run_from_step_2():
     assert refit_steps(1000) == [20, 50, 100, 250, 500]
     assert refit_steps(40) == [2, 4, 10, 20]  # 2 % of 40 falls before step 2: dropped; the rest rounded
     assert refit_steps(0) == [] and refit_steps(3) == []
+
+
+def test_relinearisation_steps_spend_the_counted_budget_in_order():
+    # a call at k counts the kernel (passes + contraction + extras = 10) and (T − k) simulated steps at 0.1
+    counts = {"components": {"passes": 6.0, "contraction": 3.0, "extras": 1.0, "simulation": 20.0},
+              "simulated_steps": 200, "run_macs": 1000.0, "predicted_macs": 30.0}
+    steps = [2, 5, 10, 20, 40]  # of T = 100: calls count 19.8, 19.5, 19, 18, 16
+    assert relinearisation_steps(steps, counts, 100, share=0.0) == [2]  # 19.8 + 19.5 > 30: the first only
+    assert relinearisation_steps(steps, counts, 100, share=0.01) == [2, 5]  # 39.3 <= 40 < 58.3
+    assert relinearisation_steps(list(reversed(steps)), counts, 100, share=0.1) == steps  # 92.3 <= 130
+    assert relinearisation_steps(steps, None, 100, share=1e6) == [2]  # nothing counted: the first call only
+    assert relinearisation_steps([], counts, 100, share=1.0) == []
 
 
 def test_real_run_diverged_reads_the_latest_loss():

@@ -113,10 +113,12 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         refine_every: after the fixed early refits, refit every this many optimiser steps
             (default: ~2 % of the run).
         refine_budget: maximal share of the wall clock spent on the periodic refits.
-        relinearise_budget: share of the run's wall clock the closed loop may spend
-            re-linearising on top of the fit-start prediction's own cost (a call is skipped when
-            it would exceed that; the refits go on): the first call, early in the run, costs
-            about what the fit-start kernel did and so happens on runs of any length.
+        relinearise_budget: share of the run's cost the closed loop may spend re-linearising on
+            top of the fit-start prediction's own cost, both counted in multiply-adds at fit
+            start (:func:`lightning_ttp.pipeline.run_state.relinearisation_steps`: never timed, so
+            the same calls are made on any machine at any load; a call that would exceed it is
+            skipped, the refits go on). The first call, early in the run, counts no more than
+            the fit-start prediction and is made on runs of any length.
         budget: shrink the kernel (a smaller subset or the trace kernel) only when the exact
             kernel on ``num_samples`` would count more multiply-adds than this multiple of the
             run (default 1; :mod:`lightning_ttp.pipeline.budget`: counted from the model's shapes, never
@@ -236,7 +238,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         self._converge_cache: dict[float, int | None] = {}
         self._fit_start_time: float | None = None
         self._loop: ClosedLoop | None = None  # this fit only, holds the fit-start kernel: rank zero, or every rank
-        self._loop_cost: float | None = None  # predicted seconds of the next re-linearisation
+        self._relinearise_at: set[int] = set()  # the loop's steps that fit its counted budget
         self._sharding: Any = None  # the kernel's Sharding across the ranks (None: not split)
         self._loop_dead = False  # sharded: this rank stopped its loop; all ranks stop at the next loop step
 
@@ -483,8 +485,8 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
                 smoothing_window=default_smoothing_window(plan.steps_per_epoch, plan.full_batch),
                 output_fn=run.output_fn, projection_dim=self.projection_dim,
                 num_paths=self.num_paths, seed=self.seed, sharding=sharding)
-            diag = run.prediction.diagnostics
-            self._loop_cost = float(diag.kernel_seconds or 0.0) + float(diag.simulation_seconds or 0.0)
+            self._relinearise_at = set(run_state.relinearisation_steps(
+                self._loop.steps, run.prediction.diagnostics.extra.get("budget"), plan.steps, self.relinearise_budget))
         plan_info = plan.describe()
         plan_info["num_samples"] = n
         state = PredictorState(run.prediction, None, plan_info, rows, predicted - start,
@@ -608,17 +610,17 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             self._loop_dead = True
 
     def _maybe_relinearise(self, trainer: Any, pl_module: Any, step: int) -> None:
-        """Re-linearise at the loop's steps (2, 5, 10, 20, 40 % of the run) when the call fits
-        the budget: the loop's total cost stays within ``relinearise_budget`` of the run plus the
-        fit-start prediction's own cost, so the first call (about what the fit-start kernel cost)
-        happens on runs of any length, and the later ones as the run's length affords them."""
+        """Re-linearise at the loop's steps (2, 5, 10, 20, 40 % of the run) that fit its counted
+        budget (chosen at fit start: the loop's total count stays within ``relinearise_budget``
+        of the run's plus the fit-start prediction's), so the first call happens on runs of any
+        length, and the later ones as the run's length affords them."""
         loop, k = self._loop, step // self.step_unit
         assert loop is not None
         if k not in loop.steps:
             return
         observed = self.observed_losses
         go = self._relinearise_now(k, observed)
-        if self._sharding is not None:  # rank zero decides (time budget) and sends its losses: one call on every rank
+        if self._sharding is not None:  # rank zero sends its losses: one call on every rank, on the same input
             strategy = trainer.strategy
             if not strategy.reduce_boolean_decision(not self._loop_dead, all=True):
                 self._loop = None  # a rank stopped its loop: every rank stops
@@ -640,22 +642,21 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
                 self._fail("re-linearising the model", error)
             return
         self.state.live_seconds += live.seconds
-        self._loop_cost = live.seconds
         self.state.live_loss, self.state.live_step = live.loss.tolist(), k
         self.state.refinement = None  # the next refit starts from the new curve
         self._converge_cache.clear()
         if trainer.is_global_zero and trainer.loggers:
             metrics = {"ttp/kernel_scale": float(live.drift.scale), "ttp/kernel_alignment": float(live.drift.alignment)}
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+            try:
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=step)
+            except Exception as exc:  # noqa: BLE001 - failure policy: warn and continue
+                self._fail("logging to the loggers", exc)
 
     def _relinearise_now(self, k: int, observed: list[float]) -> bool:
-        """Whether the closed loop's call at step k fits its time budget (this process's clock)."""
-        sps = self.seconds_per_step()
-        if len(observed) != k or sps is None or self._loop_cost is None:
-            return False  # a resumed or partly observed run, or no timing yet: the refits go on alone
-        allowed = self.relinearise_budget * (self.planned_steps or 0) * sps + float(self.state.cost_seconds or 0.0)
-        return self.state.live_seconds + self._loop_cost <= allowed
+        """Whether the closed loop calls at step k: one of the steps its counted budget allows, with
+        every loss up to k observed (not on a resumed or partly observed run: the refits go on alone)."""
+        return len(observed) == k and k in self._relinearise_at
 
     def _log_progress(self, trainer: Any, step: int) -> None:
         if not trainer.loggers:

@@ -110,6 +110,8 @@ class KernelChoice:
             component ``lookahead``: k training steps, the kernel again at w_k, the continuation
             and its control).
         processes: the processes the kernel is split across (the counts are one process's).
+        simulated_steps: the steps the ``simulation`` component counts (the run and its
+            continuation).
     """
 
     num_samples: int
@@ -122,6 +124,7 @@ class KernelChoice:
     forward_macs: float = 0.0
     processes: int = 1
     lookahead: bool = True
+    simulated_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -193,7 +196,7 @@ def choose_kernel(
     optimizer: torch.optim.Optimizer,
     plan: RunPlan,
     *,
-    budget: float,
+    budget: float | None,
     floor_macs: float = FLOOR_MACS,
     output_fn: Callable | None = None,
     num_paths: int = 8,
@@ -202,7 +205,8 @@ def choose_kernel(
 ) -> KernelChoice:
     """The exact kernel on all of ``inputs`` unless the prediction counts more than ``budget`` ×
     the run and ``floor_macs``; else the largest subset (exact, or the trace kernel on more
-    samples) that fits. Deterministic: counts only (module docstring).
+    samples) that fits. Deterministic: counts only (module docstring). ``budget=None``: no cap,
+    the exact kernel on all of ``inputs`` with its counts (for the closed loop's counted budget).
 
     ``inputs``/``targets`` hold the candidate subset (N_max samples, a seeded random draw); the
     chosen N are its first N samples, so the caller should pass them shuffled; ``output_fn``,
@@ -210,7 +214,7 @@ def choose_kernel(
     ``processes``: the data-parallel processes the kernel and the run are split across (one
     process's counts are compared, module docstring).
     """
-    if not 0 < budget <= 1000:
+    if budget is not None and not 0 < budget <= 1000:
         raise ValueError(f"budget must be a share of the run's cost in (0, 1000], e.g. 1.0; got {budget!r}")
     spec = OptimizerSpec.from_optimizer(optimizer)
     n_max = int(targets.shape[0])
@@ -218,7 +222,7 @@ def choose_kernel(
     forward = forward_macs(model, inputs, output_fn)
     run = run_macs(plan, forward)
     processes = max(1, int(processes))
-    allowed = max(budget * run / processes, floor_macs)
+    allowed = math.inf if budget is None else max(budget * run / processes, floor_macs)
     steps = max(plan.steps, round(continuation * plan.steps))
     counts: dict[str, Any] = {}
 
@@ -240,22 +244,25 @@ def choose_kernel(
         ahead = (k * (min(n, plan.effective_batch_size) * 3.0 * forward + STEP_OVERHEAD_MACS) / processes
                  + components["passes"] + components["contraction"] + 2 * components["simulation"]) if k else 0.0
         # within the cap, and at most LOOKAHEAD_SHARE of the run unless the whole is under the floor
-        look = bool(k) and total + ahead <= allowed and ahead <= max(LOOKAHEAD_SHARE * run / processes,
-                                                                     floor_macs - total)
+        look = bool(k) and (budget is None or total + ahead <= allowed and ahead <= max(
+            LOOKAHEAD_SHARE * run / processes, floor_macs - total))
         if k and not look:
             reason += (f"; no look-ahead (it would count more than the cap, or than {LOOKAHEAD_SHARE:.0%} of the "
                        "run)")
         across = f" across {processes} processes" if processes > 1 else ""
-        share = f"{budget:g} × one process's share of the run's {run:.2g}" if processes > 1 else \
-            f"{budget:g} × the run's {run:.2g}"
-        reason += across + (f" (counted {total:.2g} multiply-adds: kernel "
-                   f"{components['passes'] + components['contraction'] + components['extras']:.2g}, simulation of up "
-                   f"to {steps} steps {components['simulation']:.2g}; cap {allowed:.2g} = "
-                   + (f"{share})" if allowed > floor_macs else f"the floor, more than {share})"))
+        if budget is None:
+            reason += across + f" (no cost cap: counted {total:.2g} multiply-adds against the run's {run:.2g})"
+        else:
+            share = (f"{budget:g} × one process's share of the run's {run:.2g}" if processes > 1 else
+                     f"{budget:g} × the run's {run:.2g}")
+            kernel_count = components["passes"] + components["contraction"] + components["extras"]
+            reason += across + (f" (counted {total:.2g} multiply-adds: kernel {kernel_count:.2g}, simulation of "
+                                f"up to {steps} steps {components['simulation']:.2g}; cap {allowed:.2g} = "
+                                + (f"{share})" if allowed > floor_macs else f"the floor, more than {share})"))
         if look:
             total += ahead
             components["lookahead"] = ahead
-        return KernelChoice(n, kind, total, allowed, run, reason, components, forward, processes, look)
+        return KernelChoice(n, kind, total, allowed, run, reason, components, forward, processes, look, steps)
 
     def largest_fitting(kind: str, above: int = 0) -> int | None:
         return next((n for n in _candidates(n_max) if n > above and sum(parts(kind, n).values()) <= allowed), None)

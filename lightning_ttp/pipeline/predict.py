@@ -84,7 +84,8 @@ def predict_run(
     exact kernel on the whole subset is kept unless it would count more than that; then the
     subset and kind are chosen to fit (:func:`lightning_ttp.pipeline.budget.choose_kernel`: multiply-adds
     counted from the model's shapes, never timed, so the choice is the same on any machine). The
-    choice is in ``prediction.diagnostics["budget"]``; ``budget=None`` uses the whole subset.
+    choice is in ``prediction.diagnostics["budget"]``; ``budget=None`` uses the whole subset (its
+    counts are reported all the same, without a projection: the closed loop's budget uses them).
 
     With ``lookahead`` (default, when it fits the cost cap on top of the kernel: it is dropped
     before the kernel is shrunk) the open-loop prediction is corrected by a look-ahead of a few
@@ -108,16 +109,18 @@ def predict_run(
     # one row per sample (flattened sequences regrouped), the token loss resolved: every part sees the same
     loss, targets, output_fn, _ = per_sample_view(model, inputs, targets, loss, output_fn)
     choice, kind, available = None, "auto", int(targets.shape[0])
-    if budget is not None and projection_dim is None and targets.shape[0] > MIN_SAMPLES:
+    capped = budget is not None and available > MIN_SAMPLES
+    if projection_dim is None:  # counted even without a cap: the closed loop's budget is a count too
         order = torch.randperm(targets.shape[0], generator=torch.Generator().manual_seed(seed))
         order = order.to(targets.device)
-        choice = choose_kernel(model, index_batch(inputs, order), targets[order], optimizer, plan, budget=budget,
-                               output_fn=output_fn, num_paths=num_paths, continuation=continuation,
-                               processes=1 if sharding is None else sharding.world_size)
+        choice = choose_kernel(model, index_batch(inputs, order), targets[order], optimizer, plan,
+                               budget=budget if capped else None, output_fn=output_fn, num_paths=num_paths,
+                               continuation=continuation, processes=1 if sharding is None else sharding.world_size)
         if choice.num_samples < targets.shape[0]:
             keep = order[: choice.num_samples].sort().values
             inputs, targets = index_batch(inputs, keep), targets[keep]
-        kind = choice.kernel
+        if capped:
+            kind = choice.kernel
     kernel = estimate_kernel(model, inputs, targets, spec, loss=loss, output_fn=output_fn, kernel=kind,
                              projection_dim=projection_dim, seed=seed, batch_size=plan.effective_batch_size,
                              sharding=sharding)
@@ -125,13 +128,14 @@ def predict_run(
     prediction = simulate_plan(kernel, spec, plan, method=method, num_paths=num_paths, seed=seed,
                                continuation=continuation)
     diverged = prediction.diverged if sharding is None else sharding.rank_zero(prediction.diverged)
-    if lookahead and not diverged and (choice is None or choice.lookahead):
+    if lookahead and not diverged and (not capped or choice is None or choice.lookahead):
         prediction = _looked_ahead(prediction, model, optimizer, spec, inputs, targets, plan, subset_kernel, loss=loss,
                                    output_fn=output_fn, projection_dim=projection_dim, num_paths=num_paths, seed=seed,
                                    sharding=sharding)
     if choice is not None:
         prediction.diagnostics.extra["budget"] = choice.to_dict()
-        if choice.num_samples < available or choice.kernel == "trace" or (lookahead and not choice.lookahead):
+        shrunk = choice.num_samples < available or choice.kernel == "trace" or (lookahead and not choice.lookahead)
+        if capped and shrunk:
             prediction.diagnostics.warnings.append(f"cost cap: {choice.reason}.")
     return RunPrediction(prediction, kernel, spec, inputs, targets, output_fn)
 

@@ -23,7 +23,8 @@ from ..dynamics.training_time import epsilon_training_time
 from .prediction import Prediction, plain_python
 from .refine import Refinement, refine_curve
 
-__all__ = ["LIVE_FRACTIONS", "PredictorState", "converge_step", "eta", "real_run_diverged", "refit_steps"]
+__all__ = ["LIVE_FRACTIONS", "PredictorState", "converge_step", "eta", "real_run_diverged", "refit_steps",
+           "relinearisation_steps"]
 
 #: fractions of the planned run at which the closed loop refits, whatever the time budget
 LIVE_FRACTIONS = (0.02, 0.05, 0.1, 0.25, 0.5)
@@ -156,6 +157,35 @@ def refit_steps(planned_steps: int) -> list[int]:
     """The steps of the fixed early refits: :data:`LIVE_FRACTIONS` of ``planned_steps``, rounded,
     at least step 2, each once (a fraction that falls before step 2 is dropped)."""
     return sorted({max(2, int(round(f * planned_steps))) for f in LIVE_FRACTIONS if f * planned_steps >= 2})
+
+
+def relinearisation_steps(loop_steps: Sequence[int], counts: dict[str, Any] | None, total_steps: int,
+                          share: float) -> list[int]:
+    """The closed loop's steps whose re-linearisations fit its budget, decided at fit start from
+    counts (never timed: the same steps on any machine, at any load).
+
+    A call at step k counts the kernel at w_k (the fit-start kernel's passes, contraction and
+    extras: same subset, same kind) and the simulation of the T − k remaining steps (the fit-start
+    simulation's count per simulated step). The first call is always made (it counts no more than
+    the fit-start prediction: runs of any length get one); each later one while the loop's total
+    stays within ``share`` × the run's count plus the fit-start prediction's count. ``counts`` is
+    the prediction's ``diagnostics["budget"]`` (:class:`lightning_ttp.pipeline.budget.KernelChoice`);
+    without it (a projected kernel is not counted) only the first call is made.
+    """
+    steps = sorted(int(k) for k in loop_steps)
+    if not steps or counts is None:
+        return steps[:1]
+    parts = counts["components"]
+    kernel = parts.get("passes", 0.0) + parts.get("contraction", 0.0) + parts.get("extras", 0.0)
+    per_step = parts.get("simulation", 0.0) / max(int(counts.get("simulated_steps") or total_steps), 1)
+    allowed = share * counts["run_macs"] + counts["predicted_macs"]
+    chosen, spent = [], 0.0
+    for k in steps:
+        cost = kernel + per_step * (total_steps - k)
+        if not chosen or spent + cost <= allowed:
+            chosen.append(k)
+            spent += cost
+    return chosen
 
 
 def real_run_diverged(observed: Sequence[float]) -> bool:
