@@ -24,7 +24,7 @@ from lightning_ttp.pipeline.closed_loop import (
 )
 from lightning_ttp.pipeline.closed_loop.blend import _blend_weight, _speed, power_law_curve
 from lightning_ttp.pipeline.closed_loop.continuation import _stability_capped
-from lightning_ttp.pipeline.closed_loop.drift import drift_multiplier
+from lightning_ttp.pipeline.closed_loop.drift import drift_multiplier, growth_multiplier, residual_growth
 from lightning_ttp.pipeline.closed_loop.state import _current_state
 
 pytestmark = pytest.mark.usefixtures("_one_thread")  # tests/conftest.py
@@ -117,14 +117,15 @@ def test_momentum_state_is_what_makes_it_exact():
     assert np.max(np.abs(carried.continuation - dropped.continuation)) > 1e-3  # the exact match is 1e-9
 
 
-def test_closed_loop_stays_exact_over_several_calls():
+@pytest.mark.parametrize("extrapolate", ["growth", "scale"])
+def test_closed_loop_stays_exact_over_several_calls(extrapolate):
     """Drift extrapolation, stability cap and speed calibration leave an exact linearisation unchanged."""
     x, y = data(1)
     model = random_features_model(3)
     opt = optimizer("momentum", [p for p in model.parameters() if p.requires_grad])
     spec = spec_of(opt)
     loop = ClosedLoop(spec, x, y, T, estimate_kernel(model, x, y, spec), fractions=(0.1, 0.3, 0.6),
-                      extrapolate_drift=True)
+                      extrapolate_drift=extrapolate)
     assert loop.steps == [3, 9, 18]
     preds = []
     real = train(model, opt, x, y, T, at=loop.steps, callback=lambda t, losses: preds.append(loop.update(model, opt,
@@ -135,6 +136,9 @@ def test_closed_loop_stays_exact_over_several_calls():
         np.testing.assert_allclose(p.loss[p.step:real.size], real[p.step:], rtol=0.03)  # joined, power-law blend
         np.testing.assert_allclose(p.multiplier, 1.0, atol=1e-9)
         np.testing.assert_allclose(p.continuation, real[p.step:], rtol=1e-4)
+        assert p.drift.growth == pytest.approx(1.0, abs=1e-9)  # a constant kernel does not grow
+    with pytest.raises(ValueError, match="extrapolate_drift must be"):
+        relinearised_prediction(model, opt, spec, x, y, [1.0, 0.9], T, loop.start, extrapolate_drift="trace")
 
 
 def test_adam_kernel_and_first_moment_against_hand_computation():
@@ -214,6 +218,41 @@ def test_drift_multiplier_follows_a_logarithmic_trend():
     t = np.arange(15, 60)
     np.testing.assert_allclose(m, (alpha + beta * np.log1p(t)) / (alpha + beta * np.log1p(15)), rtol=1e-10)
     assert drift_multiplier(hist, 15, 60, max_drift=1.2).max() == pytest.approx(1.2)
+
+
+def test_growth_along_the_loss_gradient_matches_the_jacobians():
+    # Θ = J Jᵀ per group: rᵀΘr = ‖Jᵀr‖², so g = Σ η‖J_kᵀr‖² / Σ η‖J_0ᵀr‖² (full kernel, rows (i, c));
+    # the trace kernel K = ΦΦᵀ (N, N) gives Σ_c ‖Φᵀ r_c‖²
+    rng = np.random.default_rng(1)
+    n, c, lrs = 6, 3, [0.2, 0.7]
+    j0, jk = ([rng.standard_normal((n * c, 5)) for _ in lrs] for _ in range(2))
+    r = rng.standard_normal((n, c))
+    expected = (sum(eta * np.sum((j.T @ r.reshape(-1)) ** 2) for eta, j in zip(lrs, jk))
+                / sum(eta * np.sum((j.T @ r.reshape(-1)) ** 2) for eta, j in zip(lrs, j0)))
+    grams = [[torch.as_tensor(j @ j.T) for j in js] for js in (j0, jk)]
+    assert residual_growth(*grams, torch.as_tensor(r), lrs) == pytest.approx(expected, rel=1e-12)
+    phi0, phik = rng.standard_normal((n, 4)), rng.standard_normal((n, 4))
+    trace = residual_growth([torch.as_tensor(phi0 @ phi0.T)], [torch.as_tensor(phik @ phik.T)],
+                            torch.as_tensor(r), [1.0])
+    assert trace == pytest.approx(np.sum((phik.T @ r) ** 2) / np.sum((phi0.T @ r) ** 2), rel=1e-12)
+    drift = kernel_drift(*grams, torch.as_tensor([0, 1, 2, 0, 1, 2]), lrs, num_outputs=c, step=3,
+                         residual=torch.as_tensor(r))
+    assert drift.growth == pytest.approx(expected, rel=1e-12)
+    assert np.isnan(kernel_drift(*grams, torch.as_tensor([0, 1, 2, 0, 1, 2]), lrs, num_outputs=c).growth)
+
+
+def test_growth_multiplier_continues_the_last_two_calls_on_a_log_clock():
+    hist = [KernelDrift(10, 1.0, 0.0, 0.0, 1.2), KernelDrift(20, 1.0, 0.0, 0.0, 1.5)]
+    beta = 0.3 / np.log(21 / 11)
+    t = np.arange(20, 200)
+    np.testing.assert_allclose(growth_multiplier(hist, 20, 200, max_drift=10.0),
+                               (1.5 + beta * np.log((1 + t) / 21)) / 1.5, rtol=1e-12)
+    assert growth_multiplier(hist, 20, 200, max_drift=1.1).max() == pytest.approx(1.1)
+    first = growth_multiplier(hist[:1], 10, 50, max_drift=10.0)  # from the fit-start kernel, g_0 = 1
+    np.testing.assert_allclose(first, (1.2 + 0.2 / np.log(11) * np.log((1 + np.arange(10, 50)) / 11)) / 1.2)
+    assert np.all(growth_multiplier(hist, 30, 60) == 1.0)  # no measurement at this step: held
+    unmeasured = [KernelDrift(20, 1.0, 0.0, 0.0)]
+    assert np.all(growth_multiplier(unmeasured, 20, 60) == 1.0)
 
 
 def test_stability_cap_brings_rho_to_one():

@@ -646,7 +646,8 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         self.state.refinement = None  # the next refit starts from the new curve
         self._converge_cache.clear()
         if trainer.is_global_zero and trainer.loggers:
-            metrics = {"ttp/kernel_scale": float(live.drift.scale), "ttp/kernel_alignment": float(live.drift.alignment)}
+            metrics = {"ttp/kernel_scale": float(live.drift.scale), "ttp/kernel_alignment": float(live.drift.alignment),
+                       "ttp/kernel_growth": float(live.drift.growth)}
             try:
                 for logger in trainer.loggers:
                     logger.log_metrics(metrics, step=step)
