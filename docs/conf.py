@@ -10,15 +10,18 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import pkgutil
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from sphinx.pycode import ModuleAnalyzer
 
 import lightning_ttp
 from lightning_ttp.callbacks import _compat as callbacks_compat
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _public_api import public_modules  # noqa: E402
 
 project = "lightning_ttp"
 author = "lightning_ttp contributors"
@@ -74,29 +77,11 @@ napoleon_use_rtype = False
 napoleon_use_ivar = True  # "Attributes:" as a field list: undoc-members lists the attributes themselves
 
 
-def _public_modules() -> list:
-    """The package's public modules, and the public modules of a sub-package without an ``__all__``
-    of its own (``lightning_ttp.pipeline``, ``lightning_ttp.report``): the modules with a page."""
-    found = []
-    for info in pkgutil.iter_modules(lightning_ttp.__path__, "lightning_ttp."):
-        if info.name.rsplit(".", 1)[1].startswith("_"):
-            continue
-        module = importlib.import_module(info.name)
-        found.append(module)
-        if info.ispkg and not hasattr(module, "__all__"):
-            found += [
-                importlib.import_module(sub.name)
-                for sub in pkgutil.iter_modules(module.__path__, f"{info.name}.")
-                if not sub.name.rsplit(".", 1)[1].startswith("_")
-            ]
-    return found
-
-
 def _top_level_targets() -> list[str]:
     """Each name of ``lightning_ttp.__all__`` with the public module that documents it, relative to
     the package (e.g. ``callbacks.EarlyGiveUp``): the package page links there instead of
     documenting the callbacks a second time."""
-    modules = _public_modules()
+    modules = public_modules()
     targets = []
     for name in lightning_ttp.__all__:
         if name.startswith("_"):
@@ -110,7 +95,7 @@ def _packages_to_expand() -> list[str]:
     """The package itself and every public sub-package without an ``__all__`` of its own (such as
     ``lightning_ttp.report``): their pages list their public modules, each on its own page."""
     return ["lightning_ttp"] + [
-        m.__name__ for m in _public_modules() if hasattr(m, "__path__") and not hasattr(m, "__all__")
+        m.__name__ for m in public_modules() if hasattr(m, "__path__") and not hasattr(m, "__all__")
     ]
 
 
@@ -118,7 +103,7 @@ def _undocumented_constants() -> dict[str, list[str]]:
     """Per public module, the constants of its ``__all__`` without a ``#:`` doc comment: autodoc
     lists module data only with one, so the template adds an ``autodata`` for each."""
     found: dict[str, list[str]] = {}
-    for module in _public_modules():
+    for module in public_modules():
         documented = {name for (_, name) in ModuleAnalyzer.for_module(module.__name__).find_attr_docs()}
         found[module.__name__] = [
             name
