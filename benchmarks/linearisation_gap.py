@@ -6,6 +6,7 @@ Run (from the repository root)::
     python benchmarks/linearisation_gap.py --quick    # 4 cases
     python benchmarks/linearisation_gap.py --seed 2 --json /tmp/gap.json
     python benchmarks/linearisation_gap.py --arch conv1d --full-n   # + the kernel on all N, ~3 min
+    python benchmarks/linearisation_gap.py --growth   # + the kernel's growth along a GD run, ~1 min more
 
 For cases of ``benchmarks/defaults.py`` (same tasks, models, optimisers and data; nothing but
 defaults passed to ``lightning_ttp.predict_training_time``) three curves are compared:
@@ -30,6 +31,12 @@ linearised model would need a JVP over all N samples a step for), relative error
 "n.c." when a curve is still falling at T. Also the final losses L_T. The summary gives the
 share within for pred vs real, pred vs lin, predN vs lin and lin vs real: where pred ≈ lin and lin ≠ real, the
 error is the network's feature learning, which no estimate of the linearised dynamics removes.
+``--growth`` adds, for the full-batch GD all-layer cases, the kernel's growth along the loss
+gradient during the real run, g_t = ‖J_tᵀ r_t‖² / ‖J_0ᵀ r_t‖² on all N samples (r_t = ∂L/∂f at
+the outputs f_t; J_t the Jacobian at w_t; by autograd, independently of the package's kernel
+code): how much faster the network's current kernel moves the loss down its gradient than the
+fit-start kernel would from the same outputs (what the closed loop's ``extrapolate_drift="growth"``
+measures on the kernel subset, ``closed_loop.drift.residual_growth``).
 The JSON goes to ``benchmarks/results/linearisation_gap.json`` or ``--json PATH``. One thread.
 """
 
@@ -46,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value, jvp
+from torch.func import functional_call, grad_and_value, jvp, vjp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -138,6 +145,50 @@ def run_case(case: D.Case, seed: int, full_n: bool = False) -> dict:
             "lin_vs_real": D.score(times["lin"], times["real"], case.kind)}
 
 
+GROWTH_FRACTIONS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
+
+
+def growth_along_run(case: D.Case, seed: int) -> dict:
+    """g_t (module docstring) at ``GROWTH_FRACTIONS`` of a full-batch GD run, and the loss there."""
+    model = D.fine_tune_model(case, seed).train()
+    x, y = D.make_loader(case, seed).dataset.tensors
+    start = copy.deepcopy(model)
+    w0 = {n: p.detach() for n, p in start.named_parameters() if p.requires_grad}
+    buffers = {n: b.detach() for n, b in start.named_buffers()}
+
+    def outputs_at_start(w):  # buffers cloned: train-mode BatchNorm updates its running statistics
+        return functional_call(start, ({**w}, {n: b.clone() for n, b in buffers.items()}), (x,))
+
+    optimizer = D.make_optimizer(case, model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    at = {round(f * case.steps): f for f in GROWTH_FRACTIONS}
+    out = {}
+    for t in range(case.steps + 1):
+        if t in at:
+            f = model(x)
+            loss = F.cross_entropy(f, y)
+            r = torch.autograd.grad(loss, f, retain_graph=True)[0]
+            now = sum(float((g ** 2).sum()) for g in torch.autograd.grad(f, trainable, r))
+            _, pull = vjp(outputs_at_start, w0)
+            then = sum(float((g ** 2).sum()) for g in pull(r)[0].values())
+            out[str(at[t])] = {"step": t, "loss": float(loss), "growth": now / then}
+        if t == case.steps:
+            break
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return {"case": asdict(case), "seed": seed, "at": out}
+
+
+def print_growth(rows: list[dict]) -> None:
+    print("\n== growth of the kernel along the loss gradient, g_t = |J_t^T r_t|^2 / |J_0^T r_t|^2, real GD runs ==")
+    print("arch   N     T | " + "  ".join(f"{f:>5.0%}" for f in GROWTH_FRACTIONS) + " | loss at the same steps")
+    for r in rows:
+        c, at = r["case"], r["at"]
+        print(f"{c['arch']:6} {c['n']:5} {c['steps']:4} | " + "  ".join(f"{v['growth']:5.2f}" for v in at.values())
+              + " | " + " ".join(f"{v['loss']:.3f}" for v in at.values()))
+
+
 def _t(v) -> str:
     return "nc" if v is None else str(v)
 
@@ -182,6 +233,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=1, help="fine-tuning seed, held out from pre-training's 0")
     parser.add_argument("--arch", choices=sorted(D.TASKS), default=None, help="only this architecture's cases")
     parser.add_argument("--full-n", action="store_true", help="also predict with the kernel on all N (predN)")
+    parser.add_argument("--growth", action="store_true", help="also the kernel's growth along the GD runs")
     parser.add_argument("--json", type=Path, default=None, help="write the JSON here instead of results/")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -198,9 +250,13 @@ def main(argv=None) -> dict:
     for name, s in summary.items():
         print(f"  {name:10}" + "".join(f"   {key.replace('_vs_', ' vs ')} {'-' if v is None else f'{v:.0%}'}"
                                        for key, v in s.items()))
+    growth = [growth_along_run(case_of(s, args.seed), args.seed) for s in specs
+              if args.growth and s[1] == "all" and s[3] == "GD"]
+    if growth:
+        print_growth(growth)
     summary["seconds"] = time.perf_counter() - start
     print(f"run time {summary['seconds']:.0f} s")
-    out = {"summary": summary, "rows": rows, "seed": args.seed}
+    out = {"summary": summary, "rows": rows, "seed": args.seed, "growth": growth}
     print(f"JSON: {_results.save('linearisation_gap', out, args.json)}")
     return summary
 
