@@ -102,8 +102,9 @@ def relinearised_prediction(
             multiplies the remaining lrs by m(t) = ĝ(t)/g_k, the growth along the loss gradient
             continued from the last two calls on a log clock
             (:func:`~lightning_ttp.pipeline.closed_loop.drift.growth_multiplier`; on
-            ``benchmarks/defaults.py``'s all-layer fine-tunes through the callback it lowered the
-            live median error at 10 / 25 / 50 % of the run from 31 / 27 / 17 % to 27 / 24 / 14 %);
+            ``benchmarks/live_drift.py``, the all-layer fine-tunes of ``benchmarks/defaults.py``
+            through the callback, it lowered the live median error at 10 / 25 / 50 % of the run
+            from 34 / 27 / 17 % to 29 / 26 / 14 %);
             ``True`` or ``"scale"`` by the kernel trace's log trend
             (:func:`~lightning_ttp.pipeline.closed_loop.drift.drift_multiplier`; it did not
             measurably help on ``benchmarks/fidelity.py``, see docs/prediction.md); ``False``:
