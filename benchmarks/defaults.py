@@ -58,7 +58,7 @@ Columns of the tables:
   seed;
 * ``ε=x pred/real err ok``: predicted and real T_ε, relative error, within the threshold (y/n);
 * kernel: the prediction's diagnostics — kernel kind, samples used, and the budget's choice
-  (``diagnostics.extra["budget"]``: samples/kernel it picked; "-" when no budget applied);
+  (``diagnostics.extra["budget"]``: samples/kernel it picked and the counts);
 * cost: wall-clock of ``predict_training_time`` / of the plain training loop's steps;
 * callback table: open-loop (fit-start) error and the live error at 10/25/50 % of the run
   ("live") next to the power law L(t) = a + b(t+1)^(−c) fitted to the same observed prefix

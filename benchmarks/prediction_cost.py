@@ -18,7 +18,7 @@ What is measured
   alone; the loss on all N samples after every step is recorded outside the timed part.
   Three seeds (``--quick``: two); the mean curve is the reference for the prediction's error.
 * Error of a prediction: T_ε of the mean predicted curve vs T_ε of the mean real curve
-  (smoothed by a centred moving average of width 5) for ε ∈ {0.1, 0.4}, and the largest
+  (smoothed over a centred window of width 5, ``smooth_curve``) for ε ∈ {0.1, 0.4}, and the largest
   gap between the two curves relative to the real drop L_0 − min L.
 * Where the error comes from: the same optimiser (real ``torch.optim``, same loader seeds)
   training the *linearised* model f0 + J (w − w0) (J by ``torch.func.jacrev``). Prediction vs

@@ -14,7 +14,7 @@ Protocol
   batches 150/30, high {1.0}.
 * Real: the fine-tuning itself; its loss on the whole training set is recorded at every
   step (outside the timed part). Smoothing before measuring T_ε: none for GD, a centred
-  moving average of width 5 for SGD (``smooth_curve``).
+  window of width 5 for SGD (``smooth_curve``: the moving average inside, a line at the ends).
 * Predicted: ``lightning_ttp.api`` — one kernel per (backbone, trainable set), then per run
   ``simulate`` with method ``discrete`` (default for GD), ``mc`` (default for SGD, 8 paths),
   ``ode`` (ELR) and ``sde`` (8 paths).

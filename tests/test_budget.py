@@ -129,6 +129,16 @@ def test_predict_run_uses_the_choice_on_a_seeded_random_part_of_the_subset(monke
     assert not any("cost cap" in w for w in full.prediction.diagnostics.warnings)
 
 
+def test_the_uncapped_counts_describe_the_kernel_the_estimate_uses():
+    # N·C above FULL_KERNEL_MAX: "auto" estimates the trace kernel, and the counts are the trace kernel's
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 50))
+    x, y = torch.randn(64, 5), torch.randint(0, 50, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = predict_run(model, (x, y), opt, plan_run((x, y), opt, 10), budget=None, num_paths=1, lookahead=False)
+    assert run.prediction.diagnostics.kernel == "trace" == run.prediction.diagnostics["budget"]["kernel"]
+
+
 def test_the_count_leaves_the_model_the_optimiser_and_the_rng_as_they_were():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 32), nn.BatchNorm1d(32), nn.Dropout(0.2), nn.Linear(32, 4))

@@ -44,6 +44,9 @@ def test_smoothing_is_the_moving_average_inside_and_unbiased_at_the_ends():
     np.testing.assert_allclose(smooth_curve(ramp, 9), ramp)
     np.testing.assert_allclose(smooth_curve(ramp[:5], 9), ramp[:5])  # window shrunk to the curve
     assert smooth_curve([1.0, 2.0], 9).tolist() == [1.0, 2.0]
+    diverged = np.concatenate([ramp[:-1], [np.inf]])  # a non-finite loss: returned as it is, never converged
+    np.testing.assert_array_equal(smooth_curve(diverged, 9), diverged)
+    assert epsilon_training_time(diverged, 0.1, window=9) is None
     # a falling noisy curve: the smoothed end points estimate L_0 and L_T without the padded mean's bias
     t = np.arange(301)
     clean = 0.5 + 0.9 * np.exp(-t / 40)

@@ -33,6 +33,9 @@ def test_relinearisation_steps_spend_the_counted_budget_in_order():
     assert relinearisation_steps(steps, counts, 100, share=0.01) == [2, 5]  # 39.3 <= 40 < 58.3
     assert relinearisation_steps(list(reversed(steps)), counts, 100, share=0.1) == steps  # 92.3 <= 130
     assert relinearisation_steps(steps, None, 100, share=1e6) == [2]  # nothing counted: the first call only
+    # the kernel split across 4 processes: the counts are one process's, and so is the run's share
+    split = {**counts, "processes": 4}
+    assert relinearisation_steps(steps, split, 100, share=0.04) == [2, 5]  # 39.3 <= 30 + 10 < 58.3
     assert relinearisation_steps([], counts, 100, share=1.0) == []
 
 

@@ -152,8 +152,8 @@ def final_summary(predictor: Any) -> str:
     if state.live_step is not None:
         lines.append(f"  closed loop: re-linearised last at step {state.live_step} ({state.live_seconds:.2f} s in all)")
     elif predictor.refine:
-        lines.append(f"  closed loop: not re-linearised (each call would exceed {predictor.relinearise_budget:.0%} of "
-                     "this run's time plus the fit-start prediction's cost); the curve was refitted to the observed "
+        lines.append("  closed loop: not re-linearised (the run ended before the loop's first step, was resumed from a "
+                     "checkpoint, or the loop stopped: see the warnings); the curve was refitted to the observed "
                      "losses")
     sps = predictor.seconds_per_step()
     if sps is not None and predictor.fit_seconds() is not None:

@@ -118,7 +118,8 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             start (:func:`lightning_ttp.pipeline.run_state.relinearisation_steps`: never timed, so
             the same calls are made on any machine at any load; a call that would exceed it is
             skipped, the refits go on). The first call, early in the run, counts no more than
-            the fit-start prediction and is made on runs of any length.
+            the fit-start prediction and is made on runs of any length. With ``projection_dim``
+            (a kernel the counts do not cover) only the first call is made.
         budget: shrink the kernel (a smaller subset or the trace kernel) only when the exact
             kernel on ``num_samples`` would count more multiply-adds than this multiple of the
             run (default 1; :mod:`lightning_ttp.pipeline.budget`: counted from the model's shapes, never
@@ -187,7 +188,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
         shares = (("refine_budget", refine_budget, 1.0), ("relinearise_budget", relinearise_budget, 1e6))
         for name, share, top in shares:
             if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= top:
-                raise ValueError(f"{name} must be a share of the run's wall clock in [0, {top:g}], got {share!r}.")
+                raise ValueError(f"{name} must be a share of the run in [0, {top:g}], got {share!r}.")
         if refine_budget == 0:
             raise ValueError("refine_budget must be > 0 (pass refine=False to turn the closed loop off).")
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))

@@ -38,13 +38,14 @@ def smooth_curve(values, window: int = 1) -> np.ndarray:
     """Local linear smoothing over a centred window of odd width ``window`` (an even one is
     widened by one; one longer than the curve shrinks to the curve's largest odd length):
     the centred moving average inside, the line fitted to the first / last ``window`` values
-    within half a window of the ends (module docstring). A straight line is left unchanged."""
+    within half a window of the ends (module docstring). A straight line is left unchanged; a
+    curve with non-finite values (a diverged run) is returned as it is (it never converged)."""
     v = np.asarray(values, dtype=float)
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     window = window | 1
     window = min(window, v.size if v.size % 2 == 1 else v.size - 1)
-    if window < 3:
+    if window < 3 or not np.all(np.isfinite(v)):
         return v.copy()
     return savgol_filter(v, window, 1, mode="interp")
 

@@ -58,6 +58,7 @@ from ..kernel import count_ntk_macs
 from ..kernel.batch import batch_size as sample_count
 from ..kernel.modes import preserve_modes
 from .data import take
+from .estimate import FULL_KERNEL_MAX
 from .lookahead import lookahead_steps
 from .outputs import flat_output_fn, model_outputs
 from .plan import RunPlan
@@ -96,7 +97,7 @@ class KernelChoice:
         num_samples: kernel subset size N.
         kernel: "full" or "trace".
         predicted_macs: the whole prediction's count at that choice.
-        budget_macs: ``max(budget × run_macs, FLOOR_MACS)``.
+        budget_macs: ``max(budget × run_macs / processes, FLOOR_MACS)`` (``inf`` without a cap).
         run_macs: the run's count (:func:`run_macs`).
         reason: one sentence for the summary.
         components: the count of each part at the choice, in training-step multiply-adds
@@ -202,11 +203,13 @@ def choose_kernel(
     num_paths: int = 8,
     continuation: float = 2.0,
     processes: int = 1,
+    kernel: str = "full",
 ) -> KernelChoice:
     """The exact kernel on all of ``inputs`` unless the prediction counts more than ``budget`` ×
     the run and ``floor_macs``; else the largest subset (exact, or the trace kernel on more
     samples) that fits. Deterministic: counts only (module docstring). ``budget=None``: no cap,
-    the exact kernel on all of ``inputs`` with its counts (for the closed loop's counted budget).
+    the ``kernel`` kind ("full", "trace" or "auto": the one the estimate will use) on all of ``inputs``
+    with its counts (for the closed loop's counted budget; ``budget_macs`` is then ``inf``).
 
     ``inputs``/``targets`` hold the candidate subset (N_max samples, a seeded random draw); the
     chosen N are its first N samples, so the caller should pass them shuffled; ``output_fn``,
@@ -267,6 +270,13 @@ def choose_kernel(
     def largest_fitting(kind: str, above: int = 0) -> int | None:
         return next((n for n in _candidates(n_max) if n > above and sum(parts(kind, n).values()) <= allowed), None)
 
+    if budget is None:
+        if kernel == "auto":  # as estimate_kernel resolves it
+            parts("trace", n_max)  # the cheaper count, for the number of outputs
+            kernel = "full" if n_max * counts["trace"].num_outputs <= FULL_KERNEL_MAX else "trace"
+        if kernel not in ("full", "trace"):
+            raise ValueError(f"kernel must be 'full', 'trace' or 'auto', got {kernel!r}")
+        return choice(kernel, n_max, f"{'exact' if kernel == 'full' else 'trace'} kernel on all {n_max} samples")
     full = largest_fitting("full")
     if full == n_max:
         return choice("full", n_max, f"exact kernel on all {n_max} samples")

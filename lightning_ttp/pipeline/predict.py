@@ -19,6 +19,7 @@ caller estimates the kernel once and simulates many "what-if" settings on it
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -113,14 +114,20 @@ def predict_run(
     if projection_dim is None:  # counted even without a cap: the closed loop's budget is a count too
         order = torch.randperm(targets.shape[0], generator=torch.Generator().manual_seed(seed))
         order = order.to(targets.device)
-        choice = choose_kernel(model, index_batch(inputs, order), targets[order], optimizer, plan,
-                               budget=budget if capped else None, output_fn=output_fn, num_paths=num_paths,
-                               continuation=continuation, processes=1 if sharding is None else sharding.world_size)
-        if choice.num_samples < targets.shape[0]:
+        count = functools.partial(choose_kernel, model, index_batch(inputs, order), targets[order], optimizer, plan,
+                                  output_fn=output_fn, num_paths=num_paths, continuation=continuation,
+                                  processes=1 if sharding is None else sharding.world_size)
+        if capped:
+            choice = count(budget=budget)
+            kind = choice.kernel
+        else:
+            try:  # the kind the estimate's "auto" uses; a model the counter cannot read keeps its prediction
+                choice = count(budget=None, kernel="auto")
+            except Exception:  # noqa: BLE001 - the counts only serve the closed loop's budget
+                choice = None
+        if choice is not None and choice.num_samples < targets.shape[0]:
             keep = order[: choice.num_samples].sort().values
             inputs, targets = index_batch(inputs, keep), targets[keep]
-        if capped:
-            kind = choice.kernel
     kernel = estimate_kernel(model, inputs, targets, spec, loss=loss, output_fn=output_fn, kernel=kind,
                              projection_dim=projection_dim, seed=seed, batch_size=plan.effective_batch_size,
                              sharding=sharding)

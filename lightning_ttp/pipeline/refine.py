@@ -47,7 +47,8 @@ __all__ = [
 def smooth_losses(losses: Sequence[float] | np.ndarray, window: int) -> np.ndarray:
     """The package's one smoothing of real (noisy) loss curves before measuring their
     ε-training-time: :func:`lightning_ttp.dynamics.training_time.smooth_curve` (local linear fit
-    over a centred window of odd width: the moving average inside, unbiased by the ends)."""
+    over a centred window of odd width: the moving average inside, a line fitted to the first /
+    last window at the ends)."""
     return smooth_curve(losses, window)
 
 

@@ -168,7 +168,8 @@ def relinearisation_steps(loop_steps: Sequence[int], counts: dict[str, Any] | No
     extras: same subset, same kind) and the simulation of the T − k remaining steps (the fit-start
     simulation's count per simulated step). The first call is always made (it counts no more than
     the fit-start prediction: runs of any length get one); each later one while the loop's total
-    stays within ``share`` × the run's count plus the fit-start prediction's count. ``counts`` is
+    stays within ``share`` × one process's share of the run's count plus the fit-start
+    prediction's count (both one process's when the kernel is split across processes). ``counts`` is
     the prediction's ``diagnostics["budget"]`` (:class:`lightning_ttp.pipeline.budget.KernelChoice`);
     without it (a projected kernel is not counted) only the first call is made.
     """
@@ -178,7 +179,8 @@ def relinearisation_steps(loop_steps: Sequence[int], counts: dict[str, Any] | No
     parts = counts["components"]
     kernel = parts.get("passes", 0.0) + parts.get("contraction", 0.0) + parts.get("extras", 0.0)
     per_step = parts.get("simulation", 0.0) / max(int(counts.get("simulated_steps") or total_steps), 1)
-    allowed = share * counts["run_macs"] + counts["predicted_macs"]
+    # the counts are one process's (the kernel split across processes): so is the run's share
+    allowed = share * counts["run_macs"] / max(1, int(counts.get("processes") or 1)) + counts["predicted_macs"]
     chosen, spent = [], 0.0
     for k in steps:
         cost = kernel + per_step * (total_steps - k)
