@@ -378,14 +378,19 @@ class RealRun:
     seconds: float
 
 
+def outputs_at(model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` with ``params`` in place of those parameters, in the model's mode, on copies of
+    its buffers: train-mode BatchNorm updates the copies, the model's running statistics stay."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    return torch.func.functional_call(model, (params, buffers), (x,))
+
+
 def training_set_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """The loss on every training sample at the current weights, in train mode as the steps run
     (BatchNorm on the batch's statistics), on copies of the buffers: the running statistics and
     everything the next step sees are left as they were."""
-    params = dict(model.named_parameters())
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
     with torch.no_grad():
-        return F.cross_entropy(torch.func.functional_call(model, {**params, **buffers}, (x,)), y).item()
+        return F.cross_entropy(outputs_at(model, dict(model.named_parameters()), x), y).item()
 
 
 def plain_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, steps: int) -> RealRun:

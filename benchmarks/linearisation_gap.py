@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value, jvp, vjp
+from torch.func import grad_and_value, jvp, vjp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -89,11 +89,9 @@ def linearised_training(model: torch.nn.Module, case: D.Case, loader, steps: int
     ``case``'s optimiser on ``loader``'s batches (module docstring, "lin")."""
     model = copy.deepcopy(model).train()
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
 
-    def net(w, x):  # buffers cloned: train-mode BatchNorm would update captured running stats in place
-        return functional_call(model, ({**w, **frozen}, {n: b.clone() for n, b in buffers.items()}), (x,))
+    def net(w, x):  # the frozen parameters are the model's own; train-mode BatchNorm runs on buffer copies
+        return D.outputs_at(model, w, x)
 
     holder = torch.nn.Module()
     holder.delta = torch.nn.ParameterList([torch.zeros_like(w) for w in trainable.values()])
@@ -154,10 +152,9 @@ def growth_along_run(case: D.Case, seed: int) -> dict:
     x, y = D.make_loader(case, seed).dataset.tensors
     start = copy.deepcopy(model)
     w0 = {n: p.detach() for n, p in start.named_parameters() if p.requires_grad}
-    buffers = {n: b.detach() for n, b in start.named_buffers()}
 
-    def outputs_at_start(w):  # buffers cloned: train-mode BatchNorm updates its running statistics
-        return functional_call(start, ({**w}, {n: b.clone() for n, b in buffers.items()}), (x,))
+    def outputs_at_start(w):
+        return D.outputs_at(start, w, x)
 
     optimizer = D.make_optimizer(case, model)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -135,7 +135,7 @@ def predict_run(
     prediction = simulate_plan(kernel, spec, plan, method=method, num_paths=num_paths, seed=seed,
                                continuation=continuation)
     diverged = prediction.diverged if sharding is None else sharding.rank_zero(prediction.diverged)
-    if lookahead and not diverged and (not capped or choice is None or choice.lookahead):
+    if lookahead and not diverged and (choice is None or choice.lookahead):
         prediction = _looked_ahead(prediction, model, optimizer, spec, inputs, targets, plan, subset_kernel, loss=loss,
                                    output_fn=output_fn, projection_dim=projection_dim, num_paths=num_paths, seed=seed,
                                    sharding=sharding)

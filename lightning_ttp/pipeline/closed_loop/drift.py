@@ -146,8 +146,8 @@ def growth_multiplier(history: Sequence[KernelDrift], step: int, total_steps: in
     kernel, g_0 = 1, stands before the first call); ones when g_k is not measured."""
     points = [(0, 1.0)] + [(d.step, d.growth) for d in history if np.isfinite(d.growth) and d.step > 0]
     t = np.arange(step, total_steps, dtype=np.float64)
-    (j, g_j), (k, g_k) = points[-2:] if len(points) > 1 else ((0, 1.0), (0, 1.0))
-    if k == 0 or k != step or g_k <= 0:
+    (j, g_j), (k, g_k) = points[-2:] if len(points) > 1 else (points[0], points[0])
+    if k != step or k == 0 or g_k <= 0:  # nothing measured at this step: the kernel held
         return np.ones_like(t)
     beta = (g_k - g_j) / np.log((1.0 + k) / (1.0 + j))
     return np.clip((g_k + beta * np.log((1.0 + t) / (1.0 + k))) / g_k, 1.0 / max_drift, max_drift)
