@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lightning_ttp.kernel import Sharding, empirical_ntk
-from lightning_ttp.kernel.shard import shard_bounds
+from lightning_ttp.kernel.shard import shard_bounds, triangle_bounds
 from lightning_ttp.pipeline.estimate import estimate_kernel
 from tests.conftest import GLOO_EXIT_ABORT
 
@@ -133,6 +133,43 @@ def test_shard_bounds_cover_the_samples_once():
             assert bounds[0][0] == 0 and bounds[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
             assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
+
+
+def test_triangle_bounds_balance_the_upper_triangle():
+    for n in (8, 13, 256, 1000):
+        for world in (2, 3, 8):
+            edges = triangle_bounds(n, world)
+            assert edges[0] == 0 and edges[-1] == n and all(b > a for a, b in zip(edges, edges[1:]))
+            areas = [(edges[r + 1] - edges[r]) * (n - edges[r]) for r in range(world)]
+            assert sum(areas) >= n * (n + 1) // 2  # the blocks cover the upper triangle
+            assert max(areas) - min(areas) <= 2 * n, (n, world, areas)  # a boundary row moves ≤ 2n products
+    with pytest.raises(ValueError, match="world_size"):
+        triangle_bounds(2, 3)
+
+
+def test_gather_upper_assembles_the_symmetric_matrix():
+    """Three processes' upper-triangle blocks (two groups, two rows per sample) give back the whole
+    symmetric matrix on every process; the collective is faked in one process."""
+    n, unit, world = 11, 2, 3
+    g = torch.randn(2, n * unit, 5, generator=torch.Generator().manual_seed(0))
+    full = g @ g.transpose(1, 2)
+    full = full.triu() + full.triu(1).transpose(1, 2)  # exactly symmetric
+    sent: dict[int, torch.Tensor] = {}
+
+    def sharding(rank: int) -> Sharding:
+        return Sharding(rank, world, lambda t: (sent.__setitem__(rank, t), [sent.get(r, t) for r in range(world)])[1])
+
+    def block(rank: int) -> torch.Tensor:
+        a, b = sharding(rank).contraction_rows(n)
+        return full[:, a * unit : b * unit, a * unit :]
+
+    for rank in range(world):  # every process posts its block first
+        sharding(rank).gather_upper(block(rank), n, unit)
+    for rank in range(world):
+        got = sharding(rank).gather_upper(block(rank), n, unit)
+        assert torch.equal(got, full), rank
+    with pytest.raises(ValueError, match="block"):
+        sharding(0).gather_upper(full, n, unit)
 
 
 def test_one_process_sharding_changes_nothing():

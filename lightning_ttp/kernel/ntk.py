@@ -143,9 +143,10 @@ def empirical_ntk(
             a collective: every process calls with the same model weights, inputs and options).
             Process r runs the forward and backward passes of its contiguous shard only; the
             per-sample factors (or random features, or fallback Jacobian rows) are all-gathered,
-            each process contracts its row block Θ[shard, :] against all of them (the same ghost or
-            materialised choice as one process, made for all N), the row blocks are all-gathered
-            and symmetrised. Every process returns the same NTK, equal to the one-process NTK up to
+            each process contracts one block of the Gram's upper triangle, Θ[a_r:a_{r+1}, a_r:]
+            (about the same products on every process; the same ghost or materialised choice as
+            one process, made for all N), and the blocks are all-gathered, the lower triangle
+            their transposes. Every process returns the same NTK, equal to the one-process NTK up to
             float rounding. Fewer than 2 samples per process: not split.
 
     Raises:
@@ -230,41 +231,39 @@ def _empirical_ntk(
             timings["passes"] += time.perf_counter() - tick
 
     f0 = torch.cat(outputs)
-    rows = slice(lo, hi) if sharded else None
+    # sharded: this process contracts the upper-triangle block Θ[a:b, a:] against the samples [a, N)
+    a, b = sharding.contraction_rows(n) if sharded else (0, n)
+    rows = slice(0, b - a) if sharded else None
+    unit = num_outputs if kernel == "full" else 1
 
-    def gathered(part: torch.Tensor) -> torch.Tensor:  # a shard's rows → all N rows, on every process
-        tock = time.perf_counter()
-        full = sharding.gather_rows(part, n) if sharded else part
-        timings["gather"] += time.perf_counter() - tock
-        return full
-
-    f0 = gathered(f0)
     tick, gathering = time.perf_counter(), timings["gather"]
+    parts = {key: chunks if projected else _concat(chunks) for key, chunks in per_group.items()}
+    per_group.clear()
+    if sharded:  # every shard's factors (or features) to every process; only the samples [a, N) are contracted
+        tock = time.perf_counter()
+        f0 = sharding.gather_rows(f0, n)
+        for key, part in parts.items():
+            parts[key] = (sharding.gather_rows(part, n)[a:] if projected else dataclasses.replace(
+                part, **{f: sharding.gather_rows(getattr(part, f), n)[a:] for f in _sample_fields(part)}))
+        timings["gather"] += time.perf_counter() - tock
     grams = []
     for g in range(len(groups)):
-        keys = [key for key in per_group if key[0] == g]
         gram = None
-        for key in keys:
+        for key in [key for key in parts if key[0] == g]:
             if projected:
-                part = _gram_of_features(gathered(per_group.pop(key)), kernel, rows)
+                part = _gram_of_features(parts.pop(key), kernel, rows)
             else:
-                term = _concat(per_group.pop(key))
-                if sharded:
-                    term = dataclasses.replace(term, **{f: gathered(getattr(term, f)) for f in _sample_fields(term)})
-                part, how = term.gram(kernel, rows)
+                part, how = parts.pop(key).gram(kernel, rows, samples=n)
                 for name in _term_names(key, adapters, fallback, names, group_of):
                     methods.setdefault(name, how)
             gram = part if gram is None else gram + part
-        size = n * num_outputs if kernel == "full" else n
         if gram is None:
-            height = size if rows is None else size * (hi - lo) // n
-            gram = torch.zeros(height, size, dtype=dtype, device=_device(model))
+            gram = torch.zeros((b - a) * unit, (n - a) * unit, dtype=dtype, device=_device(model))
         grams.append(gram)
-    if sharded:  # the row blocks Θ_g[shard, :] of every group, gathered at once and symmetrised
-        block = torch.stack([g.reshape(hi - lo, -1) for g in grams], 1)
-        size = n * num_outputs if kernel == "full" else n
-        full = gathered(block)
-        grams = [(lambda m: (m + m.T) / 2)(full[:, i].reshape(size, size)) for i in range(len(grams))]
+    if sharded:  # the upper-triangle blocks of every group, gathered at once; below them their transposes
+        tock = time.perf_counter()
+        grams = list(sharding.gather_upper(torch.stack(grams), n, unit).unbind(0))
+        timings["gather"] += time.perf_counter() - tock
     if projected:
         for name in list(methods):
             methods[name] = f"{projection} projection ({methods[name]})"

@@ -3,10 +3,13 @@
 Under data parallelism (``torch.distributed``, e.g. Lightning's DDP strategies) every process holds
 the whole model, so the O(N·C) forward and backward passes of the empirical NTK split by samples:
 process r of W computes the per-sample factors (or Jacobian rows, or random features) of its
-contiguous shard ``[N·r/W, N·(r+1)/W)`` only; the factors are all-gathered, each process
-contracts its row block Θ[shard, :] against all of them, and the row blocks are all-gathered.
-Every process ends with the same Gram, equal to a one-process Gram on the same samples up to float
-rounding (the same contractions, blocked differently).
+contiguous shard ``[N·r/W, N·(r+1)/W)`` only, and the factors are all-gathered. The Gram is
+symmetric, so the contraction splits its upper triangle: process r contracts the block
+Θ[a_r:a_{r+1}, a_r:] (:func:`triangle_bounds`: edges that give every process about the same
+m_r·(N − a_r) products, ≈ 0.38 of the whole Gram each at W = 2, → 1/(2W) for many processes),
+the blocks are all-gathered and the lower triangle is filled by their transposes
+(:meth:`Sharding.gather_upper`). Every process ends with the same Gram, equal to a one-process
+Gram on the same samples up to float rounding (the same dot products, blocked differently).
 
 A :class:`Sharding` is the whole interface: the rank, the world size, and an ``all_gather`` that
 returns one equal-shaped tensor per process in rank order. It is pure torch: build it from a
@@ -16,6 +19,7 @@ gather (the Lightning callback passes ``trainer.strategy.all_gather``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +28,7 @@ import torch
 
 from lightning_ttp.kernel.batch import slice_batch
 
-__all__ = ["Sharding", "map_rows", "shard_bounds"]
+__all__ = ["Sharding", "map_rows", "shard_bounds", "triangle_bounds"]
 
 #: shards smaller than this are not worth a collective: below ``MIN_SHARD`` samples per process
 #: every process computes the whole kernel (identical inputs, the same result)
@@ -36,6 +40,35 @@ AllGather = Callable[[torch.Tensor], "torch.Tensor | Sequence[torch.Tensor]"]
 def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
     """``[start, stop)`` of process ``rank``'s contiguous shard of ``n`` samples (sizes differ by ≤ 1)."""
     return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def triangle_bounds(n: int, world_size: int) -> list[int]:
+    """Edges ``0 = a_0 < a_1 < … < a_W = n`` of the upper triangle's row blocks Θ[a_r:a_{r+1}, a_r:]
+    with areas m_r·(n − a_r) (m_r = a_{r+1} − a_r) as equal as whole rows allow; every block holds
+    at least one row (``n ≥ world_size``). Found by bisection on the common area A: the first W − 1
+    blocks take ⌈A/(n − a_r)⌉ rows each, the last one the rest."""
+    if not 1 <= world_size <= n:
+        raise ValueError(f"need 1 <= world_size <= n, got world_size={world_size}, n={n}")
+
+    def edges(area: float) -> list[int]:
+        out = [0]
+        for r in range(world_size - 1):
+            left = n - out[-1]
+            out.append(out[-1] + min(max(1, math.ceil(area / left)), left - (world_size - 1 - r)))
+        return out + [n]
+
+    def largest(e: list[int]) -> int:
+        return max((e[r + 1] - e[r]) * (n - e[r]) for r in range(world_size))
+
+    lo, hi, best = 0.0, float(n * n), edges(n * n / world_size)
+    for _ in range(64):
+        mid = (lo + hi) / 2
+        e = edges(mid)
+        if largest(e) < largest(best):
+            best = e
+        last = (n - e[-2]) ** 2
+        lo, hi = (mid, hi) if last > mid else (lo, mid)
+    return best
 
 
 @dataclass(frozen=True)
@@ -105,6 +138,43 @@ class Sharding:
             raise RuntimeError(f"all_gather returned {len(pieces)} tensors for {self.world_size} processes")
         full = torch.cat([piece[:size] for piece, size in zip(pieces, sizes, strict=True)])
         return full.to(device=part.device, dtype=part.dtype)
+
+    def contraction_rows(self, n: int) -> tuple[int, int]:
+        """This process's ``[a_r, a_{r+1})``: the rows of the upper-triangle block Θ[a_r:a_{r+1}, a_r:]
+        it contracts (:func:`triangle_bounds`; all rows when not :meth:`active`)."""
+        if not self.active(n):
+            return 0, n
+        edges = triangle_bounds(n, self.world_size)
+        return edges[self.rank], edges[self.rank + 1]
+
+    def gather_upper(self, block: torch.Tensor, n: int, unit: int = 1) -> torch.Tensor:
+        """The symmetric ``(..., n·unit, n·unit)`` matrix whose upper-triangle blocks each process
+        holds: ``block`` (..., m·unit, (n − a)·unit) = Θ[a:a+m, a:] for its :meth:`contraction_rows`
+        ``[a, a + m)``, ``unit`` rows per sample (C for a full kernel). Below the diagonal blocks the
+        matrix is the transpose of what is above, exactly."""
+        if not self.active(n):
+            return block
+        edges = [e * unit for e in triangle_bounds(n, self.world_size)]
+        size = n * unit
+        shapes = [(edges[r + 1] - edges[r], size - edges[r]) for r in range(self.world_size)]
+        lead = block.shape[:-2]
+        if tuple(block.shape[-2:]) != shapes[self.rank]:
+            raise ValueError(f"rank {self.rank} holds a {tuple(block.shape[-2:])} block, its rows "
+                             f"need {shapes[self.rank]}")
+        device = block.device if self.device is None else torch.device(self.device)
+        flat = block.reshape(-1, block.shape[-2] * block.shape[-1])
+        padded = flat.new_zeros((flat.shape[0], max(h * w for h, w in shapes)), device=device)
+        padded[:, : flat.shape[1]] = flat
+        gathered = self.all_gather(padded)
+        pieces = list(gathered.unbind(0) if isinstance(gathered, torch.Tensor) else gathered)
+        if len(pieces) != self.world_size:
+            raise RuntimeError(f"all_gather returned {len(pieces)} tensors for {self.world_size} processes")
+        out = flat.new_empty((flat.shape[0], size, size), device=device)
+        for (lo, hi), (h, w), piece in zip(zip(edges[:-1], edges[1:]), shapes, pieces, strict=True):
+            part = piece[:, : h * w].view(-1, h, w)
+            out[:, lo:hi, lo:] = part
+            out[:, hi:, lo:hi] = part[:, :, h:].transpose(1, 2)
+        return out.view(*lead, size, size).to(block.device)
 
     def rank_zero(self, flag: bool) -> bool:
         """Rank zero's ``flag`` on every process (a collective): a branch that leads into

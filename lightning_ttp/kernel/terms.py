@@ -149,7 +149,7 @@ def _ghost_gram(a_fn, deltas: torch.Tensor, kernel: str, only: slice | None = No
         if kernel == "trace":
             return torch.einsum("icd,jcd->ij", deltas[only, :, 0], deltas[:, :, 0]) * ka
         flat = deltas.reshape(n * c, d)
-        out = flat @ flat.T if m == n else flat[only.start * c : only.stop * c] @ flat.T
+        out = _self_product(flat) if m == n else flat[only.start * c : only.stop * c] @ flat.T
         out.view(m, c, n, c).mul_(ka[:, None, :, None])
         return out
     out = deltas.new_zeros((m * c, n * c) if kernel == "full" else (m, n))
@@ -178,8 +178,10 @@ class Term:
     num_parameters: int
     deltas: torch.Tensor  # (N, C, P, d) or for DenseTerm the features
 
-    def gram(self, kernel: str, rows: slice | None = None) -> tuple[torch.Tensor, str]:
-        """Θ_w (or, with ``rows``, its row block Θ_w[rows, :] of those samples) and how it was contracted."""
+    def gram(self, kernel: str, rows: slice | None = None, samples: int | None = None) -> tuple[torch.Tensor, str]:
+        """Θ_w (or, with ``rows``, its row block Θ_w[rows, :] of those samples) and how it was contracted;
+        ``samples``: the sample count the ghost or materialised contraction is chosen for (default:
+        the samples held; a process contracting part of a sharded kernel passes the whole N)."""
         raise NotImplementedError
 
     def slices(self) -> Iterator[tuple[int, torch.Tensor]]:
@@ -215,7 +217,7 @@ class DenseTerm(Term):
     def num_parameters(self) -> int:  # type: ignore[override]
         return self.features.shape[-1]
 
-    def gram(self, kernel: str, rows: slice | None = None) -> tuple[torch.Tensor, str]:
+    def gram(self, kernel: str, rows: slice | None = None, samples: int | None = None) -> tuple[torch.Tensor, str]:
         return _gram_of_features(self.features, kernel, rows), "materialised"
 
     def slices(self) -> Iterator[tuple[int, torch.Tensor]]:
@@ -254,8 +256,8 @@ class OuterTerm(Term):
     def _input_kernel(self, rows: slice, cols: slice) -> torch.Tensor:
         return torch.einsum("ipa,jqa->ijpq", self.inputs[rows], self.inputs[cols])
 
-    def gram(self, kernel: str, rows: slice | None = None) -> tuple[torch.Tensor, str]:
-        ghost, materialised = self.flops(kernel)
+    def gram(self, kernel: str, rows: slice | None = None, samples: int | None = None) -> tuple[torch.Tensor, str]:
+        ghost, materialised = self.flops(kernel, samples)
         if ghost <= materialised:
             if self.scale is not None:
                 return _scaled_dense_ghost(self.inputs[:, 0], self.deltas[:, :, 0], self.scale, kernel, rows), "ghost"
@@ -332,10 +334,10 @@ class IndexTerm(Term):
         g.scatter_add_(2, index[:, None, :, None].expand(n, c, p, d), self.deltas)
         return g[:, :, :-1].reshape(n, c, -1)
 
-    def gram(self, kernel: str, rows: slice | None = None) -> tuple[torch.Tensor, str]:
+    def gram(self, kernel: str, rows: slice | None = None, samples: int | None = None) -> tuple[torch.Tensor, str]:
         n, c, p, d = self.deltas.shape
         used = torch.unique(self.ids)
-        ghost, materialised = index_flops(n, c, p, d, len(used), kernel)
+        ghost, materialised = index_flops(samples or n, c, p, d, len(used), kernel)
         if ghost <= materialised:
             return _ghost_gram(self._input_kernel, self.deltas, kernel, rows), "ghost"
         return _gram_of_features(self._scatter(used), kernel, rows), "materialised"
@@ -404,8 +406,8 @@ class ConvTerm(Term):
         kernel = self.geometry[0]
         return (self.images.shape[1] * math.prod(kernel) + self.bias) * self.deltas.shape[-1]
 
-    def gram(self, kernel: str, rows: slice | None = None) -> tuple[torch.Tensor, str]:
-        return self._outer().gram(kernel, rows)
+    def gram(self, kernel: str, rows: slice | None = None, samples: int | None = None) -> tuple[torch.Tensor, str]:
+        return self._outer().gram(kernel, rows, samples)
 
     def slices(self, rows_per_block: int = PROJECTION_ROWS) -> Iterator[tuple[int, torch.Tensor]]:
         return self._outer().slices(rows_per_block)
