@@ -22,7 +22,7 @@ from lightning_ttp.pipeline.closed_loop import (
     kernel_drift,
     relinearised_prediction,
 )
-from lightning_ttp.pipeline.closed_loop.blend import _blend_weight, _speed, power_law_curve
+from lightning_ttp.pipeline.closed_loop.blend import _blend_weight, _level, _level_along, _speed, power_law_curve
 from lightning_ttp.pipeline.closed_loop.continuation import _stability_capped
 from lightning_ttp.pipeline.closed_loop.drift import drift_multiplier, growth_multiplier, residual_growth
 from lightning_ttp.pipeline.closed_loop.state import _current_state
@@ -274,8 +274,24 @@ def test_speed_calibration_recovers_a_time_warp():
     t = np.arange(61, dtype=np.float64)
     previous = np.exp(-t / 20)
     observed = np.exp(-(10 + 2.0 * (t[:40] - 10).clip(0)) / 20)  # twice as fast from step 10 on
-    assert _speed(previous, 10, observed, prior=1.0) == pytest.approx(2.0, rel=0.05)
-    assert _speed(previous, 10, observed[:12], prior=1.0) == 1.0  # too few observations: no evidence
+    assert _speed(previous, 10, observed, prior=1.0).warp == pytest.approx(2.0, rel=0.05)
+    assert _speed(previous, 10, observed[:12], prior=1.0) is None  # fewer than 3 losses since the call
+
+
+def test_level_from_the_calibration_is_less_noisy_than_a_line():
+    """ℓ_k along the previous curve from all 30 noisy losses since its call, against a line through
+    the last 14 (the first call's rule): under half the error; a warped run's level is followed."""
+    t = np.arange(101, dtype=np.float64)
+    truth = 0.5 + np.exp(-t / 20)
+    rng = np.random.default_rng(0)
+    fitted, line = [], []
+    for _ in range(40):
+        observed = truth[:40] + rng.normal(0, 0.05, 40)
+        fitted.append(_level_along(truth, 10, observed, 1.0) - truth[40])
+        line.append(_level(observed, 40, 7) - truth[40])
+    assert np.sqrt(np.mean(np.square(fitted))) < 0.5 * np.sqrt(np.mean(np.square(line)))
+    faster = 0.5 + np.exp(-(10 + 2.0 * (t - 10).clip(0)) / 20)  # twice as fast from step 10 on
+    assert _level_along(truth, 10, faster[:40], 2.0) == pytest.approx(faster[40], rel=1e-3)
 
 
 def test_checkpoints_and_errors():

@@ -26,7 +26,9 @@ linearisation (faster or slower). At a few steps k of the run (geometric: 2, 5, 
    ŝ(t) = α + β log(1 + t) fitted to (0, 1), (k_j, s_{k_j})
    (scaling Θ by m is scaling η by m), m clipped to [1/``max_drift``, ``max_drift``];
 5. joins the simulated curve S_τ (τ = t − k) to the observed prefix multiplicatively at the
-   observed level ℓ_k (a straight line through the last observed losses, evaluated at k):
+   observed level ℓ_k (the first call: a straight line through the last observed losses,
+   evaluated at k; later calls: the previous call's curve, warped as in 6, moved by the mean of
+   the losses observed since it):
    L̂_t = ℓ_k S_{t−k}/S_0 for t ≥ k, the smoothed observed losses before k;
 6. calibrates the speed: from the second call on, the previous call's curve is fitted to the
    losses observed since its step with :func:`lightning_ttp.pipeline.refine.refine_curve` (time warp

@@ -1,7 +1,9 @@
 """Steps 5–7 of the closed loop: the continuation joined to the observed losses, calibrated, blended.
 
-The join at the observed level ℓ_k (:func:`_level`), the speed warp a fitted to the losses
-observed since the previous call (:func:`_speed`), and the weights of the blend with the power
+The speed warp a of the previous call's curve fitted to the losses observed since
+(:func:`_speed`; the first call: a = 1), the join at the observed level ℓ_k (that warped curve
+moved to the mean of those losses, :func:`_level_along`; the first call: a line through the
+last losses, :func:`_level`), and the weights of the blend with the power
 law fitted to the observed prefix (:func:`power_law_curve`, :func:`_blend_weight`).
 """
 
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..refine import refine_curve
+from ..refine import Refinement, refine_curve
 from .live import LivePrediction
 
 __all__ = ["power_law_curve"]
@@ -29,14 +31,29 @@ def _level(observed: np.ndarray, step: int, window: int) -> float:
     return level if level > 0 else float(y.min())
 
 
-def _speed(previous: np.ndarray, since: int, observed: np.ndarray, prior: float) -> float:
-    """Time warp a of the real run against a previous prediction ``previous`` (steps 0..T) over the
-    losses observed since step ``since`` (MAP fit, log a ~ N(0, prior²), evidence gate 1; 1 without
-    evidence of a difference)."""
+def _speed(previous: np.ndarray, since: int, observed: np.ndarray, prior: float) -> Refinement | None:
+    """The previous prediction ``previous`` (steps 0..T) fitted to the losses observed since step
+    ``since`` (:func:`refine_curve` from ``since`` on: time warp a, MAP with log a ~ N(0, prior²)
+    and evidence gate 1, so a = 1 without evidence of a difference; decrease scale and level);
+    None with fewer than 3 finite losses since."""
     seen = observed[since:]
     if np.isfinite(seen).sum() < 3:
-        return 1.0
-    return refine_curve(np.asarray(previous)[since:], seen, warp_prior=prior, gate=1.0).warp
+        return None
+    return refine_curve(np.asarray(previous)[since:], seen, warp_prior=prior, gate=1.0)
+
+
+def _level_along(previous: np.ndarray, since: int, observed: np.ndarray, warp: float) -> float:
+    """ℓ_k from the previous prediction ``previous`` (steps 0..T), warped by ``warp`` from its call
+    at ``since`` on, moved by the mean of the losses observed since minus the curve there: one
+    parameter fitted to all k − since losses (noise σ/√(k − since); a line's end point has about
+    twice that from the same losses)."""
+    segment = np.asarray(previous, dtype=np.float64)[since:]
+    tau = np.arange(segment.size, dtype=np.float64)
+    shape = np.interp(warp * tau, tau, segment)
+    seen = np.asarray(observed, dtype=np.float64)[since:]
+    keep = np.isfinite(seen)
+    level = float(shape[seen.size] + np.mean(seen[keep] - shape[: seen.size][keep]))
+    return level if level > 0 else float(seen[keep].min())
 
 
 def _power(t, a, b, c):

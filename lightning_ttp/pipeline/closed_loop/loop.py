@@ -19,7 +19,7 @@ from ...kernel.shard import Sharding
 from ..batch_statistics import has_batch_statistics
 from ..estimate import KernelEstimate, standing_for
 from ..refine import default_smoothing_window, smooth_losses
-from .blend import _blend_weight, _level, _speed, power_law_curve
+from .blend import _blend_weight, _level, _level_along, _speed, power_law_curve
 from .continuation import _stability_capped, continuation_batches
 from .drift import drift_multiplier, growth_multiplier, kernel_drift
 from .live import LivePrediction
@@ -159,10 +159,16 @@ def relinearised_prediction(
                             fixed_preconditioner=spec.kind in ("adam", "adamw"))
     cont = res.loss.mean(axis=0)
     # full batch on the whole data set: the simulated loss at k is the run's loss, no join needed
-    level = float(cont[0]) if full_batch and n0 >= n else _level(obs, step, window)
-    joined = level * cont / cont[0] if cont[0] > 0 else cont + (level - cont[0])
     previous = history[-1].info.get("relinearised_loss", history[-1].loss) if history else None
-    warp = _speed(previous, history[-1].step, obs, calibration_prior) if calibrate and history else 1.0
+    calibration = _speed(previous, history[-1].step, obs, calibration_prior) if calibrate and history else None
+    warp = 1.0 if calibration is None else calibration.warp
+    if full_batch and n0 >= n:
+        level = float(cont[0])
+    elif calibration is not None:  # every loss since the previous call, along its curve: less noise than a line
+        level = _level_along(previous, history[-1].step, obs, warp)
+    else:
+        level = _level(obs, step, window)
+    joined = level * cont / cont[0] if cont[0] > 0 else cont + (level - cont[0])
     if warp != 1.0:
         tau = np.arange(joined.size, dtype=np.float64)
         joined = np.interp(warp * tau, tau, joined)
