@@ -130,14 +130,20 @@ class Sharding:
             raise ValueError(f"rank {self.rank} holds {part.shape[0]} rows, its shard has {sizes[self.rank]}")
         wire = part.to(torch.uint8) if part.dtype == torch.bool else part
         device = part.device if self.device is None else torch.device(self.device)
-        padded = wire.new_zeros((max(sizes), *part.shape[1:]), device=device)
-        padded[: part.shape[0]] = wire
+        pieces = self._gather_padded(wire, max(sizes), device)
+        full = torch.cat([piece[:size] for piece, size in zip(pieces, sizes, strict=True)])
+        return full.to(device=part.device, dtype=part.dtype)
+
+    def _gather_padded(self, part: torch.Tensor, rows: int, device: torch.device) -> list[torch.Tensor]:
+        """Every process's ``part``, zero-padded along dim 0 to ``rows`` for the collective, in rank
+        order, on ``device``."""
+        padded = part.new_zeros((rows, *part.shape[1:]), device=device)
+        padded[: part.shape[0]] = part
         gathered = self.all_gather(padded)
         pieces = list(gathered.unbind(0) if isinstance(gathered, torch.Tensor) else gathered)
         if len(pieces) != self.world_size:
             raise RuntimeError(f"all_gather returned {len(pieces)} tensors for {self.world_size} processes")
-        full = torch.cat([piece[:size] for piece, size in zip(pieces, sizes, strict=True)])
-        return full.to(device=part.device, dtype=part.dtype)
+        return pieces
 
     def contraction_rows(self, n: int) -> tuple[int, int]:
         """This process's ``[a_r, a_{r+1})``: the rows of the upper-triangle block Θ[a_r:a_{r+1}, a_r:]
@@ -162,16 +168,11 @@ class Sharding:
             raise ValueError(f"rank {self.rank} holds a {tuple(block.shape[-2:])} block, its rows "
                              f"need {shapes[self.rank]}")
         device = block.device if self.device is None else torch.device(self.device)
-        flat = block.reshape(-1, block.shape[-2] * block.shape[-1])
-        padded = flat.new_zeros((flat.shape[0], max(h * w for h, w in shapes)), device=device)
-        padded[:, : flat.shape[1]] = flat
-        gathered = self.all_gather(padded)
-        pieces = list(gathered.unbind(0) if isinstance(gathered, torch.Tensor) else gathered)
-        if len(pieces) != self.world_size:
-            raise RuntimeError(f"all_gather returned {len(pieces)} tensors for {self.world_size} processes")
-        out = flat.new_empty((flat.shape[0], size, size), device=device)
+        groups = math.prod(lead)
+        pieces = self._gather_padded(block.reshape(-1), groups * max(h * w for h, w in shapes), device)
+        out = block.new_empty((groups, size, size), device=device)
         for (lo, hi), (h, w), piece in zip(zip(edges[:-1], edges[1:]), shapes, pieces, strict=True):
-            part = piece[:, : h * w].view(-1, h, w)
+            part = piece[: groups * h * w].view(groups, h, w)
             out[:, lo:hi, lo:] = part
             out[:, hi:, lo:hi] = part[:, :, h:].transpose(1, 2)
         return out.view(*lead, size, size).to(block.device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..refine import Refinement, refine_curve
+from ..refine import refine_curve
 from .live import LivePrediction
 
 __all__ = ["power_law_curve"]
@@ -31,15 +31,14 @@ def _level(observed: np.ndarray, step: int, window: int) -> float:
     return level if level > 0 else float(y.min())
 
 
-def _speed(previous: np.ndarray, since: int, observed: np.ndarray, prior: float) -> Refinement | None:
-    """The previous prediction ``previous`` (steps 0..T) fitted to the losses observed since step
-    ``since`` (:func:`refine_curve` from ``since`` on: time warp a, MAP with log a ~ N(0, prior²)
-    and evidence gate 1, so a = 1 without evidence of a difference; decrease scale and level);
-    None with fewer than 3 finite losses since."""
+def _speed(previous: np.ndarray, since: int, observed: np.ndarray, prior: float) -> float | None:
+    """Time warp a of the real run against a previous prediction ``previous`` (steps 0..T) over the
+    losses observed since step ``since`` (MAP fit, log a ~ N(0, prior²), evidence gate 1; 1 without
+    evidence of a difference); None with fewer than 3 finite losses since."""
     seen = observed[since:]
     if np.isfinite(seen).sum() < 3:
         return None
-    return refine_curve(np.asarray(previous)[since:], seen, warp_prior=prior, gate=1.0)
+    return refine_curve(np.asarray(previous)[since:], seen, warp_prior=prior, gate=1.0).warp
 
 
 def _level_along(previous: np.ndarray, since: int, observed: np.ndarray, warp: float) -> float:

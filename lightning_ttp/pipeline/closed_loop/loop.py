@@ -160,11 +160,11 @@ def relinearised_prediction(
     cont = res.loss.mean(axis=0)
     # full batch on the whole data set: the simulated loss at k is the run's loss, no join needed
     previous = history[-1].info.get("relinearised_loss", history[-1].loss) if history else None
-    calibration = _speed(previous, history[-1].step, obs, calibration_prior) if calibrate and history else None
-    warp = 1.0 if calibration is None else calibration.warp
+    speed = _speed(previous, history[-1].step, obs, calibration_prior) if calibrate and history else None
+    warp = 1.0 if speed is None else speed
     if full_batch and n0 >= n:
         level = float(cont[0])
-    elif calibration is not None:  # every loss since the previous call, along its curve: less noise than a line
+    elif speed is not None:  # every loss since the previous call, along its curve: less noise than a line
         level = _level_along(previous, history[-1].step, obs, warp)
     else:
         level = _level(obs, step, window)
