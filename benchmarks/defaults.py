@@ -4,6 +4,7 @@ Run (from the repository root)::
 
     python benchmarks/defaults.py            # full grid, ~10 min on 2 shared cores
     python benchmarks/defaults.py --quick    # a ~2-minute subset
+    python benchmarks/defaults.py --long     # 1000-step runs only: the fit-start cost on long runs
     python benchmarks/defaults.py --seeds 1 2 --json /tmp/defaults.json
 
 Nothing but defaults is passed to the entry points:
@@ -70,7 +71,9 @@ Then a summary: share of (case, ε) pairs within the threshold overall, for N �
 all-layer cases and per ε (with how many pairs are "both n.c." and the share among the pairs
 whose real curve converged); the median live and power-law errors at each fraction, over the
 pairs whose real curve converged (a miss counts as +inf); the median cost ratios and the
-prediction's wall clock over its budget's seconds; whether the plain loop and ``Trainer.fit``
+prediction's wall clock over its budget's seconds (on runs of ≥ 1000 steps, ``--long``, the
+callback's fit-start prediction and its closed loop's re-linearisations each over the fit's
+training loop, which includes the re-linearisations); whether the plain loop and ``Trainer.fit``
 gave the same batch losses (same data order and start: the callback rows are scored against
 the plain loop's real T_ε); and a determinism check
 (``predict_training_time`` called twice on one case: are the predicted curves bit-identical?
@@ -151,10 +154,22 @@ class Case:
 TASKS = {"cnn-bn": "digits-oddeven", "conv1d": "waves-shape"}
 
 
-def grid(quick: bool) -> list[Case]:
-    """The benchmark's cases: (layers, N, optimiser, lr fraction of lr* (AdamW: the lr), batch, steps)."""
+#: ``--long``: runs of T = 1000 steps (issue #18: the fit-start prediction, look-ahead included,
+#: within 10 % of the training loop on runs of at least 1000 steps)
+LONG_SPECS = (("all", 1200, "GD", 0.1, 1200, 1000), ("all", 2000, "SGD", 0.3, 64, 1000),
+              ("all", 1200, "AdamW", 1e-3, 64, 1000))
+
+
+def grid(quick: bool, long: bool = False) -> list[Case]:
+    """The benchmark's cases: (layers, N, optimiser, lr fraction of lr* (AdamW: the lr), batch, steps);
+    ``long``: :data:`LONG_SPECS` only."""
     rows = []
     for arch in TASKS:
+        if long:
+            for layers, n, opt, lr, batch, steps in LONG_SPECS:
+                fraction, fixed = (None, lr) if opt == "AdamW" else (lr, 0.0)
+                rows.append(Case(TASKS[arch], arch, layers, n, opt, fraction, batch, steps, fixed))
+            continue
         specs = [
             ("all", 300, "GD", 0.3, 300, 200),
             ("all", 1200, "GD", 0.1, 1200, 200),
@@ -533,6 +548,7 @@ def callback_case(case: Case, seed: int, root: str, reference: dict) -> dict:
             "relinearised": predictor.state.live_step is not None, "live_step": predictor.state.live_step,
             "cost_seconds": predictor.cost_seconds, "loop_seconds": probe.loop_seconds,
             "cost_ratio": (predictor.cost_seconds or float("nan")) / probe.loop_seconds,
+            "live_seconds": predictor.state.live_seconds,
             "diagnostics": None if predictor.prediction is None else diagnostics_summary(predictor.prediction),
             "warnings": sorted({str(w.message)[:160] for w in caught if "lightning_ttp" in str(w.message)})}
 
@@ -635,6 +651,9 @@ def summarise(api: list[dict], cb: list[dict], det: dict | None) -> dict:
         "live_median_error": {}, "median_cost_ratio": {
             "api": float(np.median([r["cost_ratio"] for r in api])) if api else None,
             "callback": float(np.nanmedian([r["cost_ratio"] for r in cb])) if cb else None},
+        "callback_cost_ratio_1000_steps": [r["cost_ratio"] for r in cb if r["case"]["steps"] >= 1000],
+        "closed_loop_cost_ratio_1000_steps": [r["live_seconds"] / r["loop_seconds"] for r in cb
+                                              if r["case"]["steps"] >= 1000],
         "relinearised": sum(r["relinearised"] for r in cb), "determinism": det,
         "same_run": sum(r["same_run"] for r in cb),
         "api_within_sgd": share_within(api, keep=lambda r: r["kind"] == "SGD"),
@@ -688,6 +707,11 @@ def print_summary(s: dict) -> None:
               f"(within {m[f'power_law_within@{f}']:.0%})")
     c = s["median_cost_ratio"]
     print(f"median cost ratio (prediction / training loop): api {c['api']:.2f}, callback {c['callback']:.2f}")
+    long = s["callback_cost_ratio_1000_steps"]
+    if long:
+        print(f"callback on runs of >= 1000 steps ({len(long)} fits): fit-start prediction / training loop "
+              f"median {np.median(long):.3f}, max {max(long):.3f}; the closed loop's re-linearisations / training "
+              f"loop median {np.median(s['closed_loop_cost_ratio_1000_steps']):.3f}")
     o, m = s["api_open_loop_within"], s["median_error"]
     print(f"the same predictions without the look-ahead (open loop): overall {share(o['all'])}; all layers: "
           f"{share(o['all_layers'])}; low lr: {share(o['low_lr'])};")
@@ -712,6 +736,7 @@ def quiet_lightning() -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a ~2-minute subset of the grid")
+    parser.add_argument("--long", action="store_true", help="only the runs of 1000 steps (the fit-start cost)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="fine-tuning seeds, held out from the pre-training's 0 (default 1 2; --quick: 1)")
     parser.add_argument("--json", type=Path, default=None, help="write the JSON here instead of results/")
@@ -723,7 +748,7 @@ def main(argv=None) -> dict:
     warnings.simplefilter("ignore")
     print(f"lightning_ttp from {lightning_ttp.__file__}")
     start = time.perf_counter()
-    cases = grid(args.quick)
+    cases = grid(args.quick, args.long)
     for arch in TASKS:
         pretrained_backbone(arch)
     api, cb = [], []
@@ -740,7 +765,7 @@ def main(argv=None) -> dict:
         print_callback_table(cb)
     summary = summarise(api, cb, det)
     summary["seconds"] = time.perf_counter() - start
-    summary["quick"], summary["seeds"] = args.quick, args.seeds
+    summary["quick"], summary["long"], summary["seeds"] = args.quick, args.long, args.seeds
     print_summary(summary)
     print(f"run time {summary['seconds']:.0f} s")
     out = {"summary": summary, "api_rows": api, "callback_rows": cb}

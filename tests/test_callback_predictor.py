@@ -22,7 +22,7 @@ import lightning_ttp
 from lightning_ttp.callbacks import TrainingTimePredictor
 from lightning_ttp.callbacks import predictor as predictor_module
 from lightning_ttp.callbacks._trainer_state import kernel_sharding, unsupported_strategy
-from lightning_ttp.dynamics import epsilon_training_time
+from lightning_ttp.dynamics import epsilon_training_time, smooth_curve
 from lightning_ttp.pipeline.closed_loop.loop import checkpoint_steps
 from lightning_ttp.pipeline.run_state import relinearisation_steps
 from tests.conftest import GLOO_EXIT_ABORT
@@ -698,6 +698,19 @@ def test_closed_loop_relinearises_within_its_budget_and_survives_a_checkpoint(tm
     restored = _quiet_predictor(num_samples=64)
     restored.load_state_dict(free.state_dict())
     assert restored.state.live_loss == state.live_loss and restored.converge_step(0.1) == free.converge_step(0.1)
+
+
+def test_closed_loop_smooths_mini_batch_losses_against_the_fit_start_curve(tmp_path):
+    """Mini-batches (4 per epoch, smoothing width 5): before the re-linearisation step the live curve
+    is the fit-start curve P plus the moving average of the losses' differences from it."""
+    x, y = _data()
+    cb = _quiet_predictor(num_samples=64, relinearise_budget=1e3)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+    _trainer("pytorch_lightning", tmp_path, max_steps=100, callbacks=[cb]).fit(_module("pytorch_lightning"), loader)
+    k, observed, p = cb.state.live_step, np.asarray(cb.observed_losses), cb.prediction.loss
+    expected = p[:k] + smooth_curve(observed[:k] - p[:k], 5, degree=0)
+    np.testing.assert_allclose(cb.state.live_loss[:k], expected, rtol=1e-12)
+    assert not np.allclose(cb.state.live_loss[:k], smooth_curve(observed[:k], 5))
 
     # no share of the run: the loop may still spend what the fit-start prediction counted, so the
     # first call (at 3 % of this run) is made however short the run, and its total count stays within that

@@ -57,6 +57,16 @@ def test_smoothing_is_the_moving_average_inside_and_unbiased_at_the_ends():
     assert abs(ends[:, 1].mean() - clean[-1]) < 0.01
 
 
+def test_smoothing_of_degree_zero_takes_the_windows_means_at_the_ends():
+    values = np.random.default_rng(4).standard_normal(40)
+    smooth = smooth_curve(values, 9, degree=0)
+    np.testing.assert_allclose(smooth[:5], values[:9].mean())  # the first window's mean, not a line's end
+    np.testing.assert_allclose(smooth[-5:], values[-9:].mean())
+    np.testing.assert_allclose(smooth[4:-4], np.convolve(values, np.ones(9) / 9, mode="valid"))
+    with pytest.raises(ValueError, match="degree must be 0"):
+        smooth_curve(values, 9, degree=2)
+
+
 def test_flat_and_never_converging_curves():
     assert epsilon_training_time(np.full(50, 0.7), 0.1) == 0  # already converged
     rising = np.linspace(1.0, 2.0, 50)  # the loss goes up: never converges

@@ -22,7 +22,14 @@ from lightning_ttp.pipeline.closed_loop import (
     kernel_drift,
     relinearised_prediction,
 )
-from lightning_ttp.pipeline.closed_loop.blend import _blend_weight, _level, _level_along, _speed, power_law_curve
+from lightning_ttp.pipeline.closed_loop.blend import (
+    _blend_weight,
+    _level,
+    _level_along,
+    _smoothed_prefix,
+    _speed,
+    power_law_curve,
+)
 from lightning_ttp.pipeline.closed_loop.continuation import _stability_capped
 from lightning_ttp.pipeline.closed_loop.drift import drift_multiplier, growth_multiplier, residual_growth
 from lightning_ttp.pipeline.closed_loop.state import _current_state
@@ -133,7 +140,7 @@ def test_closed_loop_stays_exact_over_several_calls(extrapolate):
     assert [p.step for p in preds] == loop.steps
     for p in preds:
         assert p.info["warp"] == pytest.approx(1.0, abs=1e-3)
-        np.testing.assert_allclose(p.loss[p.step:real.size], real[p.step:], rtol=0.03)  # joined, power-law blend
+        np.testing.assert_allclose(p.loss[p.step:real.size], real[p.step:], rtol=0.03)  # joined at the level
         np.testing.assert_allclose(p.multiplier, 1.0, atol=1e-9)
         np.testing.assert_allclose(p.continuation, real[p.step:], rtol=1e-4)
         assert p.drift.growth == pytest.approx(1.0, abs=1e-9)  # a constant kernel does not grow
@@ -185,6 +192,29 @@ def test_adamw_continuation_tracks_real_adamw():
     rel = np.abs(live[10].continuation - real[10:]) / real[10:]
     assert rel.max() < 1e-2
     assert live[10].info["adam_step"] == 10
+
+
+@pytest.mark.parametrize("blend", [False, True])
+def test_power_law_blend_only_when_asked(blend):
+    """Default: the live curve is the re-linearised one, no power law fitted; ``blend=True``: after a
+    span of 10 % of T since the previous call, L̂ = w R + (1 − w) P with the exact R weighted near 1."""
+    x, y = data(1)
+    model = random_features_model(3)
+    opt = optimizer("momentum", [p for p in model.parameters() if p.requires_grad])
+    spec = spec_of(opt)
+    loop = ClosedLoop(spec, x, y, T, estimate_kernel(model, x, y, spec), fractions=(0.1, 0.3, 0.6), blend=blend)
+    preds = []
+    train(model, opt, x, y, T, at=loop.steps, callback=lambda t, losses: preds.append(loop.update(model, opt, losses)))
+    last = preds[-1]
+    relinearised, weight = last.info["relinearised_loss"], last.info["blend_weight"]
+    if not blend:
+        assert weight == 1.0 and "power_law_loss" not in last.info
+        np.testing.assert_array_equal(last.loss, relinearised)
+    else:
+        power = last.info["power_law_loss"]
+        assert 0.99 < weight < 1.0
+        np.testing.assert_allclose(last.loss[last.step:],
+                                   weight * relinearised[last.step:] + (1 - weight) * power[last.step:])
 
 
 def test_drift_measures_against_hand_computation():
@@ -292,6 +322,28 @@ def test_level_from_the_calibration_is_less_noisy_than_a_line():
     assert np.sqrt(np.mean(np.square(fitted))) < 0.5 * np.sqrt(np.mean(np.square(line)))
     faster = 0.5 + np.exp(-(10 + 2.0 * (t - 10).clip(0)) / 20)  # twice as fast from step 10 on
     assert _level_along(truth, 10, faster[:40], 2.0) == pytest.approx(faster[40], rel=1e-3)
+
+
+def test_prefix_and_level_smoothed_against_the_expected_curve_keep_the_steep_start():
+    """Noisy losses of a curve that falls by half in its first 10 steps, smoothed over 11: as their
+    difference from an expected curve of the same shape (here 10 % slower, a wrong speed) L_0 and
+    the level at k = 20 are within the noise, where the smoothing of the losses themselves puts L_0
+    far too low (the local line cuts the corner) and takes the level from a line through a curve."""
+    t = np.arange(201, dtype=np.float64)
+    truth = 1.0 + np.exp(-t / 3)
+    expected = 1.0 + np.exp(-t / 3.3)
+    rng = np.random.default_rng(1)
+    start, plain_start, level, plain_level = [], [], [], []
+    for _ in range(50):
+        observed = truth[:20] + rng.normal(0, 0.1, 20)
+        start.append(_smoothed_prefix(observed, 11, expected)[0] - truth[0])
+        plain_start.append(_smoothed_prefix(observed, 11, None)[0] - truth[0])
+        level.append(_level(observed, 20, 11, expected) - truth[20])
+        plain_level.append(_level(observed, 20, 11) - truth[20])
+    assert abs(np.mean(start)) < 0.05 and np.mean(plain_start) < -0.2
+    assert np.sqrt(np.mean(np.square(level))) < 0.3 * np.sqrt(np.mean(np.square(plain_level)))
+    with pytest.raises(ValueError, match="finite at steps 0..19"):
+        _smoothed_prefix(truth[:20], 11, expected[:10])
 
 
 def test_checkpoints_and_errors():

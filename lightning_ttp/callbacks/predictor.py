@@ -484,7 +484,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
                 run.spec, run.inputs, run.targets, plan.steps, run.kernel, lr_schedule=plan.lr_schedule,
                 loss=self.loss, batch_size=plan.effective_batch_size, dataset_size=plan.dataset_size,
                 smoothing_window=default_smoothing_window(plan.steps_per_epoch, plan.full_batch),
-                output_fn=run.output_fn, projection_dim=self.projection_dim,
+                reference=run.prediction.loss, output_fn=run.output_fn, projection_dim=self.projection_dim,
                 num_paths=self.num_paths, seed=self.seed, sharding=sharding)
             self._relinearise_at = set(run_state.relinearisation_steps(
                 self._loop.steps, run.prediction.diagnostics.extra.get("budget"), plan.steps, self.relinearise_budget))

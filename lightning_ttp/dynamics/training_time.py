@@ -34,12 +34,17 @@ __all__ = [
 ]
 
 
-def smooth_curve(values, window: int = 1) -> np.ndarray:
+def smooth_curve(values, window: int = 1, degree: int = 1) -> np.ndarray:
     """Local linear smoothing over a centred window of odd width ``window`` (an even one is
     widened by one; one longer than the curve shrinks to the curve's largest odd length):
     the centred moving average inside, the line fitted to the first / last ``window`` values
     within half a window of the ends (module docstring). A straight line is left unchanged; a
-    curve with non-finite values (a diverged run) is returned as it is (it never converged)."""
+    curve with non-finite values (a diverged run) is returned as it is (it never converged).
+    ``degree=0``: a constant fitted at the ends instead of a line (the mean of the first / last
+    window: half the noise of a line's end, for values with no trend of their own, such as a
+    curve's difference from its expected shape)."""
+    if degree not in (0, 1):
+        raise ValueError(f"degree must be 0 (local constant) or 1 (local line), got {degree}")
     v = np.asarray(values, dtype=float)
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
@@ -47,7 +52,7 @@ def smooth_curve(values, window: int = 1) -> np.ndarray:
     window = min(window, v.size if v.size % 2 == 1 else v.size - 1)
     if window < 3 or not np.all(np.isfinite(v)):
         return v.copy()
-    return savgol_filter(v, window, 1, mode="interp")
+    return savgol_filter(v, window, degree, mode="interp")
 
 
 def _check_eps(eps: float) -> float:

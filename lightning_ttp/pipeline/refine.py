@@ -44,12 +44,12 @@ __all__ = [
 ]
 
 
-def smooth_losses(losses: Sequence[float] | np.ndarray, window: int) -> np.ndarray:
+def smooth_losses(losses: Sequence[float] | np.ndarray, window: int, degree: int = 1) -> np.ndarray:
     """The package's one smoothing of real (noisy) loss curves before measuring their
     ε-training-time: :func:`lightning_ttp.dynamics.training_time.smooth_curve` (local linear fit
     over a centred window of odd width: the moving average inside, a line fitted to the first /
-    last window at the ends)."""
-    return smooth_curve(losses, window)
+    last window at the ends; ``degree=0``: their means)."""
+    return smooth_curve(losses, window, degree)
 
 
 def default_smoothing_window(steps_per_epoch: int | None, full_batch: bool) -> int:

@@ -35,13 +35,15 @@ linearisation (faster or slower). At a few steps k of the run (geometric: 2, 5, 
    a, log a ~ N(0, 1), evidence gate 1) and the new continuation is warped,
    L̂_{k+τ} ← L̂_{k+aτ}: how much faster (a > 1) or slower the real run went than its last
    linearisation;
-7. blends the result R with the power law P fitted to the observed prefix after step k,
-   L̂ = w R + (1 − w) P, w = e_P/(e_R + e_P) from the previous call's out-of-sample mean
-   squared log errors on the losses observed since it (once ≥ 10 % of T lies between them).
+7. with ``blend=True`` (off by default: it did not help through the callback on
+   ``benchmarks/defaults.py``), blends the result R with the power law P fitted to the observed
+   prefix after step k, L̂ = w R + (1 − w) P, w = e_P/(e_R + e_P) from the previous call's
+   out-of-sample mean squared log errors on the losses observed since it (once ≥ 10 % of T lies
+   between them).
 
 For a model that is linear in its parameters steps 1–4 are exact: the continuation equals
 real ``torch.optim.SGD`` training from step k, momentum included (tests check it step by
-step), steps 5–6 change nothing and step 7 gives the exact curve a weight near 1. Adam's
+step), steps 5–6 change nothing and step 7 (when on) gives the exact curve a weight near 1. Adam's
 second moment is held at its value at step k (an approximation).
 
 The modules, by job: :mod:`~lightning_ttp.pipeline.closed_loop.state` (steps 1 and 3),

@@ -1,34 +1,64 @@
 """Steps 5–7 of the closed loop: the continuation joined to the observed losses, calibrated, blended.
 
-The speed warp a of the previous call's curve fitted to the losses observed since
-(:func:`_speed`; the first call: a = 1), the join at the observed level ℓ_k (that warped curve
-moved to the mean of those losses, :func:`_level_along`; the first call: a line through the
-last losses, :func:`_level`), and the weights of the blend with the power
-law fitted to the observed prefix (:func:`power_law_curve`, :func:`_blend_weight`).
+The observed prefix smoothed as its difference from the curve expected before the call
+(:func:`_smoothed_prefix`), the speed warp a of the previous call's curve fitted to the losses
+observed since (:func:`_speed`; the first call: a = 1), the join at the observed level ℓ_k (that
+warped curve moved to the mean of those losses, :func:`_level_along`; the first call: a line
+through the last losses' difference from the expected curve, :func:`_level`), and the weights of
+the blend with the power law fitted to the observed prefix (:func:`power_law_curve`,
+:func:`_blend_weight`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..refine import refine_curve
+from ..refine import refine_curve, smooth_losses
 from .live import LivePrediction
 
 __all__ = ["power_law_curve"]
 
 
-def _level(observed: np.ndarray, step: int, window: int) -> float:
-    """ℓ_k: a straight line through the last max(2·window, 3) observed losses, evaluated at k."""
+def _expected(reference: np.ndarray | None, size: int) -> np.ndarray:
+    """The first ``size`` steps of the expected curve (zeros without one)."""
+    if reference is None:
+        return np.zeros(size)
+    ref = np.asarray(reference, dtype=np.float64).reshape(-1)
+    if ref.size < size or not np.isfinite(ref[:size]).all():
+        raise ValueError(f"the reference curve must be finite at steps 0..{size - 1}, got {ref.size} steps")
+    return ref[:size]
+
+
+def _smoothed_prefix(observed: np.ndarray, window: int, reference: np.ndarray | None) -> np.ndarray:
+    """The observed losses (finite) smoothed as their difference from the expected curve ``reference``
+    (steps 0..): ref + smooth₀(observed − ref), a moving average with the mean of the first / last
+    window at the ends. A local linear fit of the losses themselves cuts the corner of the steep
+    first steps (over one epoch's batches it put L_0 at 1.75 where the run started at 2.17, and
+    every ε-band is measured from L_0); the difference keeps the expected curvature, and with it
+    a constant at the ends has half the noise of a line's end. Without a reference the losses
+    themselves are smoothed (:func:`~lightning_ttp.pipeline.refine.smooth_losses`)."""
+    if reference is None:
+        return smooth_losses(observed, window)
+    ref = _expected(reference, observed.size)
+    return ref + smooth_losses(observed - ref, window, degree=0)
+
+
+def _level(observed: np.ndarray, step: int, window: int, reference: np.ndarray | None = None) -> float:
+    """ℓ_k: a straight line through the last max(2·window, 3) observed losses' difference from the
+    expected curve ``reference`` (the losses themselves without one), evaluated at k, plus the
+    expected curve there."""
+    ref = _expected(reference, step + 1)
     t = np.arange(observed.size, dtype=np.float64)
     keep = np.isfinite(observed)
-    t, y = t[keep][-max(2 * window, 3):], observed[keep][-max(2 * window, 3):]
+    t, y = t[keep][-max(2 * window, 3):], (observed - ref[: observed.size])[keep][-max(2 * window, 3):]
     if y.size == 0:
         raise ValueError("no finite observed loss to join the re-linearised prediction to")
     if y.size < 2:
-        return float(y[-1])
-    slope, intercept = np.polyfit(t, y, 1)
-    level = float(intercept + slope * step)
-    return level if level > 0 else float(y.min())
+        level = float(y[-1] + ref[step])
+    else:
+        slope, intercept = np.polyfit(t, y, 1)
+        level = float(intercept + slope * step + ref[step])
+    return level if level > 0 else float(observed[keep].min())
 
 
 def _speed(previous: np.ndarray, since: int, observed: np.ndarray, prior: float) -> float | None:
