@@ -110,6 +110,36 @@ def test_the_counts_match_independent_references():
     assert count.fallback_parameters == 0 and empirical_ntk(model, x[:4]).grams[0].shape == (24, 24)
 
 
+def _batchnorm_setup(n=48, classes=3):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, classes))
+    return model, torch.randn(n, 5), torch.randint(0, classes, (n,))
+
+
+def test_a_kernel_on_batch_statistics_is_counted_as_one_backward_of_the_batch_per_output():
+    """BatchNorm in train mode: SGD's fit-start kernel and every optimiser's re-linearisations take one
+    backward of the whole subset per output row, N·F·(1 + 2NC), and the dense Gram (NC)²·P."""
+    model, x, y = _batchnorm_setup()
+    plain = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    forward, c, p = budget.forward_macs(model, x), 3, sum(q.numel() for q in model.parameters())
+    expected = {"passes": budget.WEIGHTS["batch_statistics"] * 48 * forward * (1 + 2 * 48 * c),
+                "contraction": budget.WEIGHTS["contraction"] * (48 * c) ** 2 * p}
+    assert budget.batch_statistics_macs(48, c, forward, p) == pytest.approx(expected)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    choice = choose_kernel(model, x, y, sgd, plan_run((x, y), sgd, 50, batch_size=16), budget=None)
+    assert choice.components["passes"] == pytest.approx(expected["passes"])
+    assert choice.relinearisation_macs == pytest.approx(
+        expected["passes"] + expected["contraction"] + choice.components["extras"])
+    adam = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    choice = choose_kernel(model, x, y, adam, plan_run((x, y), adam, 50, batch_size=16), budget=None)
+    assert choice.components["passes"] < expected["passes"] / 10  # Adam's fit-start kernel: eval mode
+    assert choice.relinearisation_macs > expected["passes"]  # its re-linearisations: batch statistics
+    sgd = torch.optim.SGD(plain.parameters(), lr=0.1)
+    choice = choose_kernel(plain, x, y, sgd, plan_run((x, y), sgd, 50, batch_size=16), budget=None)
+    parts = choice.components
+    assert choice.relinearisation_macs == pytest.approx(parts["passes"] + parts["contraction"] + parts["extras"])
+
+
 def test_predict_run_uses_the_choice_on_a_seeded_random_part_of_the_subset(monkeypatch):
     model, x, y, opt = _setup()
     plan = plan_run((x, y), opt, 20)

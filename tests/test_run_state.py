@@ -37,6 +37,9 @@ def test_relinearisation_steps_spend_the_counted_budget_in_order():
     split = {**counts, "processes": 4}
     assert relinearisation_steps(steps, split, 100, share=0.04) == [2, 5]  # 39.3 <= 30 + 10 < 58.3
     assert relinearisation_steps([], counts, 100, share=1.0) == []
+    # a kernel at w_k dearer than the fit-start one (on batch statistics): its own count, 25 per call
+    dearer = {**counts, "relinearisation_macs": 25.0}
+    assert relinearisation_steps(steps, dearer, 100, share=0.1) == [2, 5, 10]  # 99.3 <= 130 < 140.3
 
 
 def test_real_run_diverged_reads_the_latest_loss():

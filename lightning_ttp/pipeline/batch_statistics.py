@@ -14,7 +14,7 @@ import torch
 from ..kernel.shard import Sharding
 from .outputs import OutputModule
 
-__all__ = ["JACOBIAN_MAX_BYTES", "batch_statistics_state", "has_batch_statistics"]
+__all__ = ["JACOBIAN_MAX_BYTES", "batch_statistics_state", "has_batch_statistics", "kernel_on_batch_statistics"]
 
 JACOBIAN_MAX_BYTES = 256 * 2**20  # the batch-statistics kernel holds the full Jacobian (N0·C × P float64)
 
@@ -23,6 +23,12 @@ def has_batch_statistics(model: torch.nn.Module) -> bool:
     """Whether ``model`` trains on batch statistics: a BatchNorm layer in train mode."""
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
                and (m.track_running_stats is False or m.momentum != 0) for m in model.modules())
+
+
+def kernel_on_batch_statistics(model: torch.nn.Module, num_samples: int, num_outputs: int, num_parameters: int) -> bool:
+    """Whether the subset's kernel is taken on its batch statistics (:func:`batch_statistics_state`):
+    the model trains on batch statistics and the Jacobian (N·C × P float64) fits ``JACOBIAN_MAX_BYTES``."""
+    return has_batch_statistics(model) and 8 * num_samples * num_outputs * num_parameters <= JACOBIAN_MAX_BYTES
 
 
 def batch_statistics_state(model, inputs, groups: list[list[torch.nn.Parameter]], *, kernel: str,

@@ -14,7 +14,9 @@ only, never on the machine's speed or load:
    about one MAC per parameter they touch);
 2. the run: T · (B · 3F + ``STEP_OVERHEAD_MACS``) — forward and backward (≈ 2 forwards) of every
    sample of a step, and a fixed count per step for the optimiser and the framework's own work;
-3. the kernel: N · (1 + 2C) · F for the forward and C backward passes; the Gram contractions as
+3. the kernel: N · (1 + 2C) · F for the forward and C backward passes (on a model that trains on
+   batch statistics, SGD-type: N · F · (1 + 2NC), one backward of the whole subset batch per output
+   row, and the dense Gram (NC)² · P, :func:`batch_statistics_macs`); the Gram contractions as
    the engine will compute them (:func:`lightning_ttp.kernel.count_ntk_macs`: the cheaper of ghost
    and materialised per layer, the fallback's rows² · parameters); J·w0 under weight decay
    (3F per sample and param group) and Adam's second moments (up to 8 training batches, 3F per
@@ -57,6 +59,7 @@ from ..dynamics import OptimizerSpec
 from ..kernel import count_ntk_macs
 from ..kernel.batch import batch_size as sample_count
 from ..kernel.modes import preserve_modes
+from .batch_statistics import kernel_on_batch_statistics
 from .data import take
 from .estimate import FULL_KERNEL_MAX
 from .lookahead import lookahead_steps
@@ -78,8 +81,10 @@ SIM_STEP_OVERHEAD_MACS = 1e6
 #: batches are small and whose operations are many). The Gram contractions are large dense
 #: products, the kernel's passes run on chunks of many samples, the simulation on small products:
 #: constants calibrated once on ``benchmarks/budget.py`` (the seconds per counted GMAC of each part
-#: on one CPU core: run 0.63, contraction 0.035, simulation 0.11), not measured per call.
-WEIGHTS = {"passes": 0.5, "contraction": 0.05, "extras": 1.0, "simulation": 0.2}
+#: on one CPU core: run 0.63, contraction 0.035, simulation 0.11), not measured per call. The
+#: batch-statistics kernel's passes (one backward of the whole subset batch per output row) ran at
+#: 0.20 s per counted GMAC on ``benchmarks/defaults.py``'s BatchNorm CNN (128 and 256 samples).
+WEIGHTS = {"passes": 0.5, "contraction": 0.05, "extras": 1.0, "simulation": 0.2, "batch_statistics": 0.3}
 #: products with each Gram of the stability report (Lanczos iterations, a few lr directions)
 LANCZOS_PRODUCTS = 60
 #: the look-ahead runs only when it counts at most this share of the run (and fits the cap), or
@@ -113,6 +118,9 @@ class KernelChoice:
         processes: the processes the kernel is split across (the counts are one process's).
         simulated_steps: the steps the ``simulation`` component counts (the run and its
             continuation).
+        relinearisation_macs: one closed-loop call's kernel at w_k (passes, contraction, extras:
+            on the subset's batch statistics when the model trains on them, for every optimiser;
+            :func:`lightning_ttp.pipeline.run_state.relinearisation_steps` counts the calls with it).
     """
 
     num_samples: int
@@ -126,6 +134,7 @@ class KernelChoice:
     processes: int = 1
     lookahead: bool = True
     simulated_steps: int = 0
+    relinearisation_macs: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,6 +191,15 @@ def prediction_macs(kind: str, n: int, *, contraction: float, forward: float, c:
     return {part: WEIGHTS[part] * macs for part, macs in counts.items()}
 
 
+def batch_statistics_macs(n: int, c: int, forward: float, parameters: int, processes: int = 1) -> dict[str, float]:
+    """The passes and contraction of the kernel on the subset's batch statistics
+    (:func:`lightning_ttp.pipeline.batch_statistics.batch_statistics_state`), weighted: one forward
+    of the n-sample batch and one backward of it per output row (n·C rows, split across
+    ``processes``), n·F·(1 + 2·n·C/processes); the Gram J Jᵀ of the dense Jacobian, (n·C)²·P."""
+    return {"passes": WEIGHTS["batch_statistics"] * n * forward * (1 + 2 * n * c / processes),
+            "contraction": WEIGHTS["contraction"] * (n * c) ** 2 * parameters / processes}
+
+
 def _candidates(n_max: int) -> list[int]:
     """N_max, then ×¾ (multiples of 8) down to MIN_SAMPLES."""
     out = [n_max]
@@ -222,6 +240,8 @@ def choose_kernel(
     spec = OptimizerSpec.from_optimizer(optimizer)
     n_max = int(targets.shape[0])
     groups = [g for g in spec.params or [] if g]
+    parameters = sum(p.numel() for g in groups for p in g)
+    adam = spec.kind in ("adam", "adamw")
     forward = forward_macs(model, inputs, output_fn)
     run = run_macs(plan, forward)
     processes = max(1, int(processes))
@@ -229,7 +249,8 @@ def choose_kernel(
     steps = max(plan.steps, round(continuation * plan.steps))
     counts: dict[str, Any] = {}
 
-    def parts(kind: str, n: int) -> dict[str, float]:
+    def eval_mode_parts(kind: str, n: int) -> dict[str, float]:
+        """The counts with the kernel in eval mode (per-sample passes, the engine's contraction)."""
         if kind not in counts:
             counts[kind] = count_ntk_macs(model, inputs, num_samples=n_max, output_fn=flat_output_fn(output_fn),
                                           kernel=kind, parameter_groups=groups)
@@ -239,13 +260,31 @@ def choose_kernel(
         return prediction_macs(kind, n, contraction=contraction, forward=forward, c=count.num_outputs, plan=plan,
                                spec=spec, num_paths=num_paths, steps=steps, processes=processes)
 
+    def on_batch_statistics(kind: str, n: int) -> dict[str, float] | None:
+        """The batch-statistics kernel's passes and contraction where the model trains on them."""
+        eval_mode_parts(kind, n)  # counts the number of outputs
+        c = counts[kind].num_outputs
+        if not kernel_on_batch_statistics(model, n, c, parameters):
+            return None
+        return batch_statistics_macs(n, c, forward, parameters, processes)
+
+    def parts(kind: str, n: int) -> dict[str, float]:
+        """The fit-start prediction's counts: its kernel on batch statistics for SGD-type optimisers
+        on a model that trains on them (as :func:`~lightning_ttp.pipeline.estimate.estimate_kernel`)."""
+        components = eval_mode_parts(kind, n)
+        batch = None if adam else on_batch_statistics(kind, n)
+        return components if batch is None else {**components, **batch}
+
     def choice(kind: str, n: int, reason: str) -> KernelChoice:
         components = parts(kind, n)
         total = sum(components.values())
-        # the look-ahead: k training steps, the kernel once more at w_k, the continuation and its control
+        in_eval_mode = eval_mode_parts(kind, n)
+        loop_kernel = {**in_eval_mode, **(on_batch_statistics(kind, n) or {})}
+        relinearisation = loop_kernel["passes"] + loop_kernel["contraction"] + loop_kernel["extras"]
+        # the look-ahead: k training steps, the kernel (eval mode) once more at w_k, the continuation and its control
         k = lookahead_steps(plan.steps)
         ahead = (k * (min(n, plan.effective_batch_size) * 3.0 * forward + STEP_OVERHEAD_MACS) / processes
-                 + components["passes"] + components["contraction"] + 2 * components["simulation"]) if k else 0.0
+                 + in_eval_mode["passes"] + in_eval_mode["contraction"] + 2 * components["simulation"]) if k else 0.0
         # within the cap, and at most LOOKAHEAD_SHARE of the run unless the whole is under the floor
         look = bool(k) and (budget is None or total + ahead <= allowed and ahead <= max(
             LOOKAHEAD_SHARE * run / processes, floor_macs - total))
@@ -265,7 +304,8 @@ def choose_kernel(
         if look:
             total += ahead
             components["lookahead"] = ahead
-        return KernelChoice(n, kind, total, allowed, run, reason, components, forward, processes, look, steps)
+        return KernelChoice(n, kind, total, allowed, run, reason, components, forward, processes, look, steps,
+                            relinearisation)
 
     def largest_fitting(kind: str, above: int = 0) -> int | None:
         return next((n for n in _candidates(n_max) if n > above and sum(parts(kind, n).values()) <= allowed), None)

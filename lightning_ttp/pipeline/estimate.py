@@ -23,7 +23,7 @@ from ..kernel.batch import index_batch
 from ..kernel.modes import preserve_modes
 from ..kernel.shard import Sharding, map_rows
 from ..kernel.subset import stand_for_dataset
-from .batch_statistics import JACOBIAN_MAX_BYTES, batch_statistics_state, has_batch_statistics
+from .batch_statistics import batch_statistics_state, kernel_on_batch_statistics
 from .data import logits_of, num_samples_in
 from .outputs import OutputModule, flat_output_fn, model_outputs
 
@@ -343,8 +343,7 @@ def estimate_kernel(
     kernel_groups = [tensor_groups[i] for i in nonempty]
     kernel_fn = flat_output_fn(output_fn)
     if not adam and projection_dim is None and batch_statistics is not False:
-        if batch_statistics or (has_batch_statistics(model)
-                                and 8 * n * c * sum(p.numel() for g in groups for p in g) <= JACOBIAN_MAX_BYTES):
+        if batch_statistics or kernel_on_batch_statistics(model, n, c, sum(p.numel() for g in groups for p in g)):
             # the eval-mode kernel below is not computed at all: the batch-statistics one replaces it
             by_id = None if parameter_scales is None else {
                 id(p): torch.as_tensor(parameter_scales.get(p, torch.ones_like(p))) for g in groups for p in g}

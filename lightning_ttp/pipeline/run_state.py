@@ -164,12 +164,13 @@ def relinearisation_steps(loop_steps: Sequence[int], counts: dict[str, Any] | No
     """The closed loop's steps whose re-linearisations fit its budget, decided at fit start from
     counts (never timed: the same steps on any machine, at any load).
 
-    A call at step k counts the kernel at w_k (the fit-start kernel's passes, contraction and
-    extras: same subset, same kind) and the simulation of the T − k remaining steps (the fit-start
-    simulation's count per simulated step). The first call is always made (it counts no more than
-    the fit-start prediction: runs of any length get one); each later one while the loop's total
-    stays within ``share`` × one process's share of the run's count plus the fit-start
-    prediction's count (both one process's when the kernel is split across processes). ``counts`` is
+    A call at step k counts the kernel at w_k (``relinearisation_macs``: same subset, same kind, on
+    the subset's batch statistics where the model trains on them, whatever the optimiser; counts
+    saved without it: the fit-start kernel's passes, contraction and extras) and the simulation of
+    the T − k remaining steps (the fit-start simulation's count per simulated step). The first
+    call is always made (runs of any length get one); each later one while the loop's total stays
+    within ``share`` × one process's share of the run's count plus the fit-start prediction's
+    count (both one process's when the kernel is split across processes). ``counts`` is
     the prediction's ``diagnostics["budget"]`` (:class:`lightning_ttp.pipeline.budget.KernelChoice`);
     without it (a projected kernel is not counted) only the first call is made.
     """
@@ -177,7 +178,8 @@ def relinearisation_steps(loop_steps: Sequence[int], counts: dict[str, Any] | No
     if not steps or counts is None:
         return steps[:1]
     parts = counts["components"]
-    kernel = parts.get("passes", 0.0) + parts.get("contraction", 0.0) + parts.get("extras", 0.0)
+    kernel = counts.get("relinearisation_macs") or (
+        parts.get("passes", 0.0) + parts.get("contraction", 0.0) + parts.get("extras", 0.0))
     per_step = parts.get("simulation", 0.0) / max(int(counts.get("simulated_steps") or total_steps), 1)
     # the counts are one process's (the kernel split across processes): so is the run's share
     allowed = share * counts["run_macs"] / max(1, int(counts.get("processes") or 1)) + counts["predicted_macs"]

@@ -16,14 +16,14 @@ import torch
 
 from ...dynamics import OptimizerSpec, simulate_discrete
 from ...kernel.shard import Sharding
-from ..batch_statistics import has_batch_statistics
+from ..batch_statistics import kernel_on_batch_statistics
 from ..estimate import KernelEstimate, standing_for
 from ..refine import default_smoothing_window
 from .blend import _blend_weight, _level, _level_along, _smoothed_prefix, _speed, power_law_curve
 from .continuation import _stability_capped, continuation_batches
 from .drift import drift_multiplier, growth_multiplier, kernel_drift
 from .live import LivePrediction
-from .state import _current_state, _jacobian_fits
+from .state import _current_state
 
 __all__ = ["DEFAULT_FRACTIONS", "ClosedLoop", "checkpoint_steps", "relinearised_prediction"]
 
@@ -142,8 +142,8 @@ def relinearised_prediction(
     lrs = spec.schedule(lr_schedule, total_steps, steps_name="total_steps")
     kernel_started = time.perf_counter()
     if batch_statistics is None:
-        batch_statistics = projection_dim is None and has_batch_statistics(model) and _jacobian_fits(
-            model, start, spec)
+        batch_statistics = projection_dim is None and kernel_on_batch_statistics(
+            model, start.num_samples, start.num_outputs, sum(p.numel() for g in spec.params or [] for p in g))
     ke, bufs, adam_step = _current_state(model, inputs, targets, spec, optimizer, loss=loss, output_fn=output_fn,
                                          kernel=start.kernel, projection_dim=projection_dim, seed=seed,
                                          reference=start if batch_statistics else None, sharding=sharding)

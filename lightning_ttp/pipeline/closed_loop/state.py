@@ -18,17 +18,11 @@ import torch
 from ...dynamics import OptimizerSpec
 from ...kernel.batch import batch_size as _num_samples
 from ...kernel.shard import Sharding, map_rows
-from ..batch_statistics import JACOBIAN_MAX_BYTES, batch_statistics_state
+from ..batch_statistics import batch_statistics_state
 from ..estimate import ADAM_V_FLOOR, KernelEstimate, estimate_kernel
 from ..outputs import OutputModule
 
 FROZEN_RMS = 1e-4  # Adam: a tensor whose rms √v̂ is below this × the median tensor's gets no gradient
-
-
-def _jacobian_fits(model: torch.nn.Module, start: KernelEstimate, spec: OptimizerSpec) -> bool:
-    """Whether the subset's full Jacobian of the trainable parameters fits ``JACOBIAN_MAX_BYTES``."""
-    count = sum(p.numel() for g in spec.params for p in g)
-    return 8 * start.num_samples * start.num_outputs * count <= JACOBIAN_MAX_BYTES
 
 
 def _own_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
