@@ -24,7 +24,7 @@ from lightning_ttp.callbacks import predictor as predictor_module
 from lightning_ttp.callbacks._trainer_state import kernel_sharding, unsupported_strategy
 from lightning_ttp.dynamics import epsilon_training_time, smooth_curve
 from lightning_ttp.pipeline.closed_loop.loop import checkpoint_steps
-from lightning_ttp.pipeline.run_state import relinearisation_steps
+from lightning_ttp.pipeline.run_state import refit_steps, relinearisation_steps
 from tests.conftest import GLOO_EXIT_ABORT
 
 NAMESPACES = ["pytorch_lightning", "lightning.pytorch"]
@@ -699,6 +699,17 @@ def test_closed_loop_relinearises_within_its_budget_and_survives_a_checkpoint(tm
     restored.load_state_dict(free.state_dict())
     assert restored.state.live_loss == state.live_loss and restored.converge_step(0.1) == free.converge_step(0.1)
 
+    # no share of the run: the loop may still spend what the fit-start prediction counted, so the
+    # first call (at 3 % of this run) is made however short the run, and its total count stays within that
+    none = _quiet_predictor(num_samples=64, relinearise_budget=0.0)
+    _trainer("pytorch_lightning", tmp_path, max_steps=100, callbacks=[none]).fit(_module("pytorch_lightning"), loader)
+    counts = none.prediction.diagnostics["budget"]
+    made = relinearisation_steps(checkpoint_steps(100), counts, 100, 0.0)
+    assert none.state.live_step == made[-1]
+    off = _quiet_predictor(num_samples=64, refine=False)
+    _trainer("pytorch_lightning", tmp_path, max_steps=100, callbacks=[off]).fit(_module("pytorch_lightning"), loader)
+    assert off.state.live_step is None and off.state.live_seconds == 0.0
+
 
 def test_closed_loop_smooths_mini_batch_losses_against_the_fit_start_curve(tmp_path):
     """Mini-batches (4 per epoch, smoothing width 5): before the re-linearisation step the live curve
@@ -712,31 +723,35 @@ def test_closed_loop_smooths_mini_batch_losses_against_the_fit_start_curve(tmp_p
     np.testing.assert_allclose(cb.state.live_loss[:k], expected, rtol=1e-12)
     assert not np.allclose(cb.state.live_loss[:k], smooth_curve(observed[:k], 5))
 
-    # no share of the run: the loop may still spend what the fit-start prediction counted, so the
-    # first call (at 3 % of this run) is made however short the run, and its total count stays within that
-    none = _quiet_predictor(num_samples=64, relinearise_budget=0.0)
-    _trainer("pytorch_lightning", tmp_path, max_steps=100, callbacks=[none]).fit(_module("pytorch_lightning"), loader)
-    counts = none.prediction.diagnostics["budget"]
-    made = relinearisation_steps(checkpoint_steps(100), counts, 100, 0.0)
-    assert none.state.live_step == made[-1]
-    off = _quiet_predictor(num_samples=64, refine=False)
-    _trainer("pytorch_lightning", tmp_path, max_steps=100, callbacks=[off]).fit(_module("pytorch_lightning"), loader)
-    assert off.state.live_step is None and off.state.live_seconds == 0.0
-
 
 def test_the_closed_loop_makes_the_same_calls_at_any_machine_load(tmp_path, monkeypatch):
-    # the calls are chosen from counts at fit start: a clock gone wild changes none of them
+    # the calls are chosen from counts at fit start: a clock gone wild changes none of them; the
+    # refits at the fixed fractions of the run start afresh, so the periodic ones the clock lets
+    # through between them change none of the live figures read there, nor the final one
+    import lightning.pytorch as pl
+
     x, y = _data()
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
     runs, calls = [], iter(range(10**9))
+
+    class Reader(pl.Callback):
+        def __init__(self, predictor):
+            self.predictor, self.read = predictor, []
+
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step in refit_steps(60):
+                self.read.append(self.predictor.converge_step(0.1))
+
     for wild in (False, True):
         if wild:
             monkeypatch.setattr(time, "perf_counter", lambda: next(calls) * 7.3)
-        predictor = _quiet_predictor(num_samples=48)
-        _trainer("lightning.pytorch", tmp_path, max_steps=60, callbacks=[predictor]).fit(
+        predictor = _quiet_predictor(num_samples=48, refine_every=1)
+        reader = Reader(predictor)
+        _trainer("lightning.pytorch", tmp_path, max_steps=60, callbacks=[predictor, reader]).fit(
             _module("lightning.pytorch"), loader)
-        runs.append((predictor.state.live_step, np.asarray(predictor.state.live_loss).tobytes()))
-    assert runs[0][0] is not None and runs[0] == runs[1]
+        runs.append((predictor.state.live_step, np.asarray(predictor.state.live_loss).tobytes(), reader.read,
+                     predictor.converge_step(0.1), predictor.state.refinement.warp))
+    assert runs[0][0] is not None and len(runs[0][2]) == len(refit_steps(60)) and runs[0] == runs[1]
 
 
 def test_the_live_curve_refit_follows_a_faster_run_past_the_end_instead_of_a_flat_tail():
