@@ -73,7 +73,9 @@ whose real curve converged); the median live and power-law errors at each fracti
 pairs whose real curve converged (a miss counts as +inf); the median cost ratios and the
 prediction's wall clock over its budget's seconds (on runs of ≥ 1000 steps, ``--long``, the
 callback's fit-start prediction and its closed loop's re-linearisations each over the fit's
-training loop, which includes the re-linearisations); whether the plain loop and ``Trainer.fit``
+training loop, which includes the re-linearisations; and against the training loop of the same
+``Trainer.fit`` without the predictor, run once more per case: fit-start, closed loop and the
+whole overhead, (fit-start + the fit's loop) / that loop − 1); whether the plain loop and ``Trainer.fit``
 gave the same batch losses (same data order and start: the callback rows are scored against
 the plain loop's real T_ε); and a determinism check
 (``predict_training_time`` called twice on one case: are the predicted curves bit-identical?
@@ -493,9 +495,9 @@ def lightning_module(net: torch.nn.Module, case: Case):
     return FineTune()
 
 
-def probe_callback(predictor, steps: int):
+def probe_callback(predictor, steps: int, read: bool = True):
     """Reads ``predictor.converge_step(ε)`` at 10/25/50 % of the run (after the predictor's own
-    hook at that step) and times the training loop."""
+    hook at that step; not with ``read=False``) and times the training loop."""
     import lightning.pytorch as pl
 
     class Probe(pl.Callback):
@@ -508,7 +510,7 @@ def probe_callback(predictor, steps: int):
             self._start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            f = self.at.get(trainer.global_step)
+            f = self.at.get(trainer.global_step) if read else None
             if f is not None and f not in self.live:
                 self.live[f] = {"step": trainer.global_step,
                                 "live": {e: predictor.converge_step(e) for e in EPS},
@@ -520,9 +522,24 @@ def probe_callback(predictor, steps: int):
     return Probe()
 
 
-def callback_case(case: Case, seed: int, root: str, reference: dict) -> dict:
+def fit_without_predictor(case: Case, seed: int, root: str) -> float:
+    """Training-loop seconds of the same ``Trainer.fit`` without the predictor (the probe only)."""
+    import lightning.pytorch as pl
+
+    pl.seed_everything(seed, workers=True, verbose=False)
+    module, loader = lightning_module(fine_tune_model(case, seed), case), make_loader(case, seed)
+    probe = probe_callback(None, case.steps, read=False)
+    trainer = pl.Trainer(max_steps=case.steps, accelerator="cpu", devices=1, callbacks=[probe],
+                         enable_progress_bar=False, logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, deterministic=True, default_root_dir=root)
+    trainer.fit(module, loader)
+    return probe.loop_seconds
+
+
+def callback_case(case: Case, seed: int, root: str, reference: dict, baseline: bool = False) -> dict:
     """The fit with the callback, scored against the plain loop's real T_ε (``reference``: the
-    api row, the same data order and start; ``same_run`` says whether its batch losses agree)."""
+    api row, the same data order and start; ``same_run`` says whether its batch losses agree);
+    ``baseline``: also the training loop of the same fit without the predictor."""
     import lightning.pytorch as pl
 
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -549,6 +566,7 @@ def callback_case(case: Case, seed: int, root: str, reference: dict) -> dict:
             "cost_seconds": predictor.cost_seconds, "loop_seconds": probe.loop_seconds,
             "cost_ratio": (predictor.cost_seconds or float("nan")) / probe.loop_seconds,
             "live_seconds": predictor.state.live_seconds,
+            "baseline_loop_seconds": fit_without_predictor(case, seed, root) if baseline else None,
             "diagnostics": None if predictor.prediction is None else diagnostics_summary(predictor.prediction),
             "warnings": sorted({str(w.message)[:160] for w in caught if "lightning_ttp" in str(w.message)})}
 
@@ -654,6 +672,12 @@ def summarise(api: list[dict], cb: list[dict], det: dict | None) -> dict:
         "callback_cost_ratio_1000_steps": [r["cost_ratio"] for r in cb if r["case"]["steps"] >= 1000],
         "closed_loop_cost_ratio_1000_steps": [r["live_seconds"] / r["loop_seconds"] for r in cb
                                               if r["case"]["steps"] >= 1000],
+        # against the same fit without the predictor: what the user waits for in all
+        "without_predictor_1000_steps": [
+            {"fit_start": r["cost_seconds"] / r["baseline_loop_seconds"],
+             "closed_loop": r["live_seconds"] / r["baseline_loop_seconds"],
+             "whole": (r["cost_seconds"] + r["loop_seconds"]) / r["baseline_loop_seconds"] - 1.0}
+            for r in cb if r["case"]["steps"] >= 1000 and r.get("baseline_loop_seconds")],
         "relinearised": sum(r["relinearised"] for r in cb), "determinism": det,
         "same_run": sum(r["same_run"] for r in cb),
         "api_within_sgd": share_within(api, keep=lambda r: r["kind"] == "SGD"),
@@ -712,6 +736,12 @@ def print_summary(s: dict) -> None:
         print(f"callback on runs of >= 1000 steps ({len(long)} fits): fit-start prediction / training loop "
               f"median {np.median(long):.3f}, max {max(long):.3f}; the closed loop's re-linearisations / training "
               f"loop median {np.median(s['closed_loop_cost_ratio_1000_steps']):.3f}")
+    plain = s["without_predictor_1000_steps"]
+    if plain:
+        parts = {key: [p[key] for p in plain] for key in ("fit_start", "closed_loop", "whole")}
+        print("  against the same Trainer.fit without the predictor (its training loop's seconds): "
+              + ", ".join(f"{key.replace('_', ' ')} median {np.median(v):.2f} (max {max(v):.2f})"
+                          for key, v in parts.items()))
     o, m = s["api_open_loop_within"], s["median_error"]
     print(f"the same predictions without the look-ahead (open loop): overall {share(o['all'])}; all layers: "
           f"{share(o['all_layers'])}; low lr: {share(o['low_lr'])};")
@@ -757,7 +787,7 @@ def main(argv=None) -> dict:
             for case in (resolved(c, seed) for c in cases):
                 api.append(api_case(case, seed))
                 if not args.no_callback:
-                    cb.append(callback_case(case, seed, root, api[-1]))
+                    cb.append(callback_case(case, seed, root, api[-1], baseline=args.long))
                 print(f"  [{time.perf_counter() - start:6.0f} s] {case_text(api[-1])}", flush=True)
     det = determinism_check(resolved(cases[0], args.seeds[0]), args.seeds[0])
     print_api_table(api)

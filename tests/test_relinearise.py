@@ -342,8 +342,12 @@ def test_prefix_and_level_smoothed_against_the_expected_curve_keep_the_steep_sta
         plain_level.append(_level(observed, 20, 11) - truth[20])
     assert abs(np.mean(start)) < 0.05 and np.mean(plain_start) < -0.2
     assert np.sqrt(np.mean(np.square(level))) < 0.3 * np.sqrt(np.mean(np.square(plain_level)))
-    with pytest.raises(ValueError, match="finite at steps 0..19"):
+    with pytest.raises(ValueError, match="cover steps 0..19"):
         _smoothed_prefix(truth[:20], 11, expected[:10])
+    diverged = np.where(t < 5, expected, np.inf)  # a simulated curve that diverged: the losses smoothed alone
+    observed = truth[:20] + rng.normal(0, 0.1, 20)
+    np.testing.assert_array_equal(_smoothed_prefix(observed, 11, diverged), _smoothed_prefix(observed, 11, None))
+    assert _level(observed, 20, 11, diverged) == _level(observed, 20, 11)
 
 
 def test_checkpoints_and_errors():

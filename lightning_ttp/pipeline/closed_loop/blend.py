@@ -20,13 +20,14 @@ __all__ = ["power_law_curve"]
 
 
 def _expected(reference: np.ndarray | None, size: int) -> np.ndarray:
-    """The first ``size`` steps of the expected curve (zeros without one)."""
+    """The first ``size`` steps of the expected curve; zeros without one, or where it is not finite
+    there (a simulated curve that diverged: the losses are then smoothed themselves)."""
     if reference is None:
         return np.zeros(size)
     ref = np.asarray(reference, dtype=np.float64).reshape(-1)
-    if ref.size < size or not np.isfinite(ref[:size]).all():
-        raise ValueError(f"the reference curve must be finite at steps 0..{size - 1}, got {ref.size} steps")
-    return ref[:size]
+    if ref.size < size:
+        raise ValueError(f"the reference curve must cover steps 0..{size - 1}, got {ref.size} steps")
+    return ref[:size] if np.isfinite(ref[:size]).all() else np.zeros(size)
 
 
 def _smoothed_prefix(observed: np.ndarray, window: int, reference: np.ndarray | None) -> np.ndarray:
@@ -35,11 +36,11 @@ def _smoothed_prefix(observed: np.ndarray, window: int, reference: np.ndarray | 
     window at the ends. A local linear fit of the losses themselves cuts the corner of the steep
     first steps (over one epoch's batches it put L_0 at 1.75 where the run started at 2.17, and
     every ε-band is measured from L_0); the difference keeps the expected curvature, and with it
-    a constant at the ends has half the noise of a line's end. Without a reference the losses
-    themselves are smoothed (:func:`~lightning_ttp.pipeline.refine.smooth_losses`)."""
-    if reference is None:
-        return smooth_losses(observed, window)
+    a constant at the ends has half the noise of a line's end. Without a (finite) reference the
+    losses themselves are smoothed (:func:`~lightning_ttp.pipeline.refine.smooth_losses`)."""
     ref = _expected(reference, observed.size)
+    if not ref.any():
+        return smooth_losses(observed, window)
     return ref + smooth_losses(observed - ref, window, degree=0)
 
 
