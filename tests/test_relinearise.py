@@ -433,6 +433,39 @@ def test_batchnorm_kernel_uses_batch_statistics():
     torch.testing.assert_close(estimate_kernel(model, x, y, spec, batch_statistics=False).grams[0], eval_ke.grams[0])
 
 
+def test_batch_statistics_jacobian_in_batched_backwards_and_without_them(monkeypatch):
+    """The batch-statistics Jacobian's rows, ROW_CHUNK one-hot seeds per batched backward (four chunks
+    here, the last one partial) and one backward per row where batching fails, against torch.func.jacrev;
+    a parameter the outputs do not use has zero rows."""
+    from torch.func import functional_call, jacrev
+
+    from lightning_ttp.pipeline import batch_statistics
+
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6, track_running_stats=False),
+                                torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    unused = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    x = torch.randn(35, 5, dtype=torch.float64)
+    params = [*model.parameters(), unused]
+    names = dict(model.named_parameters())
+    jac = jacrev(lambda w: functional_call(model, w, (x,)))({k: v.detach() for k, v in names.items()})
+    expected = [jac[k].reshape(105, -1) for k in names] + [torch.zeros(105, 2, dtype=torch.float64)]
+    assert 105 > 3 * batch_statistics.ROW_CHUNK
+    rows = batch_statistics._jacobian_rows(model(x), params)
+    for got, want in zip(rows, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    grad = torch.autograd.grad
+
+    def no_batching(*args, is_grads_batched=False, **kwargs):
+        if is_grads_batched:
+            raise RuntimeError("no batching rule")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    for got, want in zip(batch_statistics._jacobian_rows(model(x), params), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_power_law_fit_and_blend_weights():
     """The power-law fit recovers a + b(t+1)^-c; the blend weights are the inverse mean squared log errors
     of the previous call's two curves on the losses observed since it (1 below the minimum span)."""

