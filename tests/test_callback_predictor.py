@@ -726,8 +726,8 @@ def test_closed_loop_smooths_mini_batch_losses_against_the_fit_start_curve(tmp_p
 
 def test_the_closed_loop_makes_the_same_calls_at_any_machine_load(tmp_path, monkeypatch):
     # the calls are chosen from counts at fit start: a clock gone wild changes none of them; the
-    # refits at the fixed fractions of the run start afresh, so the periodic ones the clock lets
-    # through between them change none of the live figures read there, nor the final one
+    # refits at the fixed fractions of the run start afresh, so the periodic ones (which the clock
+    # gates) change none of the live curves read there, nor the final one
     import lightning.pytorch as pl
 
     x, y = _data()
@@ -740,17 +740,18 @@ def test_the_closed_loop_makes_the_same_calls_at_any_machine_load(tmp_path, monk
 
         def on_train_batch_end(self, trainer, *args):
             if trainer.global_step in refit_steps(60):
-                self.read.append(self.predictor.converge_step(0.1))
+                self.read.append((self.predictor.converge_step(0.1), self.predictor.current_curve().tobytes()))
 
     for wild in (False, True):
         if wild:
             monkeypatch.setattr(time, "perf_counter", lambda: next(calls) * 7.3)
-        predictor = _quiet_predictor(num_samples=48, refine_every=1)
+        # a periodic refit after every step in one run, none in the other
+        predictor = _quiet_predictor(num_samples=48, refine_every=10**6 if wild else 1, refine_budget=1.0)
         reader = Reader(predictor)
         _trainer("lightning.pytorch", tmp_path, max_steps=60, callbacks=[predictor, reader]).fit(
             _module("lightning.pytorch"), loader)
         runs.append((predictor.state.live_step, np.asarray(predictor.state.live_loss).tobytes(), reader.read,
-                     predictor.converge_step(0.1), predictor.state.refinement.warp))
+                     predictor.converge_step(0.1), predictor.current_curve().tobytes()))
     assert runs[0][0] is not None and len(runs[0][2]) == len(refit_steps(60)) and runs[0] == runs[1]
 
 

@@ -536,7 +536,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
                                "prediction is no longer refined.")
         return True
 
-    def _refine_now(self) -> None:
+    def _refine_now(self, fresh: bool = False) -> None:
         pred = self.state.prediction
         if pred is None:
             return
@@ -547,7 +547,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             if len(observed) < 2 or self._real_run_diverged(observed):
                 return
             self._converge_cache.clear()
-            self.state.refinement = self.state.refit(observed)
+            self.state.refinement = self.state.refit(observed, fresh=fresh)
         except Exception as exc:  # noqa: BLE001
             self._fail("closed-loop refinement", exc)
 
@@ -590,8 +590,12 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
 
     def _maybe_refine(self, step: int, now: float) -> None:
         """Refit at the fixed early fractions of the run (live from its first percent, however
-        short), then every ``refine_every`` steps within the time budget."""
-        if self._refits_due and step >= self._refits_due[0]:
+        short), then every ``refine_every`` steps within the time budget. The fixed refits start
+        afresh, so what they give does not depend on the periodic ones the clock let through
+        before them (a warm start converges to the same fit only to ~1e-8, which can move a
+        converge step by one)."""
+        fresh = bool(self._refits_due) and step >= self._refits_due[0]
+        if fresh:
             while self._refits_due and step >= self._refits_due[0]:
                 self._refits_due.pop(0)
         else:
@@ -599,7 +603,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             if step - self._last_refined_at < every or now < self._next_refine_time:
                 return
         self._last_refined_at = step
-        self._refine_now()
+        self._refine_now(fresh)
         self._next_refine_time = now + (time.perf_counter() - now) / self.refine_budget
 
     def _drop_loop(self) -> None:
@@ -680,7 +684,7 @@ class TrainingTimePredictor(*bases("Callback")):  # type: ignore[misc]
             return
         try:
             if self.refine:
-                self._refine_now()
+                self._refine_now(fresh=True)
             # trainer.log_dir broadcasts under DDP: every rank must read it, not only rank zero
             directory = (trainer.log_dir or trainer.default_root_dir) if self.plot else None
             if trainer.is_global_zero:

@@ -105,9 +105,10 @@ class PredictorState:
             raise RuntimeError("no prediction yet")
         return self.prediction.loss
 
-    def refit(self, observed: Sequence[float]) -> Refinement:
+    def refit(self, observed: Sequence[float], *, fresh: bool = False) -> Refinement:
         """The latest curve refitted to the observed losses
-        (:func:`lightning_ttp.pipeline.refine.refine_curve`, started from the last refit).
+        (:func:`lightning_ttp.pipeline.refine.refine_curve`, started from the last refit, or afresh
+        with ``fresh``: then the result does not depend on which refits came before).
 
         The curve is the re-linearised one when there is one, continued past T by the open
         loop's continuation scaled to join it at T (:math:`c_t \\, L^{\\text{live}}_T / L_T`), else
@@ -123,9 +124,9 @@ class PredictorState:
             tail = pred.continuation if finite else np.empty(0)
             join = live[-1] / pred.loss[-1] if pred.loss[-1] > 0 else 1.0
             return refine_curve(np.concatenate([live, tail * join]), observed,
-                                horizon=pred.num_steps, start=self.refinement)
+                                horizon=pred.num_steps, start=None if fresh else self.refinement)
         return refine_curve(pred.extended_loss(), observed, band=pred.extended_band(),
-                            horizon=pred.num_steps, start=self.refinement)
+                            horizon=pred.num_steps, start=None if fresh else self.refinement)
 
 
 def converge_step(curve: np.ndarray, eps: float, step_unit: int = 1) -> int | None:
