@@ -522,6 +522,16 @@ def probe_callback(predictor, steps: int, read: bool = True):
     return Probe()
 
 
+def fit_trainer(case: Case, root: str, callbacks: list):
+    """The benchmark's ``Trainer``: ``max_steps=T`` on the CPU, no logger, bar, checkpointing or
+    model summary, deterministic, in the temporary folder ``root``."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(max_steps=case.steps, accelerator="cpu", devices=1, callbacks=callbacks,
+                      enable_progress_bar=False, logger=False, enable_checkpointing=False,
+                      enable_model_summary=False, deterministic=True, default_root_dir=root)
+
+
 def fit_without_predictor(case: Case, seed: int, root: str) -> float:
     """Training-loop seconds of the same ``Trainer.fit`` without the predictor (the probe only)."""
     import lightning.pytorch as pl
@@ -529,10 +539,7 @@ def fit_without_predictor(case: Case, seed: int, root: str) -> float:
     pl.seed_everything(seed, workers=True, verbose=False)
     module, loader = lightning_module(fine_tune_model(case, seed), case), make_loader(case, seed)
     probe = probe_callback(None, case.steps, read=False)
-    trainer = pl.Trainer(max_steps=case.steps, accelerator="cpu", devices=1, callbacks=[probe],
-                         enable_progress_bar=False, logger=False, enable_checkpointing=False,
-                         enable_model_summary=False, deterministic=True, default_root_dir=root)
-    trainer.fit(module, loader)
+    fit_trainer(case, root, [probe]).fit(module, loader)
     return probe.loop_seconds
 
 
@@ -546,9 +553,7 @@ def callback_case(case: Case, seed: int, root: str, reference: dict, baseline: b
     module, loader = lightning_module(fine_tune_model(case, seed), case), make_loader(case, seed)
     predictor = lightning_ttp.TrainingTimePredictor()
     probe = probe_callback(predictor, case.steps)
-    trainer = pl.Trainer(max_steps=case.steps, accelerator="cpu", devices=1, callbacks=[predictor, probe],
-                         enable_progress_bar=False, logger=False, enable_checkpointing=False,
-                         enable_model_summary=False, deterministic=True, default_root_dir=root)
+    trainer = fit_trainer(case, root, [predictor, probe])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, loader)

@@ -250,12 +250,16 @@ def choose_kernel(
     steps = max(plan.steps, round(continuation * plan.steps))
     counts: dict[str, Any] = {}
 
-    def eval_mode_parts(kind: str, n: int) -> dict[str, float]:
-        """The counts with the kernel in eval mode (per-sample passes, the engine's contraction)."""
+    def engine_count(kind: str):
+        """The engine's count of a ``kind`` kernel on all N_max samples (counted once per kind)."""
         if kind not in counts:
             counts[kind] = count_ntk_macs(model, inputs, num_samples=n_max, output_fn=flat_output_fn(output_fn),
                                           kernel=kind, parameter_groups=groups)
-        count = counts[kind]
+        return counts[kind]
+
+    def eval_mode_parts(kind: str, n: int) -> dict[str, float]:
+        """The counts with the kernel in eval mode (per-sample passes, the engine's contraction)."""
+        count = engine_count(kind)
         # the contraction is quadratic in N (rows × rows of the Gram)
         contraction = (count.contraction_macs + count.fallback_macs) * (n / n_max) ** 2
         return prediction_macs(kind, n, contraction=contraction, forward=forward, c=count.num_outputs, plan=plan,
@@ -263,8 +267,7 @@ def choose_kernel(
 
     def on_batch_statistics(kind: str, n: int) -> dict[str, float] | None:
         """The batch-statistics kernel's passes and contraction where the model trains on them."""
-        eval_mode_parts(kind, n)  # counts the number of outputs
-        c = counts[kind].num_outputs
+        c = engine_count(kind).num_outputs
         if not kernel_on_batch_statistics(model, n, c, parameters):
             return None
         return batch_statistics_macs(n, c, forward, parameters, processes)
@@ -313,8 +316,8 @@ def choose_kernel(
 
     if budget is None:
         if kernel == "auto":  # as estimate_kernel resolves it
-            parts("trace", n_max)  # the cheaper count, for the number of outputs
-            kernel = "full" if n_max * counts["trace"].num_outputs <= FULL_KERNEL_MAX else "trace"
+            outputs = engine_count("trace").num_outputs  # the cheaper count
+            kernel = "full" if n_max * outputs <= FULL_KERNEL_MAX else "trace"
         if kernel not in ("full", "trace"):
             raise ValueError(f"kernel must be 'full', 'trace' or 'auto', got {kernel!r}")
         return choice(kernel, n_max, f"{'exact' if kernel == 'full' else 'trace'} kernel on all {n_max} samples")

@@ -19,15 +19,15 @@ from .live import LivePrediction
 __all__ = ["power_law_curve"]
 
 
-def _expected(reference: np.ndarray | None, size: int) -> np.ndarray:
-    """The first ``size`` steps of the expected curve; zeros without one, or where it is not finite
+def _expected(reference: np.ndarray | None, size: int) -> np.ndarray | None:
+    """The first ``size`` steps of the expected curve; None without one, or where it is not finite
     there (a simulated curve that diverged: the losses are then smoothed themselves)."""
     if reference is None:
-        return np.zeros(size)
+        return None
     ref = np.asarray(reference, dtype=np.float64).reshape(-1)
     if ref.size < size:
         raise ValueError(f"the reference curve must cover steps 0..{size - 1}, got {ref.size} steps")
-    return ref[:size] if np.isfinite(ref[:size]).all() else np.zeros(size)
+    return ref[:size] if np.isfinite(ref[:size]).all() else None
 
 
 def _smoothed_prefix(observed: np.ndarray, window: int, reference: np.ndarray | None) -> np.ndarray:
@@ -39,7 +39,7 @@ def _smoothed_prefix(observed: np.ndarray, window: int, reference: np.ndarray | 
     a constant at the ends has half the noise of a line's end. Without a (finite) reference the
     losses themselves are smoothed (:func:`~lightning_ttp.pipeline.refine.smooth_losses`)."""
     ref = _expected(reference, observed.size)
-    if not ref.any():
+    if ref is None:
         return smooth_losses(observed, window)
     return ref + smooth_losses(observed - ref, window, degree=0)
 
@@ -49,6 +49,8 @@ def _level(observed: np.ndarray, step: int, window: int, reference: np.ndarray |
     expected curve ``reference`` (the losses themselves without one), evaluated at k, plus the
     expected curve there."""
     ref = _expected(reference, step + 1)
+    if ref is None:
+        ref = np.zeros(step + 1)
     t = np.arange(observed.size, dtype=np.float64)
     keep = np.isfinite(observed)
     t, y = t[keep][-max(2 * window, 3):], (observed - ref[: observed.size])[keep][-max(2 * window, 3):]
