@@ -18,7 +18,8 @@ __all__ = ["JACOBIAN_MAX_BYTES", "batch_statistics_state", "has_batch_statistics
 
 JACOBIAN_MAX_BYTES = 256 * 2**20  # the batch-statistics kernel holds the full Jacobian (N0·C × P float64)
 #: rows of the Jacobian per batched backward (``is_grads_batched``): 2.2× faster than one backward
-#: per row on ``benchmarks/defaults.py``'s BatchNorm CNN (256 samples × 5 outputs), the same values
+#: per row on ``benchmarks/defaults.py``'s BatchNorm CNN (256 samples × 5 outputs; a one-off timing,
+#: not a benchmark row), the same values
 ROW_CHUNK = 32
 
 

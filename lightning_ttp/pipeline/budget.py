@@ -84,7 +84,8 @@ SIM_STEP_OVERHEAD_MACS = 1e6
 #: on one CPU core: run 0.63, contraction 0.035, simulation 0.11), not measured per call. The
 #: batch-statistics kernel's passes (one backward of the whole subset batch per output row) ran at
 #: 0.20 s per counted GMAC on ``benchmarks/defaults.py``'s BatchNorm CNN with one backward per row,
-#: 0.18 / 0.10 s on 128 / 256 samples in batched backwards (``ROW_CHUNK``): the weight keeps the slower end.
+#: 0.18 / 0.10 s on 128 / 256 samples in batched backwards (``ROW_CHUNK``; one-off timings): the weight
+#: keeps the slower end.
 WEIGHTS = {"passes": 0.5, "contraction": 0.05, "extras": 1.0, "simulation": 0.2, "batch_statistics": 0.3}
 #: products with each Gram of the stability report (Lanczos iterations, a few lr directions)
 LANCZOS_PRODUCTS = 60
